@@ -1,0 +1,49 @@
+"""Celery settings for dormant, read from DORMANT_* environment variables — nothing else.
+
+Delivery is at-least-once (late acks, reject on worker lost, prefetch 1), so every task is
+idempotent; serialisation is JSON only.
+"""
+
+from kombu import Queue
+
+from worker import settings as _settings
+
+_s = _settings.get()
+
+broker_url = _s.broker_url
+result_backend = _s.result_backend
+broker_connection_retry_on_startup = True
+
+# JSON only: a pickle message is refused, not executed.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+# At-least-once delivery made safe by idempotent tasks.
+task_acks_late = True
+task_reject_on_worker_lost = True
+worker_prefetch_multiplier = 1
+# Redis redelivers an unacked message after this; retries and countdowns stay far below it.
+broker_transport_options = {"visibility_timeout": _s.visibility_timeout}
+result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
+result_expires = _s.result_ttl
+result_extended = True  # Flower and clients see task name and arguments with the result
+
+# The pool is chosen on the command line: scripts/run.sh and docker-compose.yml use
+# `--pool threads`, since tasks wait on libvirtd rather than the CPU (one libvirt connection
+# per thread gives parallel saves, and one process keeps one metrics registry).
+worker_hijack_root_logger = False
+
+# Flower sees queued, started, retried, failed and succeeded tasks.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+
+# Queues: this host's own and the fleet-wide control queue.
+task_queues = (Queue(_s.host_queue), Queue(_settings.CONTROL_QUEUE))
+task_default_queue = _settings.CONTROL_QUEUE
+task_create_missing_queues = True
+
+timezone = _s.reclaim_timezone
+enable_utc = True

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Start redis-server, virtlogd and libvirtd when they are not running (no systemd needed).
+# Follows the recipe in ENVIRONMENT.md: the QEMU driver needs a libvirt-qemu user and a kvm
+# group, and runs guests as root without a security driver on these machines.
+set -euo pipefail
+say() { printf '\033[1m[services]\033[0m %s\n' "$*"; }
+die() { printf '\033[31m[services] %s\033[0m\n' "$*" >&2; exit 1; }
+
+if ! redis-cli -p 6379 ping >/dev/null 2>&1; then
+  say "starting redis-server on 127.0.0.1:6379"
+  redis-server --bind 127.0.0.1 --port 6379 --daemonize yes --appendonly yes \
+    --dir /var/lib/redis --logfile /var/log/redis/dormant-dev.log 2>/dev/null \
+    || redis-server --bind 127.0.0.1 --port 6379 --daemonize yes
+  for _ in $(seq 50); do redis-cli -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -p 6379 ping >/dev/null || die "redis-server did not start"
+fi
+
+if virsh -c qemu:///system version >/dev/null 2>&1; then
+  exit 0
+fi
+[[ $(id -u) -eq 0 ]] || die "libvirtd is not running and starting it needs root: sudo $0"
+for group in kvm libvirt-qemu; do getent group "$group" >/dev/null || groupadd --system "$group"; done
+getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home -g kvm libvirt-qemu
+conf=/etc/libvirt/qemu.conf
+touch "$conf"
+set_conf() {
+  if grep -qE "^$1 *=" "$conf"; then sed -i "s|^$1 *=.*|$1 = $2|" "$conf"; else echo "$1 = $2" >>"$conf"; fi
+}
+set_conf user '"root"'
+set_conf group '"root"'
+set_conf security_driver '"none"'
+mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu/save
+pgrep -x virtlogd >/dev/null || virtlogd -d
+pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
+for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
+virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd did not answer on qemu:///system (see /var/log/libvirt/libvirtd.log)"
+[[ -w /dev/kvm ]] || say "note: /dev/kvm is not usable; guests will run under TCG emulation"
+say "libvirtd is up"

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One-time (and safe to re-run) set-up of everything dormant needs on a Debian 12 machine:
+# Debian packages, a .venv with the project, and running redis-server + virtlogd + libvirtd.
+# Usage: scripts/setup.sh [--no-services]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(redis-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-venv)
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+die() { printf '\033[31m[setup] %s\033[0m\n' "$*" >&2; exit 1; }
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    die "missing Debian packages: ${missing[*]}
+  install them as root:  sudo apt-get install -y ${missing[*]}
+  then re-run $0"
+  fi
+  command -v apt-get >/dev/null || die "no apt-get here; install the equivalent of: ${missing[*]}"
+  say "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# The project's virtualenv (re-used when pyproject.toml has not changed since the last install).
+PY=${PYTHON:-python3}
+if [[ ! -x .venv/bin/python ]]; then
+  say "creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.dormant-installed
+if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
+  say "installing dormant and its test extras into .venv"
+  .venv/bin/pip install -q --upgrade pip
+  .venv/bin/pip install -q -e '.[test]'
+  touch "$stamp"
+fi
+
+[[ ${1:-} == --no-services ]] && exit 0
+scripts/services.sh

@@ -1,0 +1,62 @@
+"""The Celery application: configuration, task modules, beat schedule and worker hooks."""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, bootsteps
+from celery.signals import after_setup_logger, worker_ready
+
+from worker import logs, metrics
+from worker import settings as settings_mod
+
+app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping"])
+app.config_from_object("celeryconfig")
+
+_s = settings_mod.get()
+app.conf.beat_schedule = {
+    "expire-pauses": {
+        "task": "dormant.expire_pauses",
+        "schedule": float(_s.deadline_check_interval),
+        "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": _s.deadline_check_interval},
+    },
+}
+
+
+class RegistryStep(bootsteps.StartStopStep):
+    """Publish this host's instances now and every ``DORMANT_REGISTRY_INTERVAL`` seconds."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def start(self, parent: object) -> None:
+        from tasks.housekeeping import refresh_registry_now
+
+        interval = settings_mod.get().registry_interval
+        self.tref = parent.timer.call_repeatedly(interval, refresh_registry_now)  # type: ignore[attr-defined]
+
+    def stop(self, parent: object) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+
+
+app.steps["worker"].add(RegistryStep)
+
+
+@worker_ready.connect
+def _on_worker_ready(**_: object) -> None:
+    from tasks.housekeeping import refresh_registry_now
+
+    refresh_registry_now()
+    port = settings_mod.get().metrics_port
+    if port:
+        metrics.serve(port)
+
+
+@after_setup_logger.connect
+def _setup_logging(logger: logging.Logger, **_: object) -> None:
+    s = settings_mod.get()
+    logs.configure(logger, json_lines=s.log_json, level=s.log_level)

@@ -1,0 +1,52 @@
+"""Per-process resources of a worker: settings, the hypervisor and the state store.
+
+Created lazily on first use, so nothing is opened before a prefork pool forks; a forked
+child notices the new pid and opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from worker import settings as settings_mod
+from worker import store as store_mod
+from worker.hypervisor import Hypervisor, shared
+from worker.registry import TTL_INTERVALS
+from worker.runner import Context
+
+_lock = threading.Lock()
+_cached: dict[int, Context] = {}
+
+
+def settings() -> settings_mod.Settings:
+    return settings_mod.get()
+
+
+def context() -> Context:
+    """This process's transition context (hypervisor URI fixed by configuration)."""
+    pid = os.getpid()
+    ctx = _cached.get(pid)
+    if ctx is None:
+        with _lock:
+            ctx = _cached.get(pid)
+            if ctx is None:
+                s = settings()
+                client = store_mod.connect(s.state_url)
+                ctx = Context(
+                    hypervisor=shared(s.libvirt_uri),
+                    store=store_mod.Store(
+                        client, lock_ttl=s.lock_ttl, result_ttl=s.result_ttl,
+                        registry_ttl=s.registry_interval * TTL_INTERVALS,
+                    ),
+                    host=s.host,
+                    lock_wait=s.lock_wait,
+                    verify_timeout=s.verify_timeout,
+                )
+                _cached.clear()
+                _cached[pid] = ctx
+    return ctx
+
+
+def hypervisor() -> Hypervisor:
+    return context().hypervisor

@@ -1,0 +1,82 @@
+"""Status reads, the registry refresh and the auto-unpause deadlines."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task
+
+from tasks.celery_app import app
+from tasks.context import context, settings
+from worker import metrics, registry, validation
+from worker.errors import TransientError, UnknownInstance
+from worker.settings import queue_for_host
+
+log = logging.getLogger("dormant.housekeeping")
+
+
+def _describe(guest: Any, observed: Any, host: str) -> dict[str, Any]:
+    return {
+        "instance": guest.uuid,
+        "name": guest.name,
+        "host": host,
+        "state": str(observed.state),
+        "reason": observed.reason,
+    }
+
+
+@app.task(bind=True, name="dormant.status", autoretry_for=(TransientError,),
+          retry_backoff=True, max_retries=3, typing=False)
+def status(self: Task, instance: Any = None) -> dict[str, Any] | list[dict[str, Any]]:
+    """One instance's real state, or every instance of this host when none is given."""
+    ctx = context()
+    if instance is None:
+        return [_describe(g, g.observe(), ctx.host) for g in ctx.hypervisor.guests()]
+    key = validation.instance(instance)
+    guest, observed = ctx.hypervisor.observe(key)
+    if guest is None:
+        raise UnknownInstance(f"unknown instance {instance!r} on host {ctx.host}")
+    return _describe(guest, observed, ctx.host)
+
+
+def refresh_registry_now() -> None:
+    """Publish this host's instances; never raise into the worker's timer."""
+    ctx = context()
+    try:
+        counts = registry.publish(ctx.store.redis, ctx.hypervisor, ctx.host,
+                                  interval=settings().registry_interval)
+    except Exception as exc:  # the next tick tries again
+        log.warning("registry refresh failed: %s", exc)
+        return
+    metrics.instances_observed(ctx.host, counts)
+
+
+@app.task(name="dormant.expire_pauses", ignore_result=True)
+def expire_pauses() -> int:
+    """Unpause guests whose pause deadline passed, even if the pausing worker died."""
+    ctx = context()
+    sent = 0
+    for due in ctx.store.claim_due_deadlines(time.time()):
+        host = due.get("host") or registry.resolve(ctx.store.redis, due["instance"])[1]
+        if not host:
+            log.error("deadline for %s: no host serves it any more", due["instance"])
+            continue
+        app.send_task(
+            "dormant.unpause",
+            args=[due["instance"]],
+            kwargs={"request_id": f"deadline:{due.get('request_id', '')}"[:128]},
+            queue=queue_for_host(host),
+        )
+        sent += 1
+    return sent
+
+
+@app.task(name="dormant.ping")
+def ping() -> dict[str, Any]:
+    """Which worker process answered, for health checks and the test harness."""
+    import os
+    import socket
+
+    return {"host": context().host, "pid": os.getpid(), "hostname": socket.gethostname()}

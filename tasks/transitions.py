@@ -1,0 +1,95 @@
+"""The transition tasks, addressable by name with JSON arguments (the public contract).
+
+``app.send_task("dormant.suspend", args=[instance], kwargs={"request_id": ...})``. Shared
+concerns live in :class:`TransitionTask`; each body is one call into ``worker.runner``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Task
+
+from tasks.celery_app import app
+from tasks.context import context, settings
+from worker import registry, validation
+from worker.errors import PermanentError, TransientError
+from worker.runner import Request, run
+from worker.settings import CONTROL_QUEUE, queue_for_host
+from worker.transitions import Action
+
+_s = settings()
+
+
+class TransitionTask(Task):
+    """Retries transient libvirt/Redis errors with backoff and jitter; permanent ones fail."""
+
+    autoretry_for = (TransientError,)
+    retry_backoff = _s.retry_backoff
+    retry_backoff_max = _s.retry_backoff_max
+    retry_jitter = True
+    max_retries = _s.max_retries
+    throws = (PermanentError,)  # expected failures: logged without a traceback
+    acks_late = True
+    typing = False  # a wrong argument count is journaled as bad input, not a TypeError
+
+    def transition(self, action: Action, instance: Any, **kwargs: Any) -> dict[str, Any]:
+        self._forward_if_elsewhere(instance)
+        retries = self.request.retries or 0
+        req = Request(
+            action=action,
+            instance=instance,
+            task_id=self.request.id or "",
+            attempt=retries + 1,
+            final_attempt=retries >= (self.max_retries or 0),
+            **kwargs,
+        )
+        return run(context(), req)
+
+    def _forward_if_elsewhere(self, instance: Any) -> None:
+        """A transition sent to the control queue runs on the host that serves the instance."""
+        delivery = self.request.delivery_info or {}
+        if delivery.get("routing_key") != CONTROL_QUEUE or not isinstance(instance, str):
+            return
+        try:
+            validation.instance(instance)
+        except PermanentError:
+            return  # the runner rejects and journals it
+        _uuid, host = registry.resolve(context().store.redis, instance)
+        if host and host != context().host:
+            raise self.replace(
+                self.signature(self.request.args, self.request.kwargs,
+                               queue=queue_for_host(host), immutable=True)
+            )
+
+
+@app.task(base=TransitionTask, bind=True, name="dormant.pause")
+def pause(self: TransitionTask, instance: Any, request_id: Any = None,
+          max_seconds: Any = None) -> dict[str, Any]:
+    """Stop the guest's vCPUs, keep it in RAM; unpause automatically after max_seconds."""
+    return self.transition(Action.PAUSE, instance, request_id=request_id,
+                           max_seconds=max_seconds)
+
+
+@app.task(base=TransitionTask, bind=True, name="dormant.unpause")
+def unpause(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
+    return self.transition(Action.UNPAUSE, instance, request_id=request_id)
+
+
+@app.task(base=TransitionTask, bind=True, name="dormant.suspend")
+def suspend(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
+    """Save the guest's memory to disk and free the host (managed save)."""
+    return self.transition(Action.SUSPEND, instance, request_id=request_id)
+
+
+@app.task(base=TransitionTask, bind=True, name="dormant.resume")
+def resume(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
+    """Restore the guest from its managed-save image."""
+    return self.transition(Action.RESUME, instance, request_id=request_id)
+
+
+@app.task(base=TransitionTask, bind=True, name="dormant.ensure")
+def ensure(self: TransitionTask, instance: Any, target: Any,
+           request_id: Any = None) -> dict[str, Any]:
+    """Make the instance running, paused or suspended, whatever it is now."""
+    return self.transition(Action.ENSURE, instance, request_id=request_id, target=target)

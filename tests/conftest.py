@@ -1,0 +1,165 @@
+"""Fixtures shared by the whole suite.
+
+Integration fixtures start *real* services: a private ``redis-server`` per test session,
+``celery -A tasks worker`` processes and tiny KVM guests on the local ``libvirtd``
+(``qemu:///system``). Where a service is missing they skip with the reason, except in CI
+(``CI=true``), where a missing service fails the test: CI never skips silently.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.support.services import (
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    new_workdir,
+    test_env,
+    unique,
+    wait_until,
+)
+
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+WORKERS_KEY = pytest.StashKey[list[WorkerProcess]]()
+
+
+def unavailable(reason: str) -> None:
+    """Fail in CI, skip elsewhere, always with the reason."""
+    if IN_CI:
+        pytest.fail(f"required service unavailable in CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for worker in item.stash.get(WORKERS_KEY, []):
+            report.sections.append((f"worker {worker.nodename} log", worker.log()[-20000:]))
+
+
+# -- Redis ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer(port=free_port(), workdir=new_workdir("dormant-redis-"))
+    try:
+        server.start()
+    except (FileNotFoundError, TimeoutError) as exc:
+        unavailable(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_clean(redis_server: RedisServer) -> RedisServer:
+    """The private Redis, emptied before the test."""
+    if not redis_server._answers():
+        redis_server.start()
+    redis_server.flush()
+    return redis_server
+
+
+# -- libvirt ------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def libvirt_conn():  # type: ignore[no-untyped-def]
+    import libvirt
+
+    from tests.support.guests import remove_leftovers
+
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+    try:
+        conn = libvirt.open("qemu:///system")
+    except libvirt.libvirtError as exc:
+        unavailable(f"libvirtd (qemu:///system) is not reachable: {exc}")
+    remove_leftovers(conn)
+    yield conn
+    try:
+        conn.close()
+    except libvirt.libvirtError:
+        pass
+
+
+@pytest.fixture
+def guests(libvirt_conn):  # type: ignore[no-untyped-def]
+    """Factory of tiny real guests, all removed afterwards (also when the test fails)."""
+    from tests.support.guests import GuestFactory
+
+    factory = GuestFactory(libvirt_conn)
+    yield factory
+    factory.cleanup()
+
+
+# -- Celery workers --------------------------------------------------------------------------
+@pytest.fixture
+def host_name() -> str:
+    """A unique DORMANT_HOST per test, so its queue dormant.<host> is private to it."""
+    return unique("test-host-")
+
+
+@pytest.fixture
+def dormant_env(redis_clean: RedisServer, host_name: str) -> dict[str, str]:
+    return test_env(redis_clean, host_name)
+
+
+@pytest.fixture
+def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer,
+                 host_name: str, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:  # type: ignore[no-untyped-def]
+    """Start ``celery -A tasks worker`` processes; stopped (SIGTERM, then SIGKILL) afterwards.
+
+    ``start_worker(pool="prefork", concurrency=2, env={...}, args=[...], wait=True)``
+    """
+    started: list[WorkerProcess] = []
+    request.node.stash[WORKERS_KEY] = started
+
+    def start(*, pool: str = "prefork", concurrency: int = 2, env: dict[str, str] | None = None,
+              args: list[str] | None = None, host: str | None = None,
+              wait: bool = True) -> WorkerProcess:
+        name = unique("w")
+        environment = test_env(redis_clean, host or host_name, **(env or {}))
+        worker = WorkerProcess(
+            name=name, env=environment, log_path=tmp_path / f"{name}.log",
+            args=["-P", pool, "-c", str(concurrency), *(args or [])],
+        )
+        worker.start()
+        started.append(worker)
+        if wait:
+            wait_for_worker(worker, redis_clean)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def wait_for_worker(worker: WorkerProcess, redis_server: RedisServer, timeout: float = 60) -> None:
+    """Ready means it answers a broadcast ping by name."""
+    app = client_app_for(redis_server)
+
+    def answered() -> bool:
+        if not worker.alive():
+            raise RuntimeError(f"worker {worker.nodename} exited:\n{worker.log()[-5000:]}")
+        return bool(app.control.ping(destination=[worker.nodename], timeout=0.5))
+
+    wait_until(answered, timeout=timeout, interval=0.2, message=f"worker {worker.nodename} ping")
+
+
+def client_app_for(redis_server: RedisServer):  # type: ignore[no-untyped-def]
+    """A plain Celery client that does not import dormant: it only knows task names."""
+    from celery import Celery
+
+    app = Celery("client", broker=redis_server.url(0), backend=redis_server.url(1))
+    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
+                    result_accept_content=["json"], broker_connection_retry_on_startup=True)
+    return app
+
+
+@pytest.fixture
+def client_app(redis_clean: RedisServer):  # type: ignore[no-untyped-def]
+    app = client_app_for(redis_clean)
+    yield app
+    app.close()

@@ -1,0 +1,179 @@
+"""Real services for the integration suite: a private redis-server and Celery worker processes.
+
+Nothing here touches the developer's own Redis (a free loopback port, a temporary directory)
+and every process started is stopped, its log kept for the failing test's report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.05,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{message} not met within {timeout:g}s")
+        time.sleep(interval)
+
+
+@dataclass
+class RedisServer:
+    port: int
+    workdir: Path
+    process: subprocess.Popen[bytes] | None = None
+    password: str | None = None
+
+    def url(self, db: int) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def client(self, db: int = 0) -> redis.Redis:
+        return redis.Redis.from_url(self.url(db), decode_responses=True)
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (scripts/setup.sh installs it)")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.workdir), "--databases", "16"]
+        if self.password:
+            args += ["--requirepass", self.password]
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._answers, timeout=10, message=f"redis-server on port {self.port}")
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self.client().ping())
+        except redis.RedisError:
+            return False
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def flush(self) -> None:
+        self.client().flushall()
+
+
+@dataclass
+class WorkerProcess:
+    """``celery -A tasks worker`` in its own process group."""
+
+    name: str
+    env: dict[str, str]
+    log_path: Path
+    args: list[str] = field(default_factory=list)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def nodename(self) -> str:
+        return f"{self.name}@{socket.gethostname()}"
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "worker", "-l", "info",
+                   "-n", self.nodename, "--without-gossip", "--without-mingle", *self.args]
+        log = open(self.log_path, "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def children(self) -> list[int]:
+        """Pids of the prefork pool's child processes."""
+        if not self.process:
+            return []
+        try:
+            out = subprocess.run(["pgrep", "-P", str(self.process.pid)], capture_output=True,
+                                 text=True, check=False).stdout
+        except FileNotFoundError:
+            return []
+        return [int(pid) for pid in out.split()]
+
+    def stop(self, timeout: float = 20) -> None:
+        if not self.alive():
+            return
+        assert self.process is not None
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool) at once."""
+        if self.alive():
+            assert self.process is not None
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def test_env(redis_server: RedisServer, host: str, **overrides: str) -> dict[str, str]:
+    """Environment for a dormant process talking to the private Redis and local libvirtd."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DORMANT_")}
+    env.update(
+        DORMANT_BROKER_URL=redis_server.url(0),
+        DORMANT_RESULT_BACKEND=redis_server.url(1),
+        DORMANT_STATE_URL=redis_server.url(2),
+        DORMANT_LIBVIRT_URI="qemu:///system",
+        DORMANT_HOST=host,
+        DORMANT_REGISTRY_INTERVAL="5",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def new_workdir(prefix: str) -> Path:
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:8]}"

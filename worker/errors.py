@@ -1,0 +1,64 @@
+"""dormant's one error tree.
+
+``DormantError`` is the root. ``TransientError`` is the only branch that is retried;
+everything under ``PermanentError`` fails a task at once. Constructors are plain
+``(message, **details)`` so the errors survive Celery's JSON round trip by name.
+"""
+
+from __future__ import annotations
+
+
+class DormantError(Exception):
+    """Root of every error dormant raises on purpose."""
+
+
+class ConfigurationError(DormantError):
+    """A setting is unknown or malformed."""
+
+
+class PermanentError(DormantError):
+    """Retrying cannot help; the caller must change something."""
+
+
+class InvalidInput(PermanentError):
+    """The instance id, request id or target is malformed."""
+
+
+class UnknownInstance(PermanentError):
+    """No domain with this UUID or name exists on the hypervisor."""
+
+
+class InvalidTransition(PermanentError):
+    """The guest's current state does not allow the requested action."""
+
+
+class TransitionNotReached(PermanentError):
+    """libvirt accepted the call but the guest did not reach the target state in time."""
+
+
+class HypervisorRefused(PermanentError):
+    """libvirt rejected the call with an error that retrying will not fix."""
+
+
+class StaleLock(PermanentError):
+    """The per-instance lock expired while held; a newer holder owns the instance now."""
+
+
+class TransientError(DormantError):
+    """A failure that may pass by itself; retried with backoff."""
+
+
+class HypervisorUnavailable(TransientError):
+    """libvirtd cannot be reached or the connection broke."""
+
+
+class HypervisorBusy(TransientError):
+    """libvirt timed out on the domain's state-change lock or a job is running on it."""
+
+
+class InstanceBusy(TransientError):
+    """Another transition holds this instance's lock."""
+
+
+class StateStoreUnavailable(TransientError):
+    """The Redis state store cannot be reached."""

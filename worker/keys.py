@@ -1,0 +1,87 @@
+"""Every Redis key dormant uses, built in one place. Nothing else spells a key."""
+
+from __future__ import annotations
+
+PREFIX = "dormant"
+
+
+def lock(instance: str) -> str:
+    """Per-instance lock; value ``<fence>:<owner token>``."""
+    return f"{PREFIX}:lock:{instance}"
+
+
+def fence(instance: str) -> str:
+    """Monotonic counter bumped by every lock acquisition (fencing token)."""
+    return f"{PREFIX}:fence:{instance}"
+
+
+def request(request_id: str) -> str:
+    """Idempotency record of one request id: pending, then its final result."""
+    return f"{PREFIX}:request:{request_id}"
+
+
+def journal(instance: str) -> str:
+    """Per-instance journal stream."""
+    return f"{PREFIX}:journal:{instance}"
+
+
+JOURNAL_ALL = f"{PREFIX}:journal"  # fleet-wide journal stream (also bad input with no instance)
+
+DEADLINES = f"{PREFIX}:deadlines"  # zset: instance uuid -> auto-unpause time (epoch seconds)
+
+
+def deadline(instance: str) -> str:
+    """Hash with the details of an instance's auto-unpause deadline."""
+    return f"{PREFIX}:deadline:{instance}"
+
+
+def where(instance_uuid: str) -> str:
+    """Registry: which host serves this instance (expires unless refreshed)."""
+    return f"{PREFIX}:where:{instance_uuid}"
+
+
+def name(instance_name: str) -> str:
+    """Registry: domain name -> UUID (expires unless refreshed)."""
+    return f"{PREFIX}:name:{instance_name}"
+
+
+def host_instances(host: str) -> str:
+    """Registry: hash of instance uuid -> name served by one host."""
+    return f"{PREFIX}:host:{host}:instances"
+
+
+HOSTS = f"{PREFIX}:hosts"  # zset: host -> last registry refresh (epoch seconds)
+
+# Reclamation.
+KILL_SWITCH = f"{PREFIX}:reclaim:disabled"  # present = reclamation disabled fleet-wide
+EXEMPT = f"{PREFIX}:reclaim:exempt"  # set of instance uuids exempted by CLI
+RUNS = f"{PREFIX}:reclaim:runs"  # zset: run id -> start time
+
+
+def samples(instance_uuid: str) -> str:
+    """Activity samples of one instance (sorted set scored by sample time)."""
+    return f"{PREFIX}:samples:{instance_uuid}"
+
+
+def first_seen(instance_uuid: str) -> str:
+    return f"{PREFIX}:first-seen:{instance_uuid}"
+
+
+def mark(instance_uuid: str) -> str:
+    """Grace mark: set on the first idle night, suspended on a later one."""
+    return f"{PREFIX}:reclaim:mark:{instance_uuid}"
+
+
+def run(run_id: str) -> str:
+    """Report of one reclamation or drain run (hash: meta + per-instance entries)."""
+    return f"{PREFIX}:run:{run_id}"
+
+
+def run_manifest(run_id: str) -> str:
+    """Set of instance uuids a run suspended: what ``restore`` brings back."""
+    return f"{PREFIX}:run:{run_id}:manifest"
+
+
+def run_claim(run_id: str) -> str:
+    """Claim so one run id executes once even with two beat processes."""
+    return f"{PREFIX}:run:{run_id}:claim"

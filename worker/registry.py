@@ -1,0 +1,58 @@
+"""Which host serves which instance: published by workers, read by clients.
+
+Each worker writes, for every domain it sees, ``where:<uuid> = host`` and
+``name:<name> = uuid`` with a TTL of three refresh intervals, so a host that disappears drops
+out of the registry by itself. A recorded transition refreshes its instance's entry too.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import redis
+
+from worker import keys, validation
+from worker.hypervisor import Hypervisor
+
+TTL_INTERVALS = 3
+
+
+def publish(client: redis.Redis, hv: Hypervisor, host: str, *, interval: int) -> dict[str, int]:
+    """Publish every domain of this host; return how many are in each state."""
+    ttl = interval * TTL_INTERVALS
+    counts: Counter[str] = Counter()
+    members: dict[str, str] = {}
+    with client.pipeline(transaction=False) as pipe:
+        for stat in hv.stats():
+            counts[str(stat.state)] += 1
+            members[stat.uuid] = stat.name
+            pipe.set(keys.where(stat.uuid), host, ex=ttl)
+            pipe.set(keys.name(stat.name), stat.uuid, ex=ttl)
+        pipe.delete(keys.host_instances(host))
+        if members:
+            pipe.hset(keys.host_instances(host), mapping=members)
+        pipe.expire(keys.host_instances(host), ttl)
+        pipe.zadd(keys.HOSTS, {host: time.time()})
+        pipe.execute()
+    return dict(counts)
+
+
+def resolve(client: redis.Redis, instance: str) -> tuple[str | None, str | None]:
+    """(uuid, host) for a UUID or name, or Nones when no worker has published it."""
+    uuid = instance.lower() if validation.is_uuid(instance) else client.get(keys.name(instance))
+    if uuid is None:
+        return None, None
+    return uuid, client.get(keys.where(uuid))
+
+
+def hosts(client: redis.Redis, *, max_age: float | None = None) -> list[str]:
+    """Hosts that published recently (all known hosts when ``max_age`` is None)."""
+    low: Any = "-inf" if max_age is None else time.time() - max_age
+    return list(client.zrangebyscore(keys.HOSTS, low, "+inf"))
+
+
+def instances_of(client: redis.Redis, host: str) -> dict[str, str]:
+    """uuid -> name of the instances a host last published."""
+    return dict(client.hgetall(keys.host_instances(host)))

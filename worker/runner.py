@@ -1,0 +1,278 @@
+"""One transition, step by step: validate, deduplicate, lock, read, act, verify, record.
+
+Plain Python over a Hypervisor and a Store, so it runs the same inside a Celery task, a test
+or a benchmark. Errors leave the journal saying what happened and the lock released.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from worker import metrics, validation
+from worker.errors import (
+    DormantError,
+    InvalidInput,
+    StaleLock,
+    TransientError,
+    TransitionNotReached,
+    UnknownInstance,
+)
+from worker.hypervisor import Guest, Hypervisor
+from worker.states import Observed, State, Target
+from worker.store import Done, Held, Store
+from worker.transitions import STEP_RESULT, Action, Plan, plan
+
+log = logging.getLogger("dormant.transition")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What a caller asked for, as received (validated by :func:`run`)."""
+
+    action: Action
+    instance: Any
+    request_id: Any = None
+    target: Any = None
+    max_seconds: Any = None
+    task_id: str = ""
+    attempt: int = 1
+    final_attempt: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """What a worker brings: its hypervisor, its state store and how long to wait."""
+
+    hypervisor: Hypervisor
+    store: Store
+    host: str
+    lock_wait: float = 60.0
+    verify_timeout: float = 30.0
+    clock: Callable[[], float] = time.time
+
+
+def run(ctx: Context, req: Request) -> dict[str, Any]:
+    """Carry out one transition and return its JSON result (see README, "Results")."""
+    started = ctx.clock()
+    base = {
+        "action": str(req.action),
+        "host": ctx.host,
+        "task_id": req.task_id,
+        "attempts": req.attempt,
+        "started_at": started,
+    }
+    try:
+        instance = validation.instance(req.instance)
+        request_id = validation.request_id(req.request_id) or req.task_id
+        target = validation.target(req.target) if req.action is Action.ENSURE else None
+        max_seconds = validation.max_seconds(req.max_seconds)
+        if max_seconds is not None and req.action is not Action.PAUSE:
+            raise InvalidInput("max_seconds only applies to pause")
+        if not request_id:
+            raise InvalidInput("a request_id (or a task id) is required")
+    except InvalidInput as exc:
+        entry = {**base, "instance": str(req.instance)[:200], "outcome": "rejected",
+                 "request_id": str(req.request_id)[:200], **_error(exc, started, ctx)}
+        ctx.store.journal_only(entry)
+        metrics.transition_finished(str(req.action), "rejected", 0.0)
+        raise
+    base["request_id"] = request_id
+    return _Transition(ctx, req, base, instance, request_id, target, max_seconds).run()
+
+
+def _error(exc: Exception, started: float, ctx: Context) -> dict[str, Any]:
+    finished = ctx.clock()
+    return {
+        "error_type": type(exc).__name__,
+        "error": str(exc),
+        "finished_at": finished,
+        "duration_ms": round((finished - started) * 1000, 3),
+    }
+
+
+class _Transition:
+    def __init__(self, ctx: Context, req: Request, base: dict[str, Any], instance: str,
+                 request_id: str, target: Target | None, max_seconds: float | None) -> None:
+        self.ctx, self.req, self.base = ctx, req, base
+        self.instance, self.request_id = instance, request_id
+        self.target, self.max_seconds = target, max_seconds
+        self.held: Held | None = None
+        self.guest: Guest | None = None
+        self.before: Observed | None = None
+
+    def run(self) -> dict[str, Any]:
+        key = self.instance
+        if not validation.is_uuid(key):
+            # A name: answer a finished request before touching libvirt, then lock by UUID.
+            recorded = self.ctx.store.request(self.request_id)
+            if recorded and recorded.get("status") == "done":
+                return self._duplicate(recorded)
+            key = self._lookup().uuid
+        try:
+            waited = time.monotonic()
+            outcome = self.ctx.store.acquire(self.request_id, key, wait=self.ctx.lock_wait)
+            metrics.lock_waited(time.monotonic() - waited)
+            if isinstance(outcome, Done):
+                return self._duplicate(outcome.result)
+            self.held = outcome
+            return self._locked(key)
+        except DormantError as exc:
+            self._fail(key, exc)
+            raise
+
+    def _lookup(self) -> Guest:
+        try:
+            self.guest = self.ctx.hypervisor.guest(self.instance)
+        except UnknownInstance as exc:
+            self._fail(self.instance, exc)
+            raise UnknownInstance(f"unknown instance {self.instance!r}: {exc}") from None
+        except DormantError as exc:
+            self._fail(self.instance, exc)
+            raise
+        return self.guest
+
+    def _duplicate(self, recorded: dict[str, Any]) -> dict[str, Any]:
+        result = {k: v for k, v in recorded.items() if k != "status"}
+        result.update(outcome="duplicate", original_task_id=recorded.get("task_id"),
+                      task_id=self.req.task_id)
+        metrics.transition_finished(str(self.req.action), "duplicate", 0.0)
+        return result
+
+    def _locked(self, uuid: str) -> dict[str, Any]:
+        if self.guest is None:
+            guest, observed = self.ctx.hypervisor.observe(uuid)
+            if guest is None:
+                raise UnknownInstance(f"unknown instance {self.instance!r}: no such domain")
+            self.guest = guest
+        else:
+            observed = self.guest.observe()
+        self.before = observed
+        steps = plan(self.req.action, observed, self.target)
+        previous = self.held.previous if self.held else None
+        state_before = str(observed)
+        if steps.already:
+            # An earlier delivery of this very request may have done the work before dying.
+            if previous and previous.get("state_before") not in (None, state_before):
+                outcome, state_before = "changed", previous["state_before"]
+            else:
+                outcome = "already"
+            after = observed
+        else:
+            self.ctx.store.record_intent(
+                self.held, self.request_id,
+                {"state_before": state_before, "task_id": self.req.task_id,
+                 "action": str(self.req.action), "fence": self.held.fence},
+            )
+            after = self._act(steps)
+            outcome = "changed"
+        return self._succeed(outcome, state_before, after, steps)
+
+    def _act(self, steps: Plan) -> Observed:
+        assert self.guest is not None
+        observed = self.before
+        for step in steps.steps:
+            self.guest.run(step)
+            observed = self._wait_for(STEP_RESULT[step])
+        assert observed is not None
+        return observed
+
+    def _wait_for(self, state: State) -> Observed:
+        """Post-condition: read the state back until it is ``state`` or the deadline passes."""
+        assert self.guest is not None
+        deadline = time.monotonic() + self.ctx.verify_timeout
+        pause = 0.01
+        while True:
+            observed = self.guest.observe()
+            if observed.state is state:
+                return observed
+            if time.monotonic() >= deadline:
+                raise TransitionNotReached(
+                    f"{self.guest.name} is {observed} {self.ctx.verify_timeout:g}s after the "
+                    f"call; expected {state}"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _succeed(self, outcome: str, state_before: str, after: Observed,
+                 steps: Plan) -> dict[str, Any]:
+        assert self.guest is not None and self.held is not None
+        finished = self.ctx.clock()
+        result = {
+            **self.base,
+            "instance": self.guest.uuid,
+            "name": self.guest.name,
+            "target": str(steps.target),
+            "outcome": outcome,
+            "state_before": state_before,
+            "state_after": str(after),
+            "steps": [str(s) for s in steps.steps] if outcome == "changed" else [],
+            "fence": self.held.fence,
+            "finished_at": finished,
+            "duration_ms": round((finished - self.base["started_at"]) * 1000, 3),
+        }
+        deadline: float | str | None = None
+        if self.max_seconds is not None:
+            deadline = round(finished + self.max_seconds, 3)
+            result["unpause_at"] = deadline
+        elif outcome == "changed":
+            deadline = "clear"
+        try:
+            self.ctx.store.finish(
+                self.held, instance=self.guest.uuid, request_id=self.request_id,
+                entry=result, record={**result, "status": "done"}, deadline=deadline,
+                host=self.ctx.host,
+            )
+        except StaleLock as exc:
+            self.held = None
+            self.ctx.store.journal_only(
+                {**result, "outcome": "stale", **_error(exc, self.base["started_at"], self.ctx)},
+                self.guest.uuid,
+            )
+            raise
+        self.held = None
+        metrics.transition_finished(str(self.req.action), outcome,
+                                    result["duration_ms"] / 1000)
+        log.info("%s %s: %s (%s -> %s)", self.req.action, self.guest.name, outcome,
+                 state_before, after, extra={"dormant": _log_fields(result)})
+        return result
+
+    def _fail(self, key: str, exc: Exception) -> None:
+        """Journal a failed attempt and release the lock (also before a retry)."""
+        retrying = isinstance(exc, TransientError) and not self.req.final_attempt
+        entry = {
+            **self.base,
+            "instance": self.guest.uuid if self.guest else key,
+            "name": self.guest.name if self.guest else None,
+            "target": str(self.target or ""),
+            "outcome": "retrying" if retrying else "failed",
+            "state_before": str(self.before) if self.before else None,
+            **_error(exc, self.base["started_at"], self.ctx),
+        }
+        entry["error_class"] = "transient" if isinstance(exc, TransientError) else "permanent"
+        held, self.held = self.held, None
+        instance = entry["instance"]
+        try:
+            self.ctx.store.finish(
+                held, instance=instance, request_id=self.request_id, entry=entry,
+                record=None if retrying else {**entry, "status": "failed"}, deadline=None,
+                host=self.ctx.host,
+            )
+        except DormantError as store_exc:  # the store itself is down: say so in the log
+            log.error("could not journal %s on %s: %s", exc, instance, store_exc)
+        if retrying:
+            metrics.transition_retried(str(self.req.action), type(exc).__name__)
+        else:
+            metrics.transition_finished(str(self.req.action), "failed",
+                                        (self.ctx.clock() - self.base["started_at"]))
+        log.warning("%s %s: %s %s", self.req.action, instance, entry["outcome"], exc,
+                    extra={"dormant": _log_fields(entry)})
+
+
+def _log_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    wanted = ("instance", "name", "request_id", "task_id", "host", "action", "attempts",
+              "outcome", "state_before", "state_after", "duration_ms", "error_type")
+    return {k: entry.get(k) for k in wanted if entry.get(k) is not None}

@@ -1,0 +1,127 @@
+"""dormant's configuration: every ``DORMANT_*`` environment variable, read once.
+
+Unknown ``DORMANT_*`` names are rejected rather than ignored, so a typo cannot silently
+leave a safety setting (kill switch, per-host cap) at its default.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from functools import cache
+from typing import Any
+
+from worker.errors import ConfigurationError
+
+PREFIX = "DORMANT_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Typed settings; each field maps to ``DORMANT_<FIELD NAME IN UPPER CASE>``."""
+
+    broker_url: str = "redis://127.0.0.1:6379/0"
+    result_backend: str = "redis://127.0.0.1:6379/1"
+    state_url: str = "redis://127.0.0.1:6379/2"
+    libvirt_uri: str = "test:///default"
+    host: str = ""
+
+    # Delivery and retries. Every countdown stays far below the visibility timeout.
+    visibility_timeout: int = 3600  # seconds before Redis redelivers an unacked message
+    max_retries: int = 6  # transient libvirt failures retried this many times
+    retry_backoff: int = 2  # first backoff step in seconds, doubled each retry
+    retry_backoff_max: int = 60  # seconds, cap of one backoff step
+
+    # Per-instance lock and the post-condition check.
+    lock_ttl: int = 30  # seconds; renewed every ttl/3 while the holder is alive
+    lock_wait: float = 60.0  # seconds a task waits for a busy instance before retrying
+    verify_timeout: float = 30.0  # seconds to see the target state after a libvirt call
+    result_ttl: int = 7 * 86400  # seconds an idempotency record is kept
+
+    # Registry of which host serves which instance.
+    registry_interval: int = 60  # seconds between registry refreshes
+    deadline_check_interval: int = 15  # seconds between auto-unpause checks
+
+    # Reclamation.
+    sample_interval: int = 300
+    idle_window: int = 86400
+    idle_min_samples: int = 12
+    reclaim_hour: int = 2
+    reclaim_minute: int = 30
+    reclaim_timezone: str = "UTC"
+    reclaim_enabled: bool = True  # the global kill switch's default (Redis can also flip it)
+    reclaim_dry_run: bool = False
+    reclaim_grace: bool = False  # mark on the first idle night, suspend on a later one
+    reclaim_min_age: int = 86400  # seconds a guest must have been observed before reclamation
+    reclaim_host_cap: int = 8  # concurrent suspends per host
+    idle_cpu_percent: float = 3.0
+    idle_cpu_quantile: float = 0.97
+    idle_net_rx_bps: float = 2000.0
+    idle_net_tx_bps: float = 1000.0
+    idle_net_quantile: float = 0.95
+    idle_disk_bps: float = 20000.0
+    idle_disk_quantile: float = 0.95
+    notify_webhook: str = ""
+
+    # Observability.
+    log_json: bool = False
+    log_level: str = "INFO"
+    metrics_port: int = 0  # 0 = no metrics endpoint in this process
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            object.__setattr__(self, "host", socket.gethostname())
+
+    @property
+    def host_queue(self) -> str:
+        return queue_for_host(self.host)
+
+
+CONTROL_QUEUE = "dormant.control"
+
+
+def queue_for_host(host: str) -> str:
+    """The queue a host's worker consumes: ``dormant.<host>``."""
+    return f"dormant.{host}"
+
+
+def _convert(raw: str, kind: Any, name: str) -> Any:
+    if kind is bool or kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off", ""}:
+            return False
+        raise ConfigurationError(f"{name}={raw!r} is not a boolean (use true/false)")
+    for candidate, cast in (("int", int), ("float", float)):
+        if kind in (candidate, cast):
+            try:
+                return cast(raw)
+            except ValueError:
+                raise ConfigurationError(f"{name}={raw!r} is not a valid {candidate}") from None
+    return raw
+
+
+def load(environ: Mapping[str, str] | None = None) -> Settings:
+    """Build settings from an environment mapping; reject unknown ``DORMANT_*`` names."""
+    environ = os.environ if environ is None else environ
+    known = {PREFIX + f.name.upper(): f for f in fields(Settings)}
+    unknown = sorted(k for k in environ if k.startswith(PREFIX) and k not in known)
+    if unknown:
+        raise ConfigurationError(
+            f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    values = {
+        f.name: _convert(environ[name], f.type, name)
+        for name, f in known.items()
+        if name in environ
+    }
+    return Settings(**values)
+
+
+@cache
+def get() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return load()

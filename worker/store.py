@@ -1,0 +1,322 @@
+"""The Redis side of one transition: idempotency, the per-instance lock, the journal.
+
+Three Lua scripts keep a transition to two or three round trips:
+
+* ``begin``  — return the recorded result if the request already finished, otherwise take the
+  instance lock (bumping its fencing counter) or report it busy;
+* ``intent`` — remember the state before a libvirt call, so a redelivered message knows the
+  call was its own;
+* ``finish`` — if (and only if) the lock still carries our fence, store the result, append the
+  journal entry, update the auto-unpause deadline and release the lock.
+
+A lock's value is ``<fence>:<token>``; a process-wide keeper thread renews every lock this
+process holds, so a long managedSave keeps it while a dead worker's lock lapses by its TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+
+from worker import keys
+from worker.errors import InstanceBusy, StaleLock, StateStoreUnavailable
+
+log = logging.getLogger(__name__)
+
+JOURNAL_MAXLEN = 10_000  # entries kept per instance stream (approximate trim)
+JOURNAL_ALL_MAXLEN = 100_000
+
+_BEGIN = """
+local rec = redis.call('GET', KEYS[1])
+if rec and cjson.decode(rec).status == 'done' then
+  return {'done', rec}
+end
+local holder = redis.call('GET', KEYS[2])
+if holder then
+  return {'busy', holder, redis.call('PTTL', KEYS[2])}
+end
+local fence = redis.call('INCR', KEYS[3])
+local value = fence .. ':' .. ARGV[1]
+redis.call('SET', KEYS[2], value, 'PX', ARGV[2])
+return {'acquired', value, rec or ''}
+"""
+
+_INTENT = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+
+_FINISH = """
+local owned = redis.call('GET', KEYS[1]) == ARGV[1]
+local must_own = ARGV[6] == '1'
+if must_own and not owned then return 0 end
+if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'entry', ARGV[4])
+redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'entry', ARGV[4])
+if ARGV[5] == 'clear' then
+  redis.call('ZREM', KEYS[5], ARGV[9])
+  redis.call('DEL', KEYS[6])
+elseif ARGV[5] ~= '' then
+  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[9])
+  redis.call('HSET', KEYS[6], 'at', ARGV[5], 'request_id', ARGV[10], 'host', ARGV[11])
+end
+if must_own and ARGV[12] ~= '0' then redis.call('SET', KEYS[7], ARGV[11], 'EX', ARGV[12]) end
+if owned then redis.call('DEL', KEYS[1]) end
+return 1
+"""
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+
+def connect(url: str) -> redis.Redis:
+    """A Redis client for the state store that retries brief connection blips itself."""
+    return redis.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+    )
+
+
+@contextmanager
+def translated() -> Iterator[None]:
+    """Redis outages become StateStoreUnavailable, a transient (retried) error."""
+    try:
+        yield
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        raise StateStoreUnavailable(f"state store unavailable: {exc}") from None
+
+
+@dataclass
+class Held:
+    """A lock this process holds."""
+
+    instance: str
+    value: str  # "<fence>:<token>"
+    previous: dict[str, Any] | None  # a pending record left by an earlier, interrupted attempt
+
+    @property
+    def fence(self) -> int:
+        return int(self.value.split(":", 1)[0])
+
+
+@dataclass
+class Done:
+    """The request already finished: its recorded result."""
+
+    result: dict[str, Any]
+
+
+class _Keeper:
+    """One daemon thread per process renewing every lock the process holds."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, str], tuple[Store, str]] = {}
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def add(self, store: Store, key: str, value: str) -> None:
+        with self._mutex:
+            self._held[(id(store), key)] = (store, value)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="dormant-lock-keeper",
+                                                daemon=True)
+                self._thread.start()
+
+    def remove(self, store: Store, key: str) -> None:
+        with self._mutex:
+            self._held.pop((id(store), key), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._mutex:
+                held = list(self._held.items())
+            interval = min((s.lock_ttl_ms for _, (s, _v) in held), default=30_000) / 3000
+            for (_, key), (store, value) in held:
+                try:
+                    store.renew(key, value)
+                except redis.RedisError as exc:
+                    log.warning("could not renew %s: %s", key, exc)
+            time.sleep(max(interval, 0.05))
+
+
+_keeper = _Keeper()
+
+
+class Store:
+    """Idempotency records, per-instance locks and the journal, in the state Redis."""
+
+    def __init__(self, client: redis.Redis, *, lock_ttl: float, result_ttl: int,
+                 registry_ttl: int = 0) -> None:
+        self.redis = client
+        self.registry_ttl = registry_ttl  # >0: a recorded transition also refreshes `where`
+        self.lock_ttl_ms = int(lock_ttl * 1000)
+        self.result_ttl = result_ttl
+        self._begin = client.register_script(_BEGIN)
+        self._intent = client.register_script(_INTENT)
+        self._finish = client.register_script(_FINISH)
+        self._renew = client.register_script(_RENEW)
+
+    # -- the three steps of a transition ---------------------------------------------------
+    def begin(self, request_id: str, instance: str, token: str) -> Held | Done | tuple[str, int]:
+        """Done (already finished), Held (lock taken) or ("busy", ms left on the holder's lock)."""
+        with translated():
+            reply = self._begin(
+                keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
+                args=[token, self.lock_ttl_ms],
+            )
+        status = reply[0]
+        if status == "done":
+            return Done(json.loads(reply[1]))
+        if status == "busy":
+            return ("busy", int(reply[2]))
+        previous = json.loads(reply[2]) if reply[2] else None
+        _keeper.add(self, keys.lock(instance), reply[1])
+        return Held(instance=instance, value=reply[1], previous=previous)
+
+    def acquire(self, request_id: str, instance: str, *, wait: float) -> Held | Done:
+        """Like :meth:`begin`, polling a busy lock for up to ``wait`` seconds."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            outcome = self.begin(request_id, instance, token)
+            if not isinstance(outcome, tuple):
+                return outcome
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InstanceBusy(
+                    f"instance {instance} is locked by another transition "
+                    f"(lock expires in {outcome[1] / 1000:.1f}s)"
+                )
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.25)
+
+    def record_intent(self, held: Held, request_id: str, pending: dict[str, Any]) -> None:
+        """Remember what this request is about to do (for a redelivered retry of it)."""
+        with translated():
+            ok = self._intent(
+                keys=[keys.lock(held.instance), keys.request(request_id)],
+                args=[held.value, json.dumps({"status": "pending", **pending}), self.result_ttl],
+            )
+        if not ok:
+            raise StaleLock(f"lost the lock on {held.instance} before calling libvirt")
+
+    def finish(
+        self,
+        held: Held | None,
+        *,
+        instance: str,
+        request_id: str,
+        entry: dict[str, Any],
+        record: dict[str, Any] | None,
+        deadline: float | str | None = None,
+        host: str = "",
+    ) -> None:
+        """Store the result (``record``), journal ``entry``, set/clear the deadline, unlock.
+
+        A recorded result also refreshes the registry entry saying which host serves it.
+
+        With a held lock and a record to store, refuse (StaleLock) when the lock was lost:
+        a newer holder may already have changed the instance.
+        """
+        deadline_arg = "" if deadline is None else str(deadline)
+        must_own = held is not None and record is not None
+        with translated():
+            ok = self._finish(
+                keys=[
+                    keys.lock(instance),
+                    keys.request(request_id),
+                    keys.journal(instance),
+                    keys.JOURNAL_ALL,
+                    keys.DEADLINES,
+                    keys.deadline(instance),
+                    keys.where(instance),
+                ],
+                args=[
+                    held.value if held else "",
+                    json.dumps(record, sort_keys=True) if record is not None else "",
+                    self.result_ttl,
+                    json.dumps(entry, sort_keys=True),
+                    deadline_arg,
+                    "1" if must_own else "0",
+                    JOURNAL_MAXLEN,
+                    JOURNAL_ALL_MAXLEN,
+                    instance,
+                    request_id,
+                    host,
+                    self.registry_ttl,
+                ],
+            )
+        if held is not None:
+            _keeper.remove(self, keys.lock(instance))
+        if not ok:
+            raise StaleLock(
+                f"the lock on {instance} expired while held (fence {held.fence if held else '?'}); "
+                "a newer transition owns the instance, so this result was not recorded"
+            )
+
+    def renew(self, key: str, value: str) -> bool:
+        return bool(self._renew(keys=[key], args=[value, self.lock_ttl_ms]))
+
+    # -- reading -----------------------------------------------------------------------------
+    def journal(self, instance: str | None = None, *, count: int = 50) -> list[dict[str, Any]]:
+        """Newest-last journal entries of one instance, or of the whole fleet."""
+        key = keys.journal(instance) if instance else keys.JOURNAL_ALL
+        with translated():
+            rows = self.redis.xrevrange(key, count=count)
+        return [json.loads(fields["entry"]) for _id, fields in reversed(rows)]
+
+    def request(self, request_id: str) -> dict[str, Any] | None:
+        with translated():
+            raw = self.redis.get(keys.request(request_id))
+        return json.loads(raw) if raw else None
+
+    def journal_only(self, entry: dict[str, Any], instance: str | None = None) -> None:
+        """Journal an entry that has no lock or record (bad input, unknown instance)."""
+        body = json.dumps(entry, sort_keys=True)
+        with translated(), self.redis.pipeline(transaction=False) as pipe:
+            if instance:
+                pipe.xadd(keys.journal(instance), {"entry": body}, maxlen=JOURNAL_MAXLEN,
+                          approximate=True)
+            pipe.xadd(keys.JOURNAL_ALL, {"entry": body}, maxlen=JOURNAL_ALL_MAXLEN,
+                      approximate=True)
+            pipe.execute()
+
+    def claim_due_deadlines(self, now: float, *, limit: int = 100) -> list[dict[str, str]]:
+        """Take the auto-unpause deadlines that have passed: each is returned to one caller only.
+
+        A claimed deadline leaves the schedule; the unpause it leads to is a durable broker
+        message, so a crash after claiming loses nothing.
+        """
+        with translated():
+            due = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=limit)
+            claimed = []
+            for instance in due:
+                details = self.redis.hgetall(keys.deadline(instance))
+                if self.redis.zrem(keys.DEADLINES, instance):
+                    claimed.append({"instance": instance, **details})
+        return claimed

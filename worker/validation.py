@@ -1,0 +1,71 @@
+"""Input checks for everything a caller can send; each failure names what was wrong."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from worker.errors import InvalidInput
+from worker.states import Target
+
+MAX_REQUEST_ID = 128
+MAX_PAUSE_SECONDS = 7 * 86400
+# libvirt allows almost anything in a name; dormant accepts the portable subset so a name can
+# never be confused with a UUID, a path or a URI.
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+:@-]{0,127}$")
+_REQUEST_ID = re.compile(rf"^[A-Za-z0-9_.:@/+=-]{{1,{MAX_REQUEST_ID}}}$")
+
+
+def is_uuid(value: str) -> bool:
+    try:
+        return str(uuid.UUID(value)) == value.lower()
+    except ValueError:
+        return False
+
+
+def instance(value: Any) -> str:
+    """A canonical (lower-case) UUID, or a domain name."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"instance must be a domain UUID or name, got {value!r}")
+    if is_uuid(value):
+        return value.lower()
+    if _looks_like_broken_uuid(value) or not _NAME.match(value):
+        raise InvalidInput(
+            f"malformed instance {value!r}: expected a UUID like "
+            "'4dea22b3-1d52-d8f3-2516-782e98ab3fa0' or a domain name of letters, digits and ._+:@-"
+        )
+    return value
+
+
+def _looks_like_broken_uuid(value: str) -> bool:
+    return bool(re.fullmatch(r"[0-9a-fA-F-]{30,40}", value)) and value.count("-") >= 3
+
+
+def request_id(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _REQUEST_ID.match(value):
+        raise InvalidInput(
+            f"malformed request_id {value!r}: 1-{MAX_REQUEST_ID} characters of letters, digits "
+            "and ._:@/+=-"
+        )
+    return value
+
+
+def target(value: Any) -> Target:
+    try:
+        return Target(value)
+    except ValueError:
+        allowed = ", ".join(t.value for t in Target)
+        raise InvalidInput(f"unknown target {value!r}: expected one of {allowed}") from None
+
+
+def max_seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"max_seconds must be a number of seconds, got {value!r}")
+    if not 0 < value <= MAX_PAUSE_SECONDS:
+        raise InvalidInput(f"max_seconds must be between 0 and {MAX_PAUSE_SECONDS}, got {value}")
+    return float(value)
