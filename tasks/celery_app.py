@@ -10,7 +10,7 @@ from celery.signals import after_setup_logger, worker_ready
 from worker import logs, metrics
 from worker import settings as settings_mod
 
-app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping"])
+app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping", "tasks.reclaim"])
 app.config_from_object("celeryconfig")
 
 _s = settings_mod.get()

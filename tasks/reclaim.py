@@ -1,0 +1,1 @@
+"""Reclamation tasks: sampling, the nightly run, restore and drain (to be written)."""

@@ -1,0 +1,1 @@
+"""``dormant reclaim|restore|drain|exempt|unexempt|idle|sample`` (to be written)."""

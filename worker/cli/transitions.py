@@ -1,0 +1,1 @@
+"""``dormant status|pause|unpause|suspend|resume|ensure|history`` (to be written)."""
