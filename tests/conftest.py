@@ -8,6 +8,7 @@ Integration fixtures start *real* services: a private ``redis-server`` per test 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 
@@ -78,10 +79,8 @@ def libvirt_conn():  # type: ignore[no-untyped-def]
         unavailable(f"libvirtd (qemu:///system) is not reachable: {exc}")
     remove_leftovers(conn)
     yield conn
-    try:
+    with contextlib.suppress(libvirt.libvirtError):
         conn.close()
-    except libvirt.libvirtError:
-        pass
 
 
 @pytest.fixture
