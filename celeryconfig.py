@@ -4,7 +4,7 @@ Delivery is at-least-once (late acks, reject on worker lost, prefetch 1), so eve
 idempotent; serialisation is JSON only.
 """
 
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from worker import settings as _settings
 
@@ -41,7 +41,11 @@ task_send_sent_event = True
 task_track_started = True
 
 # Queues: this host's own and the fleet-wide control queue.
-task_queues = (Queue(_s.host_queue), Queue(_settings.CONTROL_QUEUE))
+# Each queue has its own direct exchange, as a plain client that names only the queue creates.
+task_queues = tuple(
+    Queue(name, Exchange(name, type="direct"), routing_key=name)
+    for name in (_s.host_queue, _settings.CONTROL_QUEUE)
+)
 task_default_queue = _settings.CONTROL_QUEUE
 task_create_missing_queues = True
 

@@ -6,7 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(redis-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc python3-venv)
+              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc)
+PY=${PYTHON:-python3}
+# Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.
+"$PY" -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[setup] %s\033[0m\n' "$*" >&2; exit 1; }
 
@@ -27,7 +30,6 @@ if ((${#missing[@]})); then
 fi
 
 # The project's virtualenv (re-used when pyproject.toml has not changed since the last install).
-PY=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   say "creating .venv"
   "$PY" -m venv .venv
