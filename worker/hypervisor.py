@@ -12,6 +12,7 @@ behind each other on a shared one.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
@@ -182,15 +183,22 @@ class Hypervisor:
         return conn
 
     def connection(self) -> libvirt.virConnect:
-        """This thread's connection, opened on first use and reopened after it broke."""
+        """This thread's connection, opened on first use and reopened after it broke.
+
+        A connection inherited across fork (a prefork child replaced after the parent
+        connected) is forgotten, never used or closed: its socket belongs to the parent.
+        """
         conn = getattr(self._local, "conn", None)
-        if conn is None:
+        if conn is None or self._local.pid != os.getpid():
             conn = self._local.conn = self._open()
+            self._local.pid = os.getpid()
         return conn
 
     def _drop(self) -> None:
         conn = getattr(self._local, "conn", None)
         self._local.conn = None
+        if getattr(self._local, "pid", None) != os.getpid():
+            return
         if conn is not None:
             with suppress(libvirt.libvirtError):
                 conn.close()
