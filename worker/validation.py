@@ -13,8 +13,9 @@ MAX_REQUEST_ID = 128
 MAX_PAUSE_SECONDS = 7 * 86400
 # libvirt allows almost anything in a name; dormant accepts the portable subset so a name can
 # never be confused with a UUID, a path or a URI.
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+:@-]{0,127}$")
-_REQUEST_ID = re.compile(rf"^[A-Za-z0-9_.:@/+=-]{{1,{MAX_REQUEST_ID}}}$")
+# Used with fullmatch: ``$`` would also accept a trailing newline.
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:@-]{0,127}")
+_REQUEST_ID = re.compile(rf"[A-Za-z0-9_.:@/+=-]{{1,{MAX_REQUEST_ID}}}")
 
 
 def is_uuid(value: str) -> bool:
@@ -30,7 +31,7 @@ def instance(value: Any) -> str:
         raise InvalidInput(f"instance must be a domain UUID or name, got {value!r}")
     if is_uuid(value):
         return value.lower()
-    if _looks_like_broken_uuid(value) or not _NAME.match(value):
+    if _looks_like_broken_uuid(value) or not _NAME.fullmatch(value):
         raise InvalidInput(
             f"malformed instance {value!r}: expected a UUID like "
             "'4dea22b3-1d52-d8f3-2516-782e98ab3fa0' or a domain name of letters, digits and ._+:@-"
@@ -39,13 +40,20 @@ def instance(value: Any) -> str:
 
 
 def _looks_like_broken_uuid(value: str) -> bool:
+    """A UUID typo, or a non-canonical spelling (no dashes, ``urn:uuid:``) that libvirt would
+    read as a UUID while dormant looked it up as a name."""
+    try:
+        uuid.UUID(value)
+        return True  # parses, but is_uuid said it is not canonical
+    except ValueError:
+        pass
     return bool(re.fullmatch(r"[0-9a-fA-F-]{30,40}", value)) and value.count("-") >= 3
 
 
 def request_id(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _REQUEST_ID.match(value):
+    if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
         raise InvalidInput(
             f"malformed request_id {value!r}: 1-{MAX_REQUEST_ID} characters of letters, digits "
             "and ._:@/+=-"

@@ -1,0 +1,78 @@
+"""Unit-test fixtures: a fakeredis-backed Store and libvirt's in-process test driver.
+
+Nothing here starts a service. ``test:///default`` is one fake hypervisor shared by every
+connection of this process, so each test defines its own uniquely named domains and removes
+them afterwards.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import fakeredis
+import libvirt
+import pytest
+
+from worker.hypervisor import Hypervisor
+from worker.store import Store
+
+TEST_URI = "test:///default"
+
+
+@pytest.fixture
+def fake_redis() -> fakeredis.FakeRedis:
+    """A private in-memory Redis (Lua scripts work) for one test."""
+    return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+
+
+@pytest.fixture
+def store(fake_redis: fakeredis.FakeRedis) -> Store:
+    return Store(fake_redis, lock_ttl=30, result_ttl=3600, registry_ttl=600)
+
+
+@pytest.fixture
+def hypervisor() -> Iterator[Hypervisor]:
+    hv = Hypervisor(TEST_URI)
+    yield hv
+    hv.close()
+
+
+@pytest.fixture
+def test_conn() -> Iterator[libvirt.virConnect]:
+    """A separate connection to the same in-process fake, to check state behind dormant."""
+    conn = libvirt.open(TEST_URI)
+    yield conn
+    conn.close()
+
+
+DomainFactory = Callable[..., libvirt.virDomain]
+
+
+@pytest.fixture
+def make_domain(test_conn: libvirt.virConnect) -> Iterator[DomainFactory]:
+    """Define (and by default start) a uniquely named test domain; removed after the test."""
+    made: list[libvirt.virDomain] = []
+
+    def make(*, start: bool = True, prefix: str = "unit") -> libvirt.virDomain:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        xml = (
+            f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory>"
+            "<vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+        )
+        domain = test_conn.defineXML(xml)
+        made.append(domain)
+        if start:
+            domain.create()
+        return domain
+
+    yield make
+    for domain in made:
+        try:
+            if domain.isActive():
+                domain.destroy()
+            if domain.hasManagedSaveImage():
+                domain.managedSaveRemove()
+            domain.undefine()
+        except libvirt.libvirtError:
+            pass
