@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
-from celery.signals import after_setup_logger, worker_ready
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 
 from worker import logs, metrics
 from worker import settings as settings_mod
@@ -47,16 +47,22 @@ app.steps["worker"].add(RegistryStep)
 
 
 @worker_ready.connect
-def _on_worker_ready(**_: object) -> None:
+def _on_worker_ready(sender: object = None, **_: object) -> None:
     from tasks.housekeeping import refresh_registry_now
 
     refresh_registry_now()
     port = settings_mod.get().metrics_port
     if port:
+        pool = type(getattr(sender, "pool", None)).__module__
+        if pool.endswith("prefork"):
+            logging.getLogger("dormant.metrics").warning(
+                "DORMANT_METRICS_PORT with the prefork pool: transition metrics stay in the "
+                "child processes; run the worker with --pool threads")
         metrics.serve(port)
 
 
 @after_setup_logger.connect
+@after_setup_task_logger.connect
 def _setup_logging(logger: logging.Logger, **_: object) -> None:
     s = settings_mod.get()
     logs.configure(logger, json_lines=s.log_json, level=s.log_level)

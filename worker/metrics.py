@@ -1,12 +1,26 @@
 """Prometheus metrics: what an operator asks first, cheap enough for the hot path.
 
-Each worker process keeps its own registry; ``serve`` exposes it over HTTP when
-``DORMANT_METRICS_PORT`` is set (prefork children add their index to the port).
+One registry per process. ``serve`` exposes it over HTTP when ``DORMANT_METRICS_PORT`` is set;
+the worker does that on start-up. Tasks must run in the process that serves the metrics, so a
+worker with metrics runs ``--pool threads`` (or ``solo``): with ``prefork`` the transition
+counters would stay in the pool's child processes (the worker logs a warning). Threads suit
+dormant anyway: tasks wait on libvirtd, not on the CPU.
+
+Per-run reclamation numbers are ``increase(...)`` over the run's window: the nightly run is
+the only writer of the reclamation counters, and ``dormant_reclaim_last_run_timestamp_seconds``
+says when it finished.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Mapping
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("dormant.metrics")
 
 TRANSITIONS = Counter(
     "dormant_transitions_total", "Finished transitions by action and outcome",
@@ -33,15 +47,29 @@ RECLAIM_DECISIONS = Counter(
 RECLAIM_RESULTS = Counter(
     "dormant_reclaim_results_total", "Reclamation actions by result", ["host", "result"],
 )
+RECLAIM_RUNS = Counter("dormant_reclaim_runs_total", "Reclamation runs finished")
+RECLAIM_RUN_SECONDS = Histogram(
+    "dormant_reclaim_run_seconds", "Duration of one reclamation run",
+    buckets=(1, 5, 15, 60, 300, 900, 3600),
+)
+RECLAIM_LAST_RUN = Gauge(
+    "dormant_reclaim_last_run_timestamp_seconds", "When the last reclamation run finished",
+)
+
+# Outcomes whose duration means something (a duplicate or a rejection did no work).
+_TIMED_OUTCOMES = frozenset({"changed", "already", "failed"})
+_seen_states: dict[str, set[str]] = {}
+_seen_lock = threading.Lock()
 
 
 def transition_finished(action: str, outcome: str, seconds: float) -> None:
     TRANSITIONS.labels(action, outcome).inc()
-    if outcome in ("changed", "already", "failed"):
+    if outcome in _TIMED_OUTCOMES:
         TRANSITION_SECONDS.labels(action).observe(seconds)
 
 
 def transition_retried(action: str, error: str) -> None:
+    """``error`` is dormant's error class name, e.g. ``HypervisorUnavailable``."""
     RETRIES.labels(action, error).inc()
 
 
@@ -49,11 +77,39 @@ def lock_waited(seconds: float) -> None:
     LOCK_WAIT_SECONDS.observe(seconds)
 
 
-def instances_observed(host: str, counts: dict[str, int]) -> None:
+def instances_observed(host: str, counts: Mapping[str, int]) -> None:
+    """Set the per-state gauge; a state no instance is in any more drops to 0, not stale."""
+    with _seen_lock:
+        seen = _seen_states.setdefault(host, set())
+        for state in seen - set(counts):
+            INSTANCES.labels(host, state).set(0)
+        seen.update(counts)
     for state, count in counts.items():
         INSTANCES.labels(host, state).set(count)
 
 
-def serve(port: int) -> None:
-    """Expose this process's metrics on ``port`` (all interfaces)."""
-    start_http_server(port)
+def reclaim_decided(host: str, decision: str) -> None:
+    """One reclamation verdict for one instance (e.g. ``idle``, ``busy``, ``exempt``)."""
+    RECLAIM_DECISIONS.labels(host, decision).inc()
+
+
+def reclaim_result(host: str, result: str) -> None:
+    """What acting on a decision did (e.g. ``suspended``, ``failed``, ``skipped``)."""
+    RECLAIM_RESULTS.labels(host, result).inc()
+
+
+def reclaim_run_finished(seconds: float, *, finished_at: float | None = None) -> None:
+    RECLAIM_RUNS.inc()
+    RECLAIM_RUN_SECONDS.observe(seconds)
+    RECLAIM_LAST_RUN.set(time.time() if finished_at is None else finished_at)
+
+
+def serve(port: int, addr: str = "0.0.0.0") -> bool:
+    """Expose this process's metrics on ``addr:port``; False (logged) if the port is taken."""
+    try:
+        start_http_server(port, addr=addr)
+    except OSError as exc:
+        log.error("metrics endpoint on port %d not started: %s", port, exc)
+        return False
+    log.info("metrics on http://%s:%d/metrics", addr, port)
+    return True

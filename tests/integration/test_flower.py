@@ -1,0 +1,144 @@
+"""Operators watch transitions in Flower: a real Flower process, a real worker, real events.
+
+Flower only records events while it runs, so it starts first; the test then waits until a
+ping task shows up in Flower (its event receiver is live) before sending transitions.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.services import ROOT, free_port, wait_until
+from tests.support.services import test_env as dormant_environment
+
+pytestmark = pytest.mark.integration
+
+USER, PASSWORD = "ops", "flower-test-secret"
+
+
+class Flower:
+    def __init__(self, port: int, env: dict[str, str], log_path: Path) -> None:
+        self.port, self.log_path = port, log_path
+        command = [sys.executable, "-m", "celery", "-A", "tasks", "flower",
+                   f"--port={port}", "--address=127.0.0.1"]
+        self.log_file = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log_file,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+
+    def get(self, path: str, *, auth: tuple[str, str] | None = (USER, PASSWORD)) -> Any:
+        """(status, body): JSON decoded when it is JSON."""
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+        if auth:
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                status, body = response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        with suppress(ValueError):
+            return status, json.loads(body)
+        return status, body
+
+    def healthy(self) -> bool:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"flower exited:\n{self.log_path.read_text()[-3000:]}")
+        try:
+            return self.get("/healthcheck", auth=None) == (200, "OK")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log_file.close()
+
+
+@pytest.fixture
+def flower(redis_clean, host_name, tmp_path) -> Iterator[Flower]:
+    env = dormant_environment(redis_clean, host_name, DORMANT_LIBVIRT_URI="test:///default",
+                   FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+    env.pop("FLOWER_UNAUTHENTICATED_API", None)
+    server = Flower(free_port(), env, tmp_path / "flower.log")
+    try:
+        wait_until(server.healthy, timeout=30, interval=0.2, message="flower /healthcheck")
+        yield server
+    finally:
+        server.stop()
+
+
+def _seen_by_flower(flower: Flower, task_id: str, state: str) -> dict[str, Any] | None:
+    status, info = flower.get(f"/api/task/info/{task_id}")
+    if status == 200 and isinstance(info, dict) and info.get("state") == state:
+        return info
+    return None
+
+
+def test_flower_shows_transitions_with_credentials_and_refuses_without(
+        flower, start_worker, client_app, host_name):
+    start_worker(pool="threads", concurrency=4,
+                 env={"DORMANT_LIBVIRT_URI": "test:///default"})
+    queue = f"dormant.{host_name}"
+
+    def flower_receives_events() -> bool:
+        ping = client_app.send_task("dormant.ping", queue=queue)
+        ping.get(timeout=10)
+        return _poll(lambda: _seen_by_flower(flower, ping.id, "SUCCESS"), seconds=2) is not None
+
+    wait_until(flower_receives_events, timeout=45, interval=0.1,
+               message="flower receives task events")
+
+    paused = client_app.send_task("dormant.pause", args=["demo-web"],
+                                  kwargs={"request_id": "flower-1"}, queue=queue)
+    assert paused.get(timeout=30)["outcome"] == "changed"
+    bad = client_app.send_task("dormant.suspend", args=["no such guest?"], queue=queue)
+    with pytest.raises(Exception, match="malformed instance"):
+        bad.get(timeout=30)
+
+    info = wait_until(lambda: _seen_by_flower(flower, paused.id, "SUCCESS"), timeout=20,
+                      message="pause succeeded in flower")
+    assert info["name"] == "dormant.pause"
+    assert "demo-web" in info["args"]
+    assert "flower-1" in info["kwargs"]
+    assert info["worker"].startswith("w")
+    assert '"changed"' in info["result"] or "'changed'" in info["result"]
+
+    failed = wait_until(lambda: _seen_by_flower(flower, bad.id, "FAILURE"), timeout=20,
+                        message="bad suspend failed in flower")
+    assert failed["name"] == "dormant.suspend"
+    assert "InvalidInput" in failed["exception"]
+
+    status, listing = flower.get("/api/tasks?taskname=dormant.pause")
+    assert status == 200
+    assert listing[paused.id]["state"] == "SUCCESS"
+
+    # The same API without credentials, or with wrong ones, answers 401 and leaks nothing.
+    for auth in (None, (USER, "wrong")):
+        status, body = flower.get("/api/tasks", auth=auth)
+        assert status == 401
+        assert paused.id not in str(body)
+        status, _ = flower.get(f"/api/task/info/{paused.id}", auth=auth)
+        assert status == 401
+    assert flower.get("/healthcheck", auth=None) == (200, "OK")
+
+
+def _poll(predicate, *, seconds: float):
+    try:
+        return wait_until(predicate, timeout=seconds, interval=0.1, message="poll")
+    except TimeoutError:
+        return None
