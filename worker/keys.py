@@ -67,6 +67,11 @@ def first_seen(instance_uuid: str) -> str:
     return f"{PREFIX}:first-seen:{instance_uuid}"
 
 
+def sampled(host: str) -> str:
+    """Sorted set: instance uuid -> time of its last sample taken by this host."""
+    return f"{PREFIX}:sampled:{host}"
+
+
 def mark(instance_uuid: str) -> str:
     """Grace mark: set on the first idle night, suspended on a later one."""
     return f"{PREFIX}:reclaim:mark:{instance_uuid}"
@@ -85,3 +90,13 @@ def run_manifest(run_id: str) -> str:
 def run_claim(run_id: str) -> str:
     """Claim so one run id executes once even with two beat processes."""
     return f"{PREFIX}:run:{run_id}:claim"
+
+
+def run_queue(run_id: str) -> str:
+    """List of instance uuids a run still has to act on (fed to the host cap's window)."""
+    return f"{PREFIX}:run:{run_id}:queue"
+
+
+def schedule_claim(slot: str) -> str:
+    """Claim of one beat tick (e.g. ``sample:<slot>``) so two beat processes fan out once."""
+    return f"{PREFIX}:schedule:{slot}:claim"

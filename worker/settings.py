@@ -6,6 +6,7 @@ leave a safety setting (kill switch, per-host cap) at its default.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -56,6 +57,10 @@ class Settings:
     reclaim_grace: bool = False  # mark on the first idle night, suspend on a later one
     reclaim_min_age: int = 86400  # seconds a guest must have been observed before reclamation
     reclaim_host_cap: int = 8  # concurrent suspends per host
+    reclaim_grace_period: int = 43200  # seconds between a grace mark and the suspend
+    reclaim_recheck_seconds: float = 2.0  # fresh activity measured just before a suspend
+    reclaim_report_ttl: int = 90 * 86400  # seconds reports and manifests are kept
+    reclaim_scope: str = ""  # glob of domain names reclaim/drain may touch ("" = all)
     idle_cpu_percent: float = 3.0
     idle_cpu_quantile: float = 0.97
     idle_net_rx_bps: float = 2000.0
@@ -63,6 +68,8 @@ class Settings:
     idle_net_quantile: float = 0.95
     idle_disk_bps: float = 20000.0
     idle_disk_quantile: float = 0.95
+    idle_min_span_fraction: float = 0.5  # usable samples must cover this much of the window
+    idle_max_gap: float = 0.0  # seconds; a longer interval is a gap (0 = 3 sample intervals)
     notify_webhook: str = ""
 
     # Observability.
@@ -118,7 +125,22 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         for name, f in known.items()
         if name in environ
     }
+    for field_name, value in values.items():
+        _check_range(PREFIX + field_name.upper(), field_name, value)
     return Settings(**values)
+
+
+# Zero would make Redis refuse the expiry (SET PX 0) or redeliver every message at once.
+_MUST_BE_POSITIVE = {"lock_ttl", "result_ttl", "visibility_timeout"}
+
+
+def _check_range(name: str, field_name: str, value: Any) -> None:
+    """No setting is a negative or non-finite number; a few must be strictly positive."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return
+    if not math.isfinite(value) or value < 0 or (value == 0 and field_name in _MUST_BE_POSITIVE):
+        least = "greater than 0" if field_name in _MUST_BE_POSITIVE else "0 or more"
+        raise ConfigurationError(f"{name}={value!r} is out of range: it must be {least}")
 
 
 @cache
