@@ -156,7 +156,10 @@ class _Transition:
         state_before = str(observed)
         if steps.already:
             # An earlier delivery of this very request may have done the work before dying.
-            if previous and previous.get("state_before") not in (None, state_before):
+            # Only a pending intent counts: a failed record may come from a refusal that
+            # never called libvirt.
+            if (previous and previous.get("status") == "pending"
+                    and previous.get("state_before") not in (None, state_before)):
                 outcome, state_before = "changed", previous["state_before"]
             else:
                 outcome = "already"

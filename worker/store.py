@@ -63,6 +63,8 @@ _FINISH = """
 local owned = redis.call('GET', KEYS[1]) == ARGV[1]
 local must_own = ARGV[6] == '1'
 if must_own and not owned then return 0 end
+local rec = ARGV[2] ~= '' and not owned and redis.call('GET', KEYS[2])
+if rec and cjson.decode(rec).status == 'done' then ARGV[2] = '' end
 if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'entry', ARGV[4])
 redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'entry', ARGV[4])
@@ -136,6 +138,8 @@ class _Keeper:
         self._mutex = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid = 0
+        self._interval = 0.0  # seconds the keeper sleeps now; a shorter-lived lock wakes it
+        self._wake = threading.Event()
 
     def add(self, store: Store, key: str, value: str) -> None:
         with self._mutex:
@@ -145,6 +149,8 @@ class _Keeper:
                 self._thread = threading.Thread(target=self._run, name="dormant-lock-keeper",
                                                 daemon=True)
                 self._thread.start()
+            elif store.lock_ttl_ms / 3000 < self._interval:
+                self._wake.set()  # asleep for longer than this lock lives: renew sooner
 
     def remove(self, store: Store, key: str) -> None:
         with self._mutex:
@@ -155,12 +161,14 @@ class _Keeper:
             with self._mutex:
                 held = list(self._held.items())
             interval = min((s.lock_ttl_ms for _, (s, _v) in held), default=30_000) / 3000
+            self._interval = max(interval, 0.05)
             for (_, key), (store, value) in held:
                 try:
                     store.renew(key, value)
                 except redis.RedisError as exc:
                     log.warning("could not renew %s: %s", key, exc)
-            time.sleep(max(interval, 0.05))
+            self._wake.wait(self._interval)
+            self._wake.clear()
 
 
 _keeper = _Keeper()
