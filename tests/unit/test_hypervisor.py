@@ -1,0 +1,192 @@
+"""hypervisor: error translation by code and domain, and the adapter on libvirt's test driver."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import libvirt
+import pytest
+
+from tests.unit.conftest import TEST_URI, DomainFactory
+from worker import hypervisor as hv_module
+from worker.errors import (
+    HypervisorBusy,
+    HypervisorRefused,
+    HypervisorUnavailable,
+    InvalidTransition,
+    PermanentError,
+    TransientError,
+    UnknownInstance,
+)
+from worker.hypervisor import Hypervisor, translate
+from worker.states import Observed, State
+from worker.transitions import Step
+
+
+def _error(code: int | None, domain: int | None, message: str = "boom") -> libvirt.libvirtError:
+    exc = libvirt.libvirtError("unused default")
+    exc.err = None if code is None else (code, domain, message, 2, "", None, None, 0, 0)
+    return exc
+
+
+REMOTE, RPC = libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC
+QEMU, TEST = libvirt.VIR_FROM_QEMU, libvirt.VIR_FROM_TEST
+
+TRANSLATIONS = [
+    # Connection lost: system/internal errors only count when the remote/RPC layer raised them.
+    (libvirt.VIR_ERR_SYSTEM_ERROR, REMOTE, HypervisorUnavailable),
+    (libvirt.VIR_ERR_SYSTEM_ERROR, RPC, HypervisorUnavailable),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, REMOTE, HypervisorUnavailable),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, RPC, HypervisorUnavailable),
+    (libvirt.VIR_ERR_SYSTEM_ERROR, QEMU, HypervisorRefused),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, QEMU, HypervisorRefused),
+    (libvirt.VIR_ERR_INTERNAL_ERROR, TEST, HypervisorRefused),
+    # Codes that mean "no connection" wherever they come from.
+    (libvirt.VIR_ERR_NO_CONNECT, REMOTE, HypervisorUnavailable),
+    (libvirt.VIR_ERR_INVALID_CONN, libvirt.VIR_FROM_NONE, HypervisorUnavailable),
+    (libvirt.VIR_ERR_RPC, RPC, HypervisorUnavailable),
+    (libvirt.VIR_ERR_AUTH_UNAVAILABLE, REMOTE, HypervisorUnavailable),
+    # Busy: the state-change lock (68) or an unresponsive agent.
+    (libvirt.VIR_ERR_OPERATION_TIMEOUT, QEMU, HypervisorBusy),
+    (68, QEMU, HypervisorBusy),
+    (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, QEMU, HypervisorBusy),
+    # Permanent.
+    (42, QEMU, UnknownInstance),
+    (libvirt.VIR_ERR_NO_DOMAIN, REMOTE, UnknownInstance),
+    (55, QEMU, InvalidTransition),
+    (libvirt.VIR_ERR_OPERATION_INVALID, REMOTE, InvalidTransition),
+    (libvirt.VIR_ERR_NO_SUPPORT, TEST, HypervisorRefused),
+    (libvirt.VIR_ERR_OPERATION_UNSUPPORTED, QEMU, HypervisorRefused),
+    (libvirt.VIR_ERR_OPERATION_FAILED, QEMU, HypervisorRefused),
+    (libvirt.VIR_ERR_ACCESS_DENIED, REMOTE, HypervisorRefused),
+    (None, None, HypervisorRefused),
+]
+
+
+@pytest.mark.parametrize(("code", "domain", "expected"), TRANSLATIONS)
+def test_translate(code: int | None, domain: int | None, expected: type[Exception]) -> None:
+    err = translate(_error(code, domain, "the message"), "pause web-1")
+    assert type(err) is expected
+    text = str(err)
+    assert "pause web-1" in text
+    if code is not None:
+        assert "the message" in text and f"libvirt error {code}" in text
+
+
+def test_translation_never_reads_the_message() -> None:
+    """A message that sounds like connection loss does not change the class."""
+    err = translate(_error(libvirt.VIR_ERR_OPERATION_FAILED, QEMU,
+                           "Cannot recv data: Connection reset by peer"), "x")
+    assert isinstance(err, HypervisorRefused)
+
+
+def test_retryable_branch() -> None:
+    assert issubclass(HypervisorUnavailable, TransientError)
+    assert issubclass(HypervisorBusy, TransientError)
+    for permanent in (UnknownInstance, InvalidTransition, HypervisorRefused):
+        assert issubclass(permanent, PermanentError)
+
+
+def test_connect_failure_is_unavailable() -> None:
+    broken = Hypervisor("test:///nonexistent-uri-form")
+    with pytest.raises(HypervisorUnavailable, match="cannot connect to test:///nonexistent"):
+        broken.connection()
+    with pytest.raises(HypervisorUnavailable):
+        broken.guest("web-1")
+
+
+def test_unknown_instances(hypervisor: Hypervisor) -> None:
+    missing = str(uuid.uuid4())
+    with pytest.raises(UnknownInstance):
+        hypervisor.guest(missing)
+    with pytest.raises(UnknownInstance):
+        hypervisor.guest("no-such-guest-at-all")
+    assert hypervisor.observe(missing) == (None, Observed(State.MISSING))
+
+
+def test_guest_steps_really_change_state(hypervisor: Hypervisor, make_domain: DomainFactory,
+                                         test_conn: libvirt.virConnect) -> None:
+    dom = make_domain()
+    by_uuid = hypervisor.guest(dom.UUIDString())
+    by_name = hypervisor.guest(dom.name())
+    assert (by_uuid.uuid, by_uuid.name) == (by_name.uuid, by_name.name) == (
+        dom.UUIDString(), dom.name())
+    assert by_uuid.observe() == Observed(State.RUNNING)
+    by_uuid.run(Step.PAUSE)
+    assert dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER]
+    assert by_name.observe() == Observed(State.PAUSED, "user")
+    by_uuid.run(Step.SAVE)
+    assert dom.hasManagedSaveImage()
+    assert by_uuid.observe() == Observed(State.SUSPENDED)
+    by_uuid.run(Step.RESTORE)
+    assert by_uuid.observe() == Observed(State.RUNNING)  # saved paused, restored running
+    by_uuid.run(Step.PAUSE)
+    by_uuid.run(Step.UNPAUSE)
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+    dom.destroy()
+    assert by_uuid.observe() == Observed(State.SHUTOFF)
+    _, observed = hypervisor.observe(dom.name())
+    assert observed == Observed(State.SHUTOFF)
+
+
+def test_a_refused_call_is_permanent_and_keeps_the_connection(
+        hypervisor: Hypervisor, make_domain: DomainFactory) -> None:
+    """The test driver says 'internal error: not paused' (code 1, domain TEST): not a lost link."""
+    dom = make_domain()
+    guest = hypervisor.guest(dom.name())
+    conn = hypervisor.connection()
+    with pytest.raises(HypervisorRefused, match="unpause"):
+        guest.unpause()
+    assert hypervisor.connection() is conn
+
+
+def test_a_lost_connection_is_dropped_and_reopened(hypervisor: Hypervisor) -> None:
+    conn = hypervisor.connection()
+    assert hypervisor.connection() is conn
+
+    def lost() -> None:
+        raise _error(libvirt.VIR_ERR_SYSTEM_ERROR, RPC, "End of file while reading data")
+
+    with pytest.raises(HypervisorUnavailable):
+        hypervisor.call("read state of web-1", lost)
+    fresh = hypervisor.connection()
+    assert fresh is not conn
+    assert fresh.getURI() == TEST_URI
+
+
+def test_one_connection_per_thread(hypervisor: Hypervisor) -> None:
+    mine = hypervisor.connection()
+    theirs: list[libvirt.virConnect] = []
+    thread = threading.Thread(target=lambda: theirs.append(hypervisor.connection()))
+    thread.start()
+    thread.join(timeout=10)
+    assert theirs and theirs[0] is not mine
+
+
+def test_stats_report_every_guest_with_its_state(hypervisor: Hypervisor,
+                                                 make_domain: DomainFactory) -> None:
+    running, paused, saved = make_domain(), make_domain(), make_domain()
+    paused.suspend()
+    saved.managedSave(0)
+    by_uuid = {s.uuid: s for s in hypervisor.stats()}
+    assert by_uuid[running.UUIDString()].state is State.RUNNING
+    assert by_uuid[paused.UUIDString()].state is State.PAUSED
+    assert by_uuid[saved.UUIDString()].state is State.SUSPENDED
+    assert by_uuid[running.UUIDString()].name == running.name()
+    assert by_uuid[running.UUIDString()].vcpus >= 1
+    assert {g.uuid for g in hypervisor.guests()} >= {running.UUIDString(), saved.UUIDString()}
+
+
+def test_metadata_absent_is_none(hypervisor: Hypervisor, make_domain: DomainFactory) -> None:
+    guest = hypervisor.guest(make_domain().name())
+    assert guest.metadata("https://example.invalid/dormant") is None
+
+
+def test_shared_hypervisor_seeds_the_demo_fleet_once() -> None:
+    shared = hv_module.shared(TEST_URI)
+    assert hv_module.shared(TEST_URI) is shared
+    names = {g.name for g in shared.guests()}
+    assert set(hv_module.DEMO_FLEET) <= names
+    assert shared.guest("demo-web").observe().state in {State.RUNNING, State.PAUSED,
+                                                         State.SUSPENDED}
