@@ -1,0 +1,80 @@
+"""A real worker writes JSON lines when DORMANT_LOG_JSON=true and never logs the broker password.
+
+The worker talks to its own password-protected redis-server (the harness's shared one has no
+password) and logs at debug level, where libraries are most talkative about connections.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from celery import Celery
+
+from tests.support.services import RedisServer, free_port, new_workdir, wait_until
+
+pytestmark = pytest.mark.integration
+
+SECRET = "s3cret-broker-pw-7f1c"
+
+
+@pytest.fixture
+def locked_redis():
+    server = RedisServer(port=free_port(), workdir=new_workdir("dormant-redis-pw-"),
+                         password=SECRET)
+    try:
+        server.start()
+    except (FileNotFoundError, TimeoutError) as exc:
+        pytest.skip(str(exc))
+    yield server
+    server.stop()
+
+
+def test_worker_logs_json_lines_without_the_broker_password(locked_redis, start_worker,
+                                                            host_name):
+    env = {
+        "DORMANT_BROKER_URL": locked_redis.url(0),
+        "DORMANT_RESULT_BACKEND": locked_redis.url(1),
+        "DORMANT_STATE_URL": locked_redis.url(2),
+        "DORMANT_LIBVIRT_URI": "test:///default",
+        "DORMANT_LOG_JSON": "true",
+    }
+    worker = start_worker(pool="threads", concurrency=2, env=env, args=["-l", "debug"],
+                          wait=False)
+    client = Celery("client", broker=locked_redis.url(0), backend=locked_redis.url(1))
+    client.conf.update(task_serializer="json", accept_content=["json"],
+                       result_accept_content=["json"])
+    try:
+        def ready() -> bool:
+            if not worker.alive():
+                raise RuntimeError(f"worker exited:\n{worker.log()[-3000:]}")
+            return bool(client.control.ping(destination=[worker.nodename], timeout=0.5))
+
+        wait_until(ready, timeout=60, interval=0.2, message="worker ping")
+        result = client.send_task("dormant.pause", args=["demo-db"],
+                                  kwargs={"request_id": "log-1"},
+                                  queue=f"dormant.{host_name}").get(timeout=30)
+    finally:
+        client.close()
+    assert result["outcome"] == "changed"
+
+    def transition_line() -> dict | None:
+        for line in worker.log().splitlines():
+            if line.startswith("{") and '"dormant.transition"' in line:
+                return json.loads(line)
+        return None
+
+    doc = wait_until(transition_line, timeout=10, message="transition log line")
+    assert doc["level"] == "info"
+    assert doc["instance"] == result["instance"]
+    assert doc["request_id"] == "log-1"
+    assert doc["task_id"] == result["task_id"]
+    assert doc["host"] == host_name
+    assert doc["attempts"] == 1
+    assert doc["outcome"] == "changed"
+
+    log = worker.log()
+    # Celery's own records (task received/succeeded) go through the same JSON formatter.
+    records = [line for line in log.splitlines() if '"logger": "celery.' in line]
+    assert records and all(json.loads(line)["logger"].startswith("celery.") for line in records)
+    assert SECRET not in log

@@ -1,0 +1,206 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine.
+
+Every command must parse with the real CLI that will run it (Celery's click commands with this
+project's app, Flower's option table, the ``dormant`` console script), every ``DORMANT_*``
+variable must load through worker.settings, and the image must contain every package.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from worker import settings as settings_mod
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict[str, Any]] = COMPOSE["services"]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+# What an operator exports before `docker compose up` (the compose file requires these).
+OPERATOR_ENV = {"REDIS_PASSWORD": "pw", "FLOWER_BASIC_AUTH": "ops:secret"}
+_INTERPOLATION = re.compile(r"\$\{(?P<name>\w+)(?::(?P<op>[-?])(?P<arg>[^}]*))?\}")
+
+
+def interpolate(value: str) -> str:
+    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error}, with OPERATOR_ENV exported."""
+    def one(match: re.Match[str]) -> str:
+        name, op, arg = match["name"], match["op"], match["arg"]
+        if name in OPERATOR_ENV:
+            return OPERATOR_ENV[name]
+        if op == "?":
+            raise AssertionError(f"compose requires {name}: {arg}")
+        return arg or ""
+    return _INTERPOLATION.sub(one, value.replace("$$", "\0")).replace("\0", "$")
+
+
+def env_of(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: interpolate(str(v)) for k, v in env.items()}
+
+
+def command_of(service: dict[str, Any]) -> list[str]:
+    command = service.get("command") or []
+    entry = service.get("entrypoint") or []
+    as_list = lambda part: part.split() if isinstance(part, str) else list(part)  # noqa: E731
+    return [interpolate(str(a)) for a in as_list(entry) + as_list(command)]
+
+
+def celery_services() -> dict[str, list[str]]:
+    return {name: command_of(s) for name, s in SERVICES.items()
+            if command_of(s)[:1] == ["celery"]}
+
+
+def by_subcommand(sub: str) -> dict[str, list[str]]:
+    return {name: cmd for name, cmd in celery_services().items() if cmd[3:4] == [sub]}
+
+
+def parse_celery(argv: list[str]) -> tuple[str, dict[str, Any]]:
+    """Parse ``celery ...`` with Celery's own click commands; raise on any bad option."""
+    from celery.bin.base import CLIContext
+    from celery.bin.celery import celery
+
+    assert argv[0] == "celery"
+    ctx = celery.make_context("celery", list(argv[1:]))
+    app_name = ctx.params["app"]
+    module = __import__(app_name)  # `-A tasks` must be importable
+    ctx.obj = CLIContext(app=module.app, no_color=True, workdir=None)
+    name, *rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+    sub = celery.get_command(ctx, name)
+    assert sub is not None, f"celery has no command {name!r}"
+    if name == "flower":  # Flower takes tornado options, not click ones
+        from flower.options import options
+
+        known = set(options._options)
+        for arg in rest:
+            assert arg.startswith("--"), arg
+            option = arg[2:].split("=", 1)[0].replace("_", "-")
+            assert option in known, f"flower has no option --{option}"
+        return name, {}
+    return name, sub.make_context(name, list(rest), parent=ctx).params
+
+
+def test_every_celery_command_and_healthcheck_parses_with_this_project():
+    commands = list(celery_services().values())
+    commands += [[interpolate(a) for a in s["healthcheck"]["test"][1:]]
+                 for s in SERVICES.values()
+                 if s.get("healthcheck", {}).get("test", [None, None])[1] == "celery"]
+    assert len(commands) >= 6
+    for argv in commands:
+        assert argv[1:3] == ["-A", "tasks"], argv
+        parse_celery(argv)
+
+
+def test_the_dormant_service_runs_the_console_script():
+    from worker.cli import main
+
+    scripts = PYPROJECT["project"]["scripts"]
+    assert scripts["dormant"] == "worker.cli:main"
+    tools = [cmd for cmd in (command_of(s) for s in SERVICES.values()) if cmd[:1] == ["dormant"]]
+    assert tools
+    for argv in tools:
+        ctx = main.make_context("dormant", list(argv[1:]), resilient_parsing=False)
+        name = [*getattr(ctx, "_protected_args", []), *ctx.args][0]
+        assert main.get_command(ctx, name) is not None, argv
+
+
+def test_every_service_runs_a_command_of_the_project_or_a_pinned_image():
+    for name, service in SERVICES.items():
+        argv = command_of(service)
+        if "build" in service:
+            assert argv[0] in {"celery", "dormant"}, (name, argv)
+        else:
+            assert service["image"].startswith("redis:") and ":latest" not in service["image"]
+
+
+def test_every_dormant_variable_is_a_setting_and_loads():
+    names = {f"DORMANT_{f.upper()}" for f in settings_mod.Settings.__dataclass_fields__}
+    for name, service in SERVICES.items():
+        env = env_of(service)
+        dormant = {k: v for k, v in env.items() if k.startswith("DORMANT_")}
+        assert set(dormant) <= names, (name, set(dormant) - names)
+        if "build" in service:
+            loaded = settings_mod.load(dormant)  # types and ranges, as the service will see
+            assert loaded.broker_url.startswith(("redis://", "rediss://"))
+
+
+def test_redis_persists_and_requires_the_password_the_clients_use():
+    redis_service = SERVICES["redis"]
+    command = " ".join(command_of(redis_service))
+    assert "--appendonly yes" in command
+    assert '--requirepass "$REDIS_PASSWORD"' in command
+    assert env_of(redis_service)["REDIS_PASSWORD"] == OPERATOR_ENV["REDIS_PASSWORD"]
+    assert any(v.endswith(":/data") for v in redis_service["volumes"])
+    assert "redis-cli ping" in " ".join(redis_service["healthcheck"]["test"])
+    for name, service in SERVICES.items():
+        for key in ("DORMANT_BROKER_URL", "DORMANT_RESULT_BACKEND", "DORMANT_STATE_URL"):
+            if "build" in service:
+                assert f":{OPERATOR_ENV['REDIS_PASSWORD']}@" in env_of(service)[key], name
+
+
+def test_exactly_one_beat():
+    beats = by_subcommand("beat")
+    assert len(beats) == 1
+    (name,) = beats
+    assert SERVICES[name].get("deploy", {}).get("replicas", 1) == 1
+
+
+def test_one_threads_worker_per_hypervisor_host_on_its_libvirt_socket():
+    workers = by_subcommand("worker")
+    assert len(workers) >= 2
+    hosts = set()
+    for name, argv in workers.items():
+        service = SERVICES[name]
+        env = env_of(service)
+        _, params = parse_celery(argv)
+        assert params["pool"].__module__ == "celery.concurrency.thread"  # metrics need it
+        hosts.add(env["DORMANT_HOST"])
+        assert env["DORMANT_LIBVIRT_URI"] == "qemu:///system"
+        assert "/var/run/libvirt/libvirt-sock:/var/run/libvirt/libvirt-sock" in service["volumes"]
+        assert params["hostname"] == f"dormant@{env['DORMANT_HOST']}"
+        assert service["healthcheck"]["test"][-3] == params["hostname"]
+        assert f"node.hostname == {env['DORMANT_HOST']}" in \
+            service["deploy"]["placement"]["constraints"]
+    assert len(hosts) == len(workers)
+
+
+def test_flower_requires_basic_auth_and_has_a_probe():
+    (name,) = by_subcommand("flower")
+    flower = SERVICES[name]
+    env = env_of(flower)
+    assert env["FLOWER_BASIC_AUTH"] == OPERATOR_ENV["FLOWER_BASIC_AUTH"]
+    assert env.get("FLOWER_UNAUTHENTICATED_API", "false") == "false"
+    assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
+    assert "--port=5555" in command_of(flower)
+    assert any(p.endswith(":5555:5555") for p in flower["ports"])
+
+
+@pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "FLOWER_BASIC_AUTH"])
+def test_secrets_have_no_default(missing, monkeypatch):
+    monkeypatch.delitem(OPERATOR_ENV, missing)
+    with pytest.raises(AssertionError, match=f"requires {missing}"):
+        for service in SERVICES.values():
+            env_of(service)
+
+
+def test_the_image_contains_every_package_and_runs_unprivileged():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    packages = set(PYPROJECT["tool"]["setuptools"]["packages"])
+    on_disk = {str(p.parent.relative_to(ROOT)).replace("/", ".")
+               for top in ("worker", "tasks") for p in (ROOT / top).rglob("__init__.py")}
+    assert on_disk <= packages, f"not installed by `pip install .`: {on_disk - packages}"
+    for path in ("pyproject.toml", "celeryconfig.py", "worker", "tasks"):
+        assert re.search(rf"^COPY .*\b{re.escape(path)}\b", dockerfile, re.M), path
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert not {"worker", "tasks", "celeryconfig.py", "pyproject.toml"} & set(ignored)
+    assert {".git", ".venv"} <= set(ignored)
+    assert "FROM python:3.11-slim" in dockerfile
+    assert all(p in dockerfile for p in ("libvirt-dev", "pkg-config", "gcc"))
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in {"root", "0"}
