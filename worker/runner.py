@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -120,7 +121,7 @@ class _Transition:
                 return self._duplicate(outcome.result)
             self.held = outcome
             return self._locked(key)
-        except DormantError as exc:
+        except Exception as exc:  # not only DormantError: a held lock must never outlive us
             self._fail(key, exc)
             raise
 
@@ -265,7 +266,10 @@ class _Transition:
                 host=self.ctx.host,
             )
         except DormantError as store_exc:  # the store itself is down: say so in the log
-            log.error("could not journal %s on %s: %s", exc, instance, store_exc)
+            if isinstance(store_exc, StaleLock):  # lost the lock: journal it, record nothing
+                with suppress(DormantError):
+                    self.ctx.store.journal_only(entry, instance)
+            log.error("could not record %s on %s: %s", exc, instance, store_exc)
         if retrying:
             metrics.transition_retried(str(self.req.action), type(exc).__name__)
         else:

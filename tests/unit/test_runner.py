@@ -365,3 +365,44 @@ def test_a_deadline_comes_due_once(ctx: Context, store: Store,
     assert claimed == {"instance": dom.UUIDString(), "at": str(NOW + 30),
                        "request_id": "bk2", "host": "hv1"}
     assert store.claim_due_deadlines(NOW + 31) == []
+
+
+def test_a_lock_lost_before_the_libvirt_call_is_journaled_and_nothing_is_done(
+        flaky: FlakyHypervisor, store: Store, make_domain: DomainFactory) -> None:
+    ctx = _ctx(flaky, store)
+    dom = make_domain()
+    newer: list[Held] = []
+
+    def steal() -> None:
+        if not newer:
+            store.redis.delete(keys.lock(dom.UUIDString()))
+            got = Store(store.redis, lock_ttl=30, result_ttl=60).acquire(
+                "newer", dom.UUIDString(), wait=0)
+            assert isinstance(got, Held)
+            newer.append(got)
+
+    flaky.before_call["read state of"] = steal
+    with pytest.raises(StaleLock):
+        run(ctx, Request(action=Action.SUSPEND, instance=dom.name(), request_id="lost"))
+    assert _state(dom)[0] == libvirt.VIR_DOMAIN_RUNNING  # no libvirt call without the lock
+    assert store.redis.get(keys.lock(dom.UUIDString())) == newer[0].value
+    [entry] = store.journal(dom.UUIDString())
+    assert entry["error_type"] == "StaleLock" and entry["outcome"] == "failed"
+    assert store.request("lost") is None
+
+
+def test_an_unexpected_error_still_releases_the_lock(
+        flaky: FlakyHypervisor, store: Store, make_domain: DomainFactory) -> None:
+    """A bug or a foreign exception must not leave a lock that the keeper renews forever."""
+    ctx = _ctx(flaky, store)
+    dom = make_domain()
+
+    def explode() -> None:
+        raise RuntimeError("not a libvirt error")
+
+    flaky.before_call["pause "] = explode
+    with pytest.raises(RuntimeError):
+        run(ctx, Request(action=Action.PAUSE, instance=dom.name(), request_id="boom"))
+    assert store.redis.get(keys.lock(dom.UUIDString())) is None
+    entry = store.journal(dom.UUIDString())[-1]
+    assert entry["outcome"] == "failed" and entry["error_type"] == "RuntimeError"
