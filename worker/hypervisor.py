@@ -52,6 +52,9 @@ _BUSY_CODES = {
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
 }
 _MISSING_CODES = {libvirt.VIR_ERR_NO_DOMAIN}
+# Paused reasons a finished job leaves behind (restore or snapshot revert with START_PAUSED).
+_SETTLED_JOB_REASONS = {libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                        libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT}
 _INVALID_CODES = {libvirt.VIR_ERR_OPERATION_INVALID}
 
 
@@ -111,7 +114,19 @@ class Guest:
         has_image = False
         if state == libvirt.VIR_DOMAIN_SHUTOFF:
             has_image = bool(self._call("check saved image of", self._domain.hasManagedSaveImage))
+        if (state == libvirt.VIR_DOMAIN_PAUSED and reason in _SETTLED_JOB_REASONS
+                and not self._job_running()):
+            # A managed-save image restored with START_PAUSED stays "paused (migration)" for
+            # good once the restore finished: a pause asked for, not a job still moving it.
+            return Observed(State.PAUSED, "user")
         return states.from_libvirt(state, reason, has_image)
+
+    def _job_running(self) -> bool:
+        try:
+            info = self._call("read job of", self._domain.jobInfo)
+        except HypervisorRefused:  # a driver without job info (test driver): nothing runs
+            return False
+        return bool(info) and info[0] != libvirt.VIR_DOMAIN_JOB_NONE
 
     def pause(self) -> None:
         """Stop the vCPUs, keep memory in RAM (virDomainSuspend)."""

@@ -120,6 +120,10 @@ class _Transition:
             if isinstance(outcome, Done):
                 return self._duplicate(outcome.result)
             self.held = outcome
+            # The journal interval [started_at, finished_at] is the time the lock was held,
+            # so entries of one instance never overlap; the wait for the lock is before it.
+            self.base["received_at"] = self.base["started_at"]
+            self.base["started_at"] = self.ctx.clock()
             return self._locked(key)
         except Exception as exc:  # not only DormantError: a held lock must never outlive us
             self._fail(key, exc)

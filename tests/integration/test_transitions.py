@@ -1,0 +1,132 @@
+"""Each transition really changes a KVM guest; repeating it answers ``already`` without a
+libvirt call; bad requests fail at once with a typed error and are journaled, not retried.
+
+The guest's state is always read with libvirt by the test itself, never through dormant.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import pytest
+from celery.exceptions import TimeoutError as CeleryTimeout
+
+from tests.support.journal import base_state, journal, real_state, record
+
+pytestmark = pytest.mark.integration
+
+# (task, kwargs, the real state it leads to)
+SEQUENCE = [
+    ("dormant.pause", {}, "paused(user)"),
+    ("dormant.unpause", {}, "running"),
+    ("dormant.suspend", {}, "suspended"),
+    ("dormant.resume", {}, "running"),
+    ("dormant.ensure", {"target": "suspended"}, "suspended"),
+    ("dormant.ensure", {"target": "paused"}, "paused(user)"),
+    ("dormant.ensure", {"target": "running"}, "running"),
+]
+
+
+def _save_image(name: str) -> str:
+    return f"/var/lib/libvirt/qemu/save/{name}.save"
+
+
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
+def test_each_transition_changes_the_guest_and_a_repeat_answers_already(
+        pool, start_worker, client_app, host_name, guests, redis_clean):
+    start_worker(pool=pool, concurrency=2)
+    guest = guests.create("idle")
+    queue = f"dormant.{host_name}"
+
+    for n, (task, kwargs, expected) in enumerate(SEQUENCE):
+        first = client_app.send_task(task, args=[guest.uuid], kwargs=dict(kwargs),
+                                     queue=queue).get(timeout=60)
+        assert base_state(real_state(guest.domain)) == base_state(expected), (task, kwargs)
+        assert first["outcome"] == "changed" and first["steps"], first
+        assert first["instance"] == guest.uuid and first["name"] == guest.name
+        assert first["host"] == host_name and first["attempts"] == 1
+        assert first["state_after"] == expected
+        image_mtime = (os.stat(_save_image(guest.name)).st_mtime_ns
+                       if expected == "suspended" else None)
+        libvirt_reason = guest.domain.state()
+
+        # The same request again, by name this time: nothing to do, no libvirt call made.
+        again = client_app.send_task(task, args=[guest.name], kwargs=dict(kwargs),
+                                     queue=queue).get(timeout=60)
+        assert again["outcome"] == "already", again
+        assert again["steps"] == [] and again["state_before"] == expected
+        assert guest.domain.state() == libvirt_reason  # e.g. running/restored stays so
+        if image_mtime is not None:  # a second managedSave would have rewritten the image
+            assert os.stat(_save_image(guest.name)).st_mtime_ns == image_mtime
+
+        entries = journal(redis_clean, guest.uuid)
+        assert [e["outcome"] for e in entries[-2:]] == ["changed", "already"]
+        assert len(entries) == 2 * (n + 1)
+        assert entries[-1]["steps"] == [] and entries[-1]["task_id"] == again["task_id"]
+        assert entries[-2]["request_id"] == first["request_id"] == first["task_id"]
+
+
+def _fails_fast(client_app, queue, task, args, kwargs=None):
+    """Send, wait for the failure; return (exception, seconds from send to failure, result)."""
+    sent = time.monotonic()
+    result = client_app.send_task(task, args=args, kwargs=kwargs or {}, queue=queue)
+    with pytest.raises(Exception) as caught:
+        result.get(timeout=10)
+    assert not isinstance(caught.value, CeleryTimeout)
+    return caught.value, time.monotonic() - sent, result
+
+
+def test_bad_requests_fail_at_once_with_a_typed_error_and_are_journaled(
+        start_worker, client_app, host_name, guests, redis_clean):
+    start_worker(pool="threads", concurrency=2)
+    guest = guests.create("idle")
+    queue = f"dormant.{host_name}"
+    ghost = str(uuid.uuid4())
+
+    cases = [
+        # (args, kwargs, error class, words the message must contain, journal key)
+        ([ghost], {}, "UnknownInstance", ["unknown instance", ghost], ghost),
+        (["no-such-guest-here"], {}, "UnknownInstance",
+         ["unknown instance", "no-such-guest-here"], "no-such-guest-here"),
+        (["../etc/passwd"], {}, "InvalidInput", ["malformed instance", "../etc/passwd"], None),
+        (["4dea22b3-1d52-d8f3-2516-782e98ab3fa"], {}, "InvalidInput",
+         ["malformed instance"], None),
+        ([guest.uuid], {"request_id": "x" * 500}, "InvalidInput", ["malformed request_id"], None),
+    ]
+    for args, kwargs, kind, words, key in cases:
+        rid = kwargs.get("request_id") or f"bad-{uuid.uuid4().hex[:8]}"
+        exc, seconds, result = _fails_fast(client_app, queue, "dormant.pause", args,
+                                           {"request_id": rid, **kwargs})
+        assert type(exc).__name__ == kind, (args, exc)
+        for word in words:
+            assert word in str(exc), (word, str(exc))
+        assert seconds < 1.0, (args, seconds)
+        assert result.state == "FAILURE" and (result.retries or 0) == 0
+        stream = journal(redis_clean, key)
+        mine = [e for e in stream if e.get("task_id") == result.id]
+        assert len(mine) == 1, mine
+        assert mine[0]["attempts"] == 1 and mine[0]["error_type"] == kind
+        assert mine[0]["outcome"] in {"failed", "rejected"}
+
+    # Invalid transitions on a real guest, each set up with libvirt directly.
+    setups = [
+        ("dormant.resume", guest.domain.suspend, "paused(user)", "cannot resume"),
+        ("dormant.unpause", lambda: guest.domain.managedSave(0), "suspended", "cannot unpause"),
+        ("dormant.pause", lambda: guest.domain.managedSaveRemove(0), "shutoff",
+         "start it with libvirt"),
+    ]
+    for task, setup, state, words in setups:
+        setup()
+        assert real_state(guest.domain) == state
+        exc, seconds, result = _fails_fast(client_app, queue, task, [guest.uuid])
+        assert type(exc).__name__ == "InvalidTransition", exc
+        assert words in str(exc) and state in str(exc), str(exc)
+        assert seconds < 1.0
+        assert (result.retries or 0) == 0
+        [entry] = [e for e in journal(redis_clean, guest.uuid) if e["task_id"] == result.id]
+        assert entry["outcome"] == "failed" and entry["attempts"] == 1
+        assert entry["error_class"] == "permanent" and entry["state_before"] == state
+        assert record(redis_clean, result.id)["status"] == "failed"
+        assert real_state(guest.domain) == state  # nothing was done

@@ -1,0 +1,106 @@
+"""Read what dormant recorded, and what libvirt really says, straight from the source.
+
+Integration tests check a transition twice: in the guest's real libvirt state (never through
+dormant) and in the journal/idempotency records dormant wrote to the state Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
+
+import libvirt
+
+from tests.support.services import RedisServer, wait_until
+from worker import keys
+
+STATE_DB = 2  # test_env puts DORMANT_STATE_URL on db 2 of the private redis-server
+URI = "qemu:///system"
+
+
+def journal(redis_server: RedisServer, instance: str | None = None) -> list[dict[str, Any]]:
+    """Every journal entry of ``instance`` (or the fleet-wide stream), oldest first."""
+    key = keys.journal(instance) if instance else keys.JOURNAL_ALL
+    rows = redis_server.client(STATE_DB).xrange(key)
+    return [json.loads(fields["entry"]) for _id, fields in rows]
+
+
+def record(redis_server: RedisServer, request_id: str) -> dict[str, Any] | None:
+    raw = redis_server.client(STATE_DB).get(keys.request(request_id))
+    return json.loads(raw) if raw else None
+
+
+def real_state(domain: libvirt.virDomain) -> str:
+    """The guest's state in dormant's words, read with libvirt by the test itself."""
+    state, reason = domain.state()
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running"
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        return "paused(user)" if reason == libvirt.VIR_DOMAIN_PAUSED_USER else f"paused({reason})"
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return "suspended" if domain.hasManagedSaveImage() else "shutoff"
+    return f"libvirt-state-{state}/{reason}"
+
+
+def base_state(state: str) -> str:
+    """``paused(user)`` -> ``paused``."""
+    return state.split("(", 1)[0]
+
+
+def saving(domain: libvirt.virDomain) -> bool:
+    """True while a managedSave job runs on the domain (paused with reason SAVE)."""
+    state, reason = domain.state()
+    return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_SAVE
+
+
+# -- stopping libvirtd on purpose -------------------------------------------------------------
+def libvirtd_answers() -> bool:
+    done = subprocess.run(["virsh", "-c", URI, "version"], capture_output=True, check=False,
+                          timeout=20)
+    return done.returncode == 0
+
+
+def start_libvirtd() -> None:
+    if not libvirtd_answers():
+        subprocess.run(["libvirtd", "-d"], check=False)
+        wait_until(libvirtd_answers, timeout=30, interval=0.2, message="libvirtd answers again")
+
+
+@contextmanager
+def libvirtd_stopped() -> Iterator[None]:
+    """Stop libvirtd (running QEMU guests keep running) and always start it again."""
+    try:
+        subprocess.run(["pkill", "-x", "libvirtd"], check=False)
+        wait_until(lambda: not libvirtd_answers(), timeout=15, interval=0.1,
+                   message="libvirtd stops answering")
+        yield
+    finally:
+        start_libvirtd()
+
+
+def revive(conn: libvirt.virConnect) -> None:
+    """Point a connection object broken by a libvirtd restart at a fresh connection.
+
+    The session-wide ``libvirt_conn`` fixture (and the GuestFactory holding it) outlives a
+    test that restarts libvirtd; swapping the handle keeps every later test working.
+    """
+    with suppress(libvirt.libvirtError):
+        if conn.isAlive():
+            return
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            fresh = libvirt.open(URI)
+            break
+        except libvirt.libvirtError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    old, conn._o = conn._o, fresh._o  # type: ignore[attr-defined]
+    fresh._o = None  # type: ignore[attr-defined]
+    with suppress(Exception):
+        libvirt.libvirtmod.virConnectClose(old)  # type: ignore[attr-defined]
