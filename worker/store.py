@@ -253,6 +253,8 @@ class Store:
         """
         deadline_arg = "" if deadline is None else str(deadline)
         must_own = held is not None and record is not None
+        if held is not None:  # whatever happens next, this process stops renewing the lock
+            _keeper.remove(self, keys.lock(instance))
         with translated():
             ok = self._finish(
                 keys=[
@@ -279,8 +281,6 @@ class Store:
                     self.registry_ttl,
                 ],
             )
-        if held is not None:
-            _keeper.remove(self, keys.lock(instance))
         if not ok:
             raise StaleLock(
                 f"the lock on {instance} expired while held (fence {held.fence if held else '?'}); "

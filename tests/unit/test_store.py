@@ -9,7 +9,7 @@ import pytest
 
 from tests.support.services import wait_until
 from worker import keys
-from worker.errors import InstanceBusy, StaleLock
+from worker.errors import InstanceBusy, StaleLock, StateStoreUnavailable
 from worker.store import Done, Held, Store
 
 INSTANCE = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
@@ -223,3 +223,35 @@ def test_keeper_renews_a_held_lock(fake_redis: fakeredis.FakeRedis) -> None:
     assert fake_redis.get(keys.lock(INSTANCE)) == held.value
     short.finish(held, instance=INSTANCE, request_id="r1", entry={}, record=None)
     assert fake_redis.get(keys.lock(INSTANCE)) is None
+
+
+def test_a_finish_that_fails_stops_renewing_the_lock() -> None:
+    """If the result cannot be written (Redis down), the lock must lapse by its TTL, not be
+    kept alive forever by this process's keeper while the retry waits for it."""
+    server = fakeredis.FakeServer()
+    client = fakeredis.FakeRedis(server=server, decode_responses=True)
+    short = Store(client, lock_ttl=0.3, result_ttl=60)
+    held = short.acquire("r1", INSTANCE, wait=0)
+    assert isinstance(held, Held)
+    server.connected = False
+    with pytest.raises(StateStoreUnavailable):
+        short.finish(held, instance=INSTANCE, request_id="r1", entry={}, record=None)
+    server.connected = True
+    wait_until(lambda: client.get(keys.lock(INSTANCE)) is None, timeout=3,
+               message="the abandoned lock to lapse")
+    assert isinstance(short.acquire("r1", INSTANCE, wait=0), Held)
+
+
+def test_store_outage_is_a_transient_error() -> None:
+    server = fakeredis.FakeServer()
+    store = Store(fakeredis.FakeRedis(server=server, decode_responses=True), lock_ttl=30,
+                  result_ttl=60)
+    server.connected = False
+    with pytest.raises(StateStoreUnavailable):
+        store.acquire("r1", INSTANCE, wait=0)
+    with pytest.raises(StateStoreUnavailable):
+        store.journal(INSTANCE)
+    with pytest.raises(StateStoreUnavailable):
+        store.journal_only({"outcome": "rejected"})
+    with pytest.raises(StateStoreUnavailable):
+        store.claim_due_deadlines(0.0)
