@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from worker.settings import Settings
 
 RUNNING = "running"
-_EPS = 1e-9  # tolerance when comparing a count with quantile * count (0.97 * 100 != 97.0)
+_EPS = 1e-9  # tolerance when comparing a count with quantile * count (0.55 * 100 != 55.0)
 _FIRST = itemgetter(0)
 
 
@@ -136,6 +136,10 @@ def _rates(counter: Sequence[int], dts: Sequence[float]) -> list[float]:
     return sorted(map(truediv, map(sub, counter[1:], counter), dts))
 
 
+def _sum(a: Sequence[int], b: Sequence[int]) -> list[int]:
+    return list(map(add, a, b))
+
+
 def _evidence(samples: Sequence[Sample], policy: IdlePolicy, now: float) -> _Evidence:
     start = now - policy.window
     if len(samples) < 2:
@@ -153,13 +157,12 @@ def _evidence(samples: Sequence[Sample], policy: IdlePolicy, now: float) -> _Evi
         except TypeError:  # a cpu_ns is None
             cpu_r = [-1.0]
         if cpu_r[0] >= 0:
-            rx_r, tx_r = _rates(rx, dts), _rates(tx, dts)
-            if (rx_r[0] >= 0 and tx_r[0] >= 0 and min(map(sub, rd[1:], rd)) >= 0
-                    and min(map(sub, wr[1:], wr)) >= 0):
-                disk = list(map(add, rd, wr))
+            # Reads and writes are one counter here: a restart resets both together.
+            rx_r, tx_r, disk_r = _rates(rx, dts), _rates(tx, dts), _rates(_sum(rd, wr), dts)
+            if rx_r[0] >= 0 and tx_r[0] >= 0 and disk_r[0] >= 0:
                 return _Evidence(samples=m, span=float(sum(dts)), cpu=cpu_r,
                                  cpu_scale=max(vcpus[0], 1) * 1e7, rx=rx_r, tx=tx_r,
-                                 disk=_rates(disk, dts))
+                                 disk=disk_r)
     return _slow_evidence(cols, dts, policy)
 
 
@@ -181,8 +184,8 @@ def _slow_evidence(cols: tuple, dts: list[float], policy: IdlePolicy) -> _Eviden
             ev.no_cpu += 1
         else:
             dc, dr, dx = cpu[j] - cpu[i], rx[j] - rx[i], tx[j] - tx[i]
-            dd, dw = rd[j] - rd[i], wr[j] - wr[i]
-            if dc < 0 or dr < 0 or dx < 0 or dd < 0 or dw < 0:
+            dd = rd[j] + wr[j] - rd[i] - wr[i]  # reads + writes, one counter as on the fast path
+            if dc < 0 or dr < 0 or dx < 0 or dd < 0:
                 ev.reset += 1
                 continue
             span += dt
@@ -190,7 +193,7 @@ def _slow_evidence(cols: tuple, dts: list[float], policy: IdlePolicy) -> _Eviden
             ev.cpu.append(dc / (dt * max(min(vcpus[i], vcpus[j]), 1) * 1e7))
             ev.rx.append(dr / dt)
             ev.tx.append(dx / dt)
-            ev.disk.append((dd + dw) / dt)
+            ev.disk.append(dd / dt)
     ev.span = span
     for values in (ev.cpu, ev.rx, ev.tx, ev.disk):
         values.sort()
