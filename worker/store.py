@@ -44,6 +44,9 @@ if rec and cjson.decode(rec).status == 'done' then
   return {'done', rec}
 end
 local holder = redis.call('GET', KEYS[2])
+if holder and holder:sub(-(#ARGV[1] + 1)) == ':' .. ARGV[1] then
+  return {'acquired', holder, rec or ''}  -- ours: a retried call whose first reply was lost
+end
 if holder then
   return {'busy', holder, redis.call('PTTL', KEYS[2])}
 end

@@ -255,3 +255,14 @@ def test_store_outage_is_a_transient_error() -> None:
         store.journal_only({"outcome": "rejected"})
     with pytest.raises(StateStoreUnavailable):
         store.claim_due_deadlines(0.0)
+
+
+def test_begin_retried_with_the_same_token_gets_its_own_lock(store: Store) -> None:
+    """redis-py resends a script whose reply was lost; the lock it took is the caller's."""
+    first = store.begin("r1", INSTANCE, "tok-a")
+    again = store.begin("r1", INSTANCE, "tok-a")
+    assert isinstance(first, Held) and isinstance(again, Held)
+    assert again.value == first.value == "1:tok-a"
+    # Another token (and a token that merely ends the same way) is still busy.
+    assert isinstance(store.begin("r2", INSTANCE, "tok-b"), tuple)
+    assert isinstance(store.begin("r2", INSTANCE, "a"), tuple)
