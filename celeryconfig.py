@@ -4,6 +4,8 @@ Delivery is at-least-once (late acks, reject on worker lost, prefetch 1), so eve
 idempotent; serialisation is JSON only.
 """
 
+import ssl
+
 from kombu import Exchange, Queue
 
 from worker import settings as _settings
@@ -13,6 +15,22 @@ _s = _settings.get()
 broker_url = _s.broker_url
 result_backend = _s.result_backend
 broker_connection_retry_on_startup = True
+
+
+def _tls(url: str) -> dict[str, object] | None:
+    """rediss:// without these options would not check the server's certificate."""
+    if not url.startswith("rediss://"):
+        return None
+    options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    if _s.tls_ca:
+        options["ssl_ca_certs"] = _s.tls_ca
+    return options
+
+
+if _tls(broker_url):
+    broker_use_ssl = _tls(broker_url)
+if _tls(result_backend):
+    redis_backend_use_ssl = _tls(result_backend)
 
 # JSON only: a pickle message is refused, not executed.
 task_serializer = "json"

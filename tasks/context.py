@@ -32,7 +32,7 @@ def context() -> Context:
             ctx = _cached.get(pid)
             if ctx is None:
                 s = settings()
-                client = store_mod.connect(s.state_url)
+                client = store_mod.connect(s.state_url, tls_ca=s.tls_ca)
                 ctx = Context(
                     hypervisor=shared(s.libvirt_uri),
                     store=store_mod.Store(

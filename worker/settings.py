@@ -28,6 +28,9 @@ class Settings:
     state_url: str = "redis://127.0.0.1:6379/2"
     libvirt_uri: str = "test:///default"
     host: str = ""
+    # PEM bundle of the CA that signs the Redis server certificate, for rediss:// URLs
+    # (certificates are always verified; empty = the system's CAs).
+    tls_ca: str = ""
 
     # Delivery and retries. Every countdown stays far below the visibility timeout.
     visibility_timeout: int = 3600  # seconds before Redis redelivers an unacked message

@@ -91,10 +91,20 @@ return 0
 """
 
 
-def connect(url: str) -> redis.Redis:
-    """A Redis client for the state store that retries brief connection blips itself."""
+def connect(url: str, *, tls_ca: str = "") -> redis.Redis:
+    """A Redis client for the state store that retries brief connection blips itself.
+
+    A ``rediss://`` URL verifies the server's certificate and host name (against ``tls_ca``
+    when given, else the system's CAs).
+    """
+    tls: dict[str, object] = {}
+    if url.startswith("rediss://"):
+        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
+        if tls_ca:
+            tls["ssl_ca_certs"] = tls_ca
     return redis.Redis.from_url(
         url,
+        **tls,
         decode_responses=True,
         socket_timeout=10,
         socket_connect_timeout=5,
