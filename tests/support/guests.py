@@ -80,7 +80,8 @@ class GuestFactory:
 
     def create(self, kind: str = "idle", *, name: str | None = None, start: bool = True,
                metadata: str = "") -> TestGuest:
-        name = name or f"{NAME_PREFIX}{kind}-{uuid.uuid4().hex[:8]}"
+        # The creating pid is part of the name: remove_leftovers spares live sessions' guests.
+        name = name or f"{NAME_PREFIX}{kind}-{uuid.uuid4().hex[:8]}-p{os.getpid()}"
         disk = self.workdir / f"{name}.img"
         disk.write_bytes(boot_sector(kind))
         xml = domain_xml(name, disk, domain_type=self.domain_type, metadata=metadata)
@@ -114,5 +115,19 @@ def remove_domain(conn: libvirt.virConnect, name: str) -> None:
 def remove_leftovers(conn: libvirt.virConnect) -> None:
     """Remove guests an earlier, killed test session left behind."""
     for domain in conn.listAllDomains():
-        if domain.name().startswith(NAME_PREFIX):
+        if domain.name().startswith(NAME_PREFIX) and not _owner_alive(domain.name()):
             remove_domain(conn, domain.name())
+
+
+def _owner_alive(name: str) -> bool:
+    """True when the name carries the pid of another live process (a concurrent session)."""
+    _, _, pid = name.rpartition("-p")
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -15,9 +15,11 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+TABLE_WIDTH_UNBOUNDED = 1000  # columns when stdout is not a terminal
 
 F = TypeVar("F", bound=Callable[..., Any])
 stderr = Console(stderr=True, highlight=False)
@@ -35,8 +37,19 @@ def json_option(fn: F) -> F:
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    stderr.print(f"[red]error:[/red] {message}")
+    """Print ``error: message`` on stderr (one unwrapped line, no markup) and exit."""
+    warn_error(message)
     sys.exit(code)
+
+
+def warn_error(message: str) -> None:
+    """``error: message`` on stderr without ending the command (one of several results)."""
+    warn(f"[red]error:[/red] {escape(message)}")
+
+
+def warn(markup: str) -> None:
+    """A line on stderr that is never wrapped, so scripts can grep it."""
+    stderr.print(markup, soft_wrap=True)
 
 
 def emit(data: Any, *, as_json: bool, columns: Sequence[str] | None = None,
@@ -50,10 +63,12 @@ def emit(data: Any, *, as_json: bool, columns: Sequence[str] | None = None,
     columns = list(columns or (rows[0].keys() if rows else []))
     table = Table(title=title, show_lines=False)
     for column in columns:
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # never hide part of a UUID behind "…"
     for row in rows:
         table.add_row(*("" if row.get(c) is None else str(row.get(c)) for c in columns))
-    Console(highlight=False).print(table)
+    # A pipe or file has no width: print the table as wide as it needs, never squeezed.
+    width = None if sys.stdout.isatty() else TABLE_WIDTH_UNBOUNDED
+    Console(highlight=False, width=width).print(table)
 
 
 def handles_errors(fn: F) -> F:
@@ -64,19 +79,35 @@ def handles_errors(fn: F) -> F:
         from celery.exceptions import TimeoutError as CeleryTimeout
         from kombu.exceptions import OperationalError
         from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeout
 
-        from worker.errors import InvalidInput, PermanentError, TransientError
+        from worker.errors import (
+            ConfigurationError,
+            InvalidInput,
+            PermanentError,
+            TransientError,
+        )
 
+        unavailable = (CeleryTimeout, OperationalError, RedisConnectionError, RedisTimeout,
+                       TransientError)
         try:
             return fn(*args, **kwargs)
-        except InvalidInput as exc:
+        except (InvalidInput, ConfigurationError) as exc:
             fail(str(exc), EXIT_USAGE)
-        except (CeleryTimeout, OperationalError, RedisConnectionError, TransientError) as exc:
+        except unavailable as exc:
             fail(f"{type(exc).__name__}: {exc}", EXIT_UNAVAILABLE)
         except PermanentError as exc:
             fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
+        except RuntimeError as exc:
+            # Celery's result consumer gives up on a dead backend with a bare RuntimeError
+            # whose cause is the connection error.
+            if isinstance(exc.__cause__, (*unavailable, OSError)):
+                fail(f"result backend unavailable: {exc.__cause__}", EXIT_UNAVAILABLE)
+            raise
         except Exception as exc:  # a task error re-raised by Celery under its own class name
-            if type(exc).__module__ in {"celery.backends.base", "worker.errors"}:
+            # Celery rebuilds an error class it cannot import in celery.exceptions.
+            if type(exc).__module__ in {"celery.backends.base", "celery.exceptions",
+                                        "worker.errors"}:
                 fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
             raise
 

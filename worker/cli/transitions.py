@@ -1,1 +1,238 @@
-"""``dormant status|pause|unpause|suspend|resume|ensure|history`` (to be written)."""
+"""``dormant status|pause|unpause|suspend|resume|ensure|history``.
+
+Each command validates its input before any connection (exit 2), sends one task by name
+through :class:`worker.client.Client` and, with ``--wait``, prints the JSON result as a
+table or as one JSON document. See docs/cli.md for exit codes and examples.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import click
+from celery.exceptions import TimeoutError as CeleryTimeout
+from celery.result import AsyncResult
+
+from worker import validation
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    emit,
+    fail,
+    handles_errors,
+    json_option,
+    main,
+    warn_error,
+)
+from worker.client import Client
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_WAIT = 120.0  # seconds: a managed save takes ~2 s, a busy instance's lock up to 60 s
+DEFAULT_STATUS_WAIT = 15.0
+RESULT_COLUMNS = ("name", "instance", "action", "outcome", "state_before", "state_after",
+                  "host", "request_id", "duration_ms")
+STATUS_COLUMNS = ("name", "instance", "host", "state", "reason")
+HISTORY_COLUMNS = ("time", "action", "outcome", "state_before", "state_after", "request_id",
+                   "attempts", "duration_ms", "error")
+
+
+def make_client() -> Client:
+    """The client every command uses; tests replace it."""
+    return Client.from_settings()
+
+
+def _timeout_message(what: str, timeout: float, task_id: str) -> str:
+    return (f"no worker answered {what} within {timeout:g}s (task {task_id} stays queued "
+            "and may still run)")
+
+
+def wait_for(client: Client, result: AsyncResult, timeout: float, what: str) -> Any:
+    """The task's result, or exit 3 when no worker answered in time."""
+    try:
+        return client.wait(result, timeout)
+    except CeleryTimeout:
+        fail(_timeout_message(what, timeout, result.id), EXIT_UNAVAILABLE)
+
+
+def transition_options(fn: F) -> F:
+    """Options shared by the four verbs and ``ensure``."""
+    decorators = [
+        click.option("--wait/--no-wait", default=False, show_default=True,
+                     help="Wait for the result (otherwise print the task id and exit 0)."),
+        click.option("--request-id", default=None,
+                     help="Idempotency key: the same id is carried out at most once."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=DEFAULT_WAIT, show_default=True,
+                     help="Seconds to wait for a worker's answer (exit 3 after)."),
+        json_option,
+    ]
+    for decorator in reversed(decorators):
+        fn = decorator(fn)
+    return fn
+
+
+def _finish(client: Client, result: AsyncResult, *, wait: bool, timeout: float,
+            as_json: bool, what: str) -> None:
+    if not wait:
+        if as_json:
+            emit({"task_id": result.id}, as_json=True)
+        else:
+            click.echo(result.id)
+        return
+    answer = wait_for(client, result, timeout, what)
+    emit(answer, as_json=as_json, columns=RESULT_COLUMNS)
+
+
+def _verb(name: str, doc: str) -> None:
+    @main.command(name=name, help=doc)
+    @click.argument("instance")
+    @transition_options
+    @handles_errors
+    def command(instance: str, wait: bool, request_id: str | None, timeout: float,
+                as_json: bool) -> None:
+        instance = validation.instance(instance)
+        request_id = validation.request_id(request_id)
+        with make_client() as client:
+            result = getattr(client, name)(instance, request_id=request_id)
+            _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
+                    what=f"{name} {instance}")
+
+
+_verb("unpause", "Start the vCPUs of a paused INSTANCE again.")
+_verb("suspend", "Save INSTANCE's memory to disk and free the host (managed save).")
+_verb("resume", "Restore a suspended INSTANCE from its managed-save image.")
+
+
+@main.command()
+@click.argument("instance")
+@click.option("--max-seconds", type=float, default=None,
+              help="Unpause automatically after this many seconds.")
+@transition_options
+@handles_errors
+def pause(instance: str, max_seconds: float | None, wait: bool, request_id: str | None,
+          timeout: float, as_json: bool) -> None:
+    """Stop INSTANCE's vCPUs, keeping it in RAM."""
+    instance = validation.instance(instance)
+    request_id = validation.request_id(request_id)
+    max_seconds = validation.max_seconds(max_seconds)
+    with make_client() as client:
+        result = client.pause(instance, request_id=request_id, max_seconds=max_seconds)
+        _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
+                what=f"pause {instance}")
+
+
+@main.command()
+@click.argument("instance")
+@click.argument("target")
+@transition_options
+@handles_errors
+def ensure(instance: str, target: str, wait: bool, request_id: str | None, timeout: float,
+           as_json: bool) -> None:
+    """Make INSTANCE running, paused or suspended (TARGET), whatever it is now."""
+    instance = validation.instance(instance)
+    target = str(validation.target(target))
+    request_id = validation.request_id(request_id)
+    with make_client() as client:
+        result = client.ensure(instance, target, request_id=request_id)
+        _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
+                what=f"ensure {instance} {target}")
+
+
+@main.command()
+@click.argument("instances", nargs=-1)
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+              default=DEFAULT_STATUS_WAIT, show_default=True,
+              help="Seconds to wait for the workers' answers (exit 3 after).")
+@json_option
+@handles_errors
+def status(instances: Sequence[str], timeout: float, as_json: bool) -> None:
+    """The real state of INSTANCES, or of every guest of every host in the registry."""
+    instances = [validation.instance(i) for i in instances]
+    with make_client() as client:
+        if instances:
+            rows, code = _status_of(client, instances, timeout)
+        else:
+            rows, code = _status_of_fleet(client, timeout)
+    emit(rows, as_json=as_json, columns=STATUS_COLUMNS)
+    if code:
+        raise SystemExit(code)
+
+
+def _status_of(client: Client, instances: list[str],
+               timeout: float) -> tuple[list[dict[str, Any]], int]:
+    """Ask each instance's host; report the failures on stderr and carry on."""
+    pending = [(i, client.status(i)) for i in instances]
+    rows: list[dict[str, Any]] = []
+    code = 0
+    for instance, result in pending:
+        try:
+            rows.append(client.wait(result, timeout))
+        except CeleryTimeout:
+            warn_error(_timeout_message(f"status {instance}", timeout, result.id))
+            code = max(code, EXIT_UNAVAILABLE)
+        except Exception as exc:
+            failed = task_error_code(exc)
+            if failed is None:
+                raise
+            warn_error(f"{type(exc).__name__}: {exc}")
+            code = max(code, failed)
+    return rows, code
+
+
+def task_error_code(exc: Exception) -> int | None:
+    """Exit code for an error a task raised (3 transient, 1 permanent), None for others."""
+    from worker.errors import TransientError
+
+    if isinstance(exc, TransientError):
+        return EXIT_UNAVAILABLE
+    if type(exc).__module__ in {"worker.errors", "celery.exceptions", "celery.backends.base"}:
+        return EXIT_FAILED
+    return None
+
+
+def _status_of_fleet(client: Client, timeout: float) -> tuple[list[dict[str, Any]], int]:
+    pending = client.status_fleet()
+    if not pending:
+        fail("no worker has published to the registry: is any worker running?",
+             EXIT_UNAVAILABLE)
+    rows: list[dict[str, Any]] = []
+    code = 0
+    for host, result in pending.items():
+        try:
+            rows.extend(client.wait(result, timeout))
+        except CeleryTimeout:
+            warn_error(_timeout_message(f"status of host {host}", timeout, result.id))
+            code = EXIT_UNAVAILABLE
+    rows.sort(key=lambda r: (r.get("host") or "", r.get("name") or ""))
+    return rows, code
+
+
+@main.command()
+@click.argument("instance")
+@click.option("--limit", type=click.IntRange(min=1, max=10_000), default=50,
+              show_default=True, help="Newest entries to show.")
+@json_option
+@handles_errors
+def history(instance: str, limit: int, as_json: bool) -> None:
+    """INSTANCE's journal, oldest first: every transition, refusal and failure."""
+    instance = validation.instance(instance)
+    with make_client() as client:
+        entries = client.journal(instance, limit=limit)
+    if as_json:
+        emit(entries, as_json=True)
+        return
+    rows = [{**e, "time": _when(e.get("finished_at") or e.get("started_at")),
+             "error": e.get("error_type")} for e in entries]
+    emit(rows, as_json=False, columns=HISTORY_COLUMNS,
+         title=f"history of {instance}" if rows else None)
+
+
+def _when(epoch: Any) -> str:
+    if not isinstance(epoch, int | float):
+        return ""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+

@@ -1,0 +1,165 @@
+"""A small client for Python callers that know an instance but not the host serving it.
+
+It is a plain Celery client (JSON only, no task modules imported): tasks are sent by name,
+so a caller depends on the task contract, not on dormant's code. The host queue comes from
+the registry workers publish in the state Redis; an instance the registry does not know goes
+to ``dormant.control``, whose worker forwards it (or answers that it is unknown).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from celery import Celery
+from celery.result import AsyncResult
+
+from worker import registry, validation
+from worker import settings as settings_mod
+from worker.errors import UnknownInstance
+from worker.registry import TTL_INTERVALS
+from worker.settings import CONTROL_QUEUE, Settings, queue_for_host
+from worker.store import Store, connect
+
+# Fail fast when the broker is down: a caller (or the CLI) wants "unavailable" in about a
+# second, not after Celery's default publish retries and connection timeouts.
+PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
+                        "interval_max": 0.5}
+SOCKET_TIMEOUT = 5.0  # seconds for any one broker/backend socket operation
+
+
+def celery_client(settings: Settings) -> Celery:
+    """A JSON-only Celery client for dormant's broker and result backend."""
+    transport = {"visibility_timeout": settings.visibility_timeout,
+                 "socket_connect_timeout": SOCKET_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT,
+                 "max_retries": 1}
+    backend_transport = {"visibility_timeout": settings.visibility_timeout,
+                         "retry_policy": {"max_retries": 2, "interval_start": 0,
+                                          "interval_step": 0.2, "interval_max": 0.5}}
+    app = Celery("dormant-client", broker=settings.broker_url, backend=settings.result_backend,
+                 set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        broker_connection_retry_on_startup=False,
+        broker_connection_retry=False,
+        broker_connection_max_retries=1,
+        broker_connection_timeout=SOCKET_TIMEOUT,
+        broker_transport_options=transport,
+        result_backend_transport_options=backend_transport,
+        redis_socket_connect_timeout=SOCKET_TIMEOUT,
+        redis_socket_timeout=SOCKET_TIMEOUT,
+        task_publish_retry_policy=PUBLISH_RETRY_POLICY,
+        result_extended=True,
+    )
+    return app
+
+
+class Client:
+    """Send dormant's tasks to the right queue and wait for their JSON results."""
+
+    def __init__(self, app: Celery, state: redis.Redis, settings: Settings) -> None:
+        self.app = app
+        self.state = state
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None) -> Client:
+        """A client configured from the ``DORMANT_*`` environment (or the given settings)."""
+        s = settings or settings_mod.get()
+        return cls(celery_client(s), connect(s.state_url), s)
+
+    def close(self) -> None:
+        self.app.close()
+        self.state.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # -- routing ------------------------------------------------------------------------------
+    def locate(self, instance: str) -> tuple[str | None, str | None]:
+        """(uuid, host) from the registry; Nones when no worker has published the instance."""
+        return registry.resolve(self.state, validation.instance(instance))
+
+    def queue_for(self, instance: str) -> str:
+        """The host queue serving ``instance``, or the control queue when it is unknown."""
+        _uuid, host = self.locate(instance)
+        return queue_for_host(host) if host else CONTROL_QUEUE
+
+    def hosts(self) -> list[str]:
+        """Hosts whose workers published to the registry within its lifetime."""
+        max_age = self.settings.registry_interval * TTL_INTERVALS
+        return sorted(registry.hosts(self.state, max_age=max_age))
+
+    def _send(self, name: str, instance: str, kwargs: Mapping[str, Any],
+              queue: str | None = None) -> AsyncResult:
+        instance = validation.instance(instance)
+        return self.app.send_task(name, args=[instance], kwargs=dict(kwargs),
+                                  queue=queue or self.queue_for(instance))
+
+    # -- the task contract ----------------------------------------------------------------------
+    def pause(self, instance: str, request_id: str | None = None,
+              max_seconds: float | None = None) -> AsyncResult:
+        return self._send("dormant.pause", instance, {
+            "request_id": validation.request_id(request_id),
+            "max_seconds": validation.max_seconds(max_seconds),
+        })
+
+    def unpause(self, instance: str, request_id: str | None = None) -> AsyncResult:
+        return self._send("dormant.unpause", instance,
+                          {"request_id": validation.request_id(request_id)})
+
+    def suspend(self, instance: str, request_id: str | None = None) -> AsyncResult:
+        return self._send("dormant.suspend", instance,
+                          {"request_id": validation.request_id(request_id)})
+
+    def resume(self, instance: str, request_id: str | None = None) -> AsyncResult:
+        return self._send("dormant.resume", instance,
+                          {"request_id": validation.request_id(request_id)})
+
+    def ensure(self, instance: str, target: str, request_id: str | None = None) -> AsyncResult:
+        return self._send("dormant.ensure", instance, {
+            "target": str(validation.target(target)),
+            "request_id": validation.request_id(request_id),
+        })
+
+    def status(self, instance: str | None = None, *, host: str | None = None) -> AsyncResult:
+        """One instance's state; with no instance, every guest of ``host`` (or of whichever
+        worker takes it from the control queue)."""
+        if instance is None:
+            queue = queue_for_host(host) if host else CONTROL_QUEUE
+            return self.app.send_task("dormant.status", args=[], queue=queue)
+        return self._send("dormant.status", instance, {},
+                          queue=queue_for_host(host) if host else None)
+
+    def status_fleet(self) -> dict[str, AsyncResult]:
+        """``dormant.status`` for every host in the registry, sent to each host's queue."""
+        return {host: self.status(host=host) for host in self.hosts()}
+
+    # -- reading results --------------------------------------------------------------------------
+    def wait(self, result: AsyncResult, timeout: float | None = 60.0) -> Any:
+        """The task's JSON result; raises the task's error, or Celery's TimeoutError."""
+        return result.get(timeout=timeout, propagate=True, interval=0.05)
+
+    def journal(self, instance: str, *, limit: int = 50) -> list[dict[str, Any]]:
+        """Journal entries of one instance, oldest first (a name is resolved to its UUID).
+
+        Requests that failed before the name resolved are journaled under the name, so an
+        unresolved name reads that stream instead.
+        """
+        key = validation.instance(instance)
+        uuid, _host = registry.resolve(self.state, key)
+        store = Store(self.state, lock_ttl=self.settings.lock_ttl,
+                      result_ttl=self.settings.result_ttl)
+        entries = store.journal(uuid or key, count=limit)
+        if not entries and uuid is None:
+            raise UnknownInstance(
+                f"unknown instance {instance!r}: no worker serves it and it has no journal"
+            )
+        return entries
