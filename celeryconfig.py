@@ -4,8 +4,6 @@ Delivery is at-least-once (late acks, reject on worker lost, prefetch 1), so eve
 idempotent; serialisation is JSON only.
 """
 
-import ssl
-
 from kombu import Exchange, Queue
 
 from worker import settings as _settings
@@ -17,20 +15,11 @@ result_backend = _s.result_backend
 broker_connection_retry_on_startup = True
 
 
-def _tls(url: str) -> dict[str, object] | None:
-    """rediss:// without these options would not check the server's certificate."""
-    if not url.startswith("rediss://"):
-        return None
-    options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
-    if _s.tls_ca:
-        options["ssl_ca_certs"] = _s.tls_ca
-    return options
-
-
-if _tls(broker_url):
-    broker_use_ssl = _tls(broker_url)
-if _tls(result_backend):
-    redis_backend_use_ssl = _tls(result_backend)
+# rediss:// checks the server's certificate and name (Celery would not, left to itself).
+if _settings.redis_tls(broker_url):
+    broker_use_ssl = _settings.redis_tls(broker_url, _s.tls_ca)
+if _settings.redis_tls(result_backend):
+    redis_backend_use_ssl = _settings.redis_tls(result_backend, _s.tls_ca)
 
 # JSON only: a pickle message is refused, not executed.
 task_serializer = "json"

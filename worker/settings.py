@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
@@ -90,6 +91,19 @@ class Settings:
 
 
 CONTROL_QUEUE = "dormant.control"
+
+
+def redis_tls(url: str, ca: str = "") -> dict[str, object] | None:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for a ``rediss://`` URL.
+
+    Without them Celery's broker connects to rediss:// without checking the certificate.
+    """
+    if not url.startswith("rediss://"):
+        return None
+    options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
+    if ca:
+        options["ssl_ca_certs"] = ca
+    return options
 
 
 def queue_for_host(host: str) -> str:
