@@ -190,3 +190,51 @@ def test_shared_hypervisor_seeds_the_demo_fleet_once() -> None:
     assert set(hv_module.DEMO_FLEET) <= names
     assert shared.guest("demo-web").observe().state in {State.RUNNING, State.PAUSED,
                                                          State.SUSPENDED}
+
+
+class _FakeDomain:
+    """Just enough of a virDomain to reproduce what QEMU reports (test driver cannot)."""
+
+    def __init__(self, state: tuple[int, int], job: int | None) -> None:
+        self._state, self._job = state, job
+
+    def UUIDString(self) -> str:
+        return "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+
+    def name(self) -> str:
+        return "fake"
+
+    def state(self) -> list[int]:
+        return list(self._state)
+
+    def jobInfo(self) -> list[int]:
+        if self._job is None:
+            raise _error(libvirt.VIR_ERR_NO_SUPPORT, TEST, "not supported")
+        return [self._job] + [0] * 11
+
+
+P = libvirt.VIR_DOMAIN_PAUSED
+
+
+@pytest.mark.parametrize(
+    ("state", "job", "expected"),
+    [
+        # QEMU reports a managed-save image restored paused as PAUSED/MIGRATION for good.
+        ((P, libvirt.VIR_DOMAIN_PAUSED_MIGRATION), libvirt.VIR_DOMAIN_JOB_NONE,
+         Observed(State.PAUSED, "user")),
+        ((P, libvirt.VIR_DOMAIN_PAUSED_MIGRATION), libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+         Observed(State.BUSY, "migration")),
+        ((P, libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT), libvirt.VIR_DOMAIN_JOB_NONE,
+         Observed(State.PAUSED, "user")),
+        ((P, libvirt.VIR_DOMAIN_PAUSED_SAVE), libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+         Observed(State.BUSY, "save")),
+        ((P, libvirt.VIR_DOMAIN_PAUSED_IOERROR), libvirt.VIR_DOMAIN_JOB_NONE,
+         Observed(State.PAUSED, "ioerror")),
+        ((P, libvirt.VIR_DOMAIN_PAUSED_USER), None, Observed(State.PAUSED, "user")),
+    ],
+)
+def test_a_settled_restore_pause_is_a_pause_not_a_job(
+        hypervisor: Hypervisor, state: tuple[int, int], job: int | None,
+        expected: Observed) -> None:
+    guest = hv_module.Guest(_FakeDomain(state, job), hypervisor)  # type: ignore[arg-type]
+    assert guest.observe() == expected
