@@ -171,6 +171,9 @@ def test_env(redis_server: RedisServer, host: str, **overrides: str) -> dict[str
     return env
 
 
+test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
+
+
 def new_workdir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
 
