@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): run them with ``.venv/bin/python -m bench.<name>``."""
