@@ -266,3 +266,39 @@ def test_begin_retried_with_the_same_token_gets_its_own_lock(store: Store) -> No
     # Another token (and a token that merely ends the same way) is still busy.
     assert isinstance(store.begin("r2", INSTANCE, "tok-b"), tuple)
     assert isinstance(store.begin("r2", INSTANCE, "a"), tuple)
+
+
+def test_the_lock_excludes_concurrent_holders(fake_redis: fakeredis.FakeRedis) -> None:
+    """Threads competing for one instance never hold it together; fences only grow."""
+    import threading
+
+    inside: list[int] = []
+    fences: list[int] = []
+    overlaps: list[int] = []
+    guard = threading.Lock()
+
+    def worker(n: int) -> None:
+        store = Store(fake_redis, lock_ttl=30, result_ttl=60)
+        for i in range(10):
+            held = store.acquire(f"w{n}-{i}", INSTANCE, wait=10)
+            assert isinstance(held, Held)
+            with guard:
+                if inside:
+                    overlaps.append(n)
+                inside.append(n)
+                fences.append(held.fence)
+            fake_redis.incr("work-done-while-holding")  # a real round trip inside
+            with guard:
+                inside.remove(n)
+            store.finish(held, instance=INSTANCE, request_id=f"w{n}-{i}", entry={"n": n},
+                         record={"status": "done"})
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert overlaps == []
+    assert sorted(fences) == fences == list(range(1, 61))
+    assert len(Store(fake_redis, lock_ttl=30, result_ttl=60).journal(INSTANCE, count=100)) == 60
