@@ -1,0 +1,80 @@
+"""Sampling real KVM guests through libvirtd into a real Redis, then deciding from the samples:
+a spinning guest is not idle, a halted one is, and a paused one is sampled as paused."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.support.services import wait_until
+from worker import sampling
+from worker.hypervisor import Hypervisor
+from worker.idle import IdlePolicy, decide
+
+pytestmark = pytest.mark.integration
+
+PACE = 0.25  # seconds between samples (the beat's 300 s, shortened)
+
+
+@pytest.mark.slow
+def test_sampled_busy_guest_is_not_idle_and_idle_guest_is(guests, redis_clean, host_name):  # type: ignore[no-untyped-def]
+    busy = guests.create("busy")
+    quiet = guests.create("idle")
+    client = redis_clean.client(2)
+    hv = Hypervisor("qemu:///system")
+    try:
+        # The idle guest burns CPU in the BIOS for its first seconds: sample until one interval
+        # shows it halted, and decide only from samples taken after that.
+        last: dict[str, sampling.Sample] = {}
+
+        def quiet_settled() -> float | None:
+            now = time.time()
+            items = {uuid: s for uuid, _name, s in sampling.collect(hv, now=now)}
+            before, after = last.get(quiet.uuid), items[quiet.uuid]
+            last.update(items)
+            if before is None or before.cpu_ns is None or after.cpu_ns is None:
+                return None
+            share = (after.cpu_ns - before.cpu_ns) / ((after.t - before.t) * 1e9)
+            return now if share < 0.01 else None
+
+        settled = wait_until(quiet_settled, timeout=60, interval=PACE,
+                             message="idle guest settles into hlt")
+
+        def sampled_enough() -> bool:
+            now = time.time()
+            stored = sampling.take(hv, client, host_name, window=600, now=now)
+            assert stored >= 2  # every domain of the host, ours included
+            return now - settled >= 8 * PACE and len(
+                sampling.load(client, [quiet.uuid], since=settled)[quiet.uuid]) >= 8
+
+        wait_until(sampled_enough, timeout=60, interval=PACE, message="8 samples after settling")
+        now = time.time()
+        loaded = sampling.load(client, [busy.uuid, quiet.uuid], since=settled)
+        assert all(s.state == "running" and s.cpu_ns is not None and s.vcpus == 1
+                   for rows in loaded.values() for s in rows)
+        policy = IdlePolicy(window=now - settled, min_samples=6, max_gap=5.0,
+                            min_span_fraction=0.5)
+
+        busy_decision = decide(busy.uuid, loaded[busy.uuid], policy, now=now)
+        assert not busy_decision.idle, busy_decision.reason
+        assert busy_decision.reason.startswith("not idle: CPU < 3% per vCPU")
+        # A spinning vCPU uses a whole core when it gets one; on a crowded 2-core machine (other
+        # busy guests) it still gets far more than the 3 % limit.
+        assert busy_decision.numbers["cpu_percent_max"] > 3 * policy.cpu_percent
+
+        quiet_decision = decide(quiet.uuid, loaded[quiet.uuid], policy, now=now)
+        assert quiet_decision.idle, quiet_decision.reason
+        assert quiet_decision.numbers["cpu_percent_at_quantile"] < 3
+        assert quiet_decision.numbers["intervals"] >= 6
+
+        assert set(sampling.sampled(client, host_name, since=settled)) >= {busy.uuid, quiet.uuid}
+        first = sampling.first_seen(client, [busy.uuid, quiet.uuid])
+        assert all(t is not None and t <= settled + 60 for t in first.values())
+
+        # A paused guest is sampled as paused: neither activity nor evidence of idleness.
+        quiet.domain.suspend()
+        paused = {u: s for u, _n, s in sampling.collect(hv, now=time.time())}[quiet.uuid]
+        assert paused.state == "paused"
+    finally:
+        hv.close()
