@@ -239,11 +239,31 @@ class Hypervisor:
         return Guest(self.call(f"look up {instance!r}", lambda: lookup(instance)), self)
 
     def observe(self, instance: str) -> tuple[Guest | None, Observed]:
-        """The guest and its state; ``(None, missing)`` when it does not exist."""
+        """The guest and its state; ``(None, missing)`` when it does not exist.
+
+        A UUID's domain handle is kept per thread connection: it saves a lookup call on the
+        transition hot path (see bench/RESULTS.md). The state is still read every time; a
+        handle whose domain has gone is dropped and looked up afresh.
+        """
+        conn = self.connection()
+        cached_for = getattr(self._local, "guests", None)
+        if cached_for is None or cached_for[0] is not conn:  # new thread, reconnect or fork
+            cached_for = self._local.guests = (conn, {})
+        cache: dict[str, Guest] = cached_for[1]
+        cached = cache.get(instance)
+        if cached is not None:
+            try:
+                return cached, cached.observe()
+            except UnknownInstance:
+                cache.pop(instance, None)
         try:
             guest = self.guest(instance)
         except UnknownInstance:
             return None, Observed(State.MISSING)
+        if _looks_like_uuid(instance):
+            if len(cache) >= _GUEST_CACHE_SIZE:
+                cache.clear()
+            cache[instance] = guest
         return guest, guest.observe()
 
     def guests(self) -> list[Guest]:
@@ -265,7 +285,10 @@ class Hypervisor:
             has_image = False
             state = record.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
             if state == libvirt.VIR_DOMAIN_SHUTOFF:
-                has_image = bool(self.call("check image", domain.hasManagedSaveImage))
+                try:
+                    has_image = bool(self.call("check image", domain.hasManagedSaveImage))
+                except UnknownInstance:  # undefined since the stats call: gone, not an error
+                    continue
             observed = states.from_libvirt(state, record.get("state.reason", 0), has_image)
             yield DomainStats(
                 uuid=domain.UUIDString(),
