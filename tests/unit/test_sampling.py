@@ -153,3 +153,24 @@ def test_the_test_driver_has_no_cpu_time_so_nothing_is_idle(
     d = decide(domain.UUIDString(), samples, policy, now=T0 + 60 * 19)
     assert not d.idle
     assert "no CPU time" in d.reason
+
+
+def test_a_domain_undefined_during_sampling_is_skipped(hypervisor: Hypervisor, make_domain,  # type: ignore[no-untyped-def]
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guests come and go: one that vanishes mid-sample must not cost the host its sample."""
+    kept, doomed = make_domain(), make_domain(start=False)
+    conn = hypervisor.connection()
+
+    class Racing:
+        def __getattr__(self, name: str) -> object:
+            return getattr(conn, name)
+
+        def getAllDomainStats(self, *args: object) -> object:
+            records = conn.getAllDomainStats(*args)
+            doomed.undefine()  # removed after the stats call, before its image is checked
+            return records
+
+    monkeypatch.setattr(hypervisor, "connection", lambda: Racing())
+    uuids = {uuid for uuid, _name, _s in sampling.collect(hypervisor, now=T0)}
+    assert kept.UUIDString() in uuids
+    assert doomed.UUIDString() not in uuids
