@@ -32,7 +32,13 @@ task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
 # Redis redelivers an unacked message after this; retries and countdowns stay far below it.
-broker_transport_options = {"visibility_timeout": _s.visibility_timeout}
+# kombu sweeps for expired unacked messages only every interval x throttle seconds (10 x 10 by
+# default): a worker SIGKILLed mid-task would wait up to 100 s past the visibility timeout.
+broker_transport_options = {
+    "visibility_timeout": _s.visibility_timeout,
+    "unacked_restore_interval": max(1, min(10, _s.visibility_timeout // 4)),
+    "unacked_restore_throttle": 1,
+}
 result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
 result_expires = _s.result_ttl
 result_extended = True  # Flower and clients see task name and arguments with the result
