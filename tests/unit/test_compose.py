@@ -167,6 +167,7 @@ def test_one_threads_worker_per_hypervisor_host_on_its_libvirt_socket():
         assert service["healthcheck"]["test"][-3] == params["hostname"]
         assert f"node.hostname == {env['DORMANT_HOST']}" in \
             service["deploy"]["placement"]["constraints"]
+        assert service["stop_grace_period"] == "2m"  # warm shutdown finishes a managed save
     assert len(hosts) == len(workers)
 
 
