@@ -339,5 +339,6 @@ class Store:
             for instance in due:
                 details = self.redis.hgetall(keys.deadline(instance))
                 if self.redis.zrem(keys.DEADLINES, instance):
+                    self.redis.delete(keys.deadline(instance))
                     claimed.append({"instance": instance, **details})
         return claimed

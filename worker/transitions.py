@@ -1,7 +1,9 @@
 """The transition table: (observed state, what the caller asked) -> steps, nothing, or refusal.
 
 Pure functions over plain data. The four verbs are strict one-step shortcuts; ``ensure`` finds
-a path of up to two steps. Suspending a *paused* guest saves it with ``SAVE_RUNNING``, so a
+a path of up to two steps. A guest the hypervisor paused (I/O error, watchdog) is refused
+by every transition but ``pause``: resuming it blindly could corrupt data.
+Suspending a *user-paused* guest saves it with ``SAVE_RUNNING``, so a
 later resume always brings it back running (a paused-then-suspended guest has nobody waiting to
 unpause it); ``ensure(paused)`` from suspended restores it directly paused.
 """
@@ -120,7 +122,9 @@ def plan(action: Action, observed: Observed, target: Target | None = None) -> Pl
         raise HypervisorBusy(f"a libvirt job ({observed.reason}) is in progress on the instance")
     if observed.state.value == target.value:
         return Plan(target, ())
-    if observed.state is State.PAUSED and not observed.user_paused and target is Target.RUNNING:
+    if observed.state is State.PAUSED and not observed.user_paused:
+        # Unpausing or saving-to-restore-running would both resume a guest the hypervisor
+        # stopped for a reason (full disk, watchdog): an operator fixes the cause first.
         raise _refuse(action, observed, target)
     if action is Action.ENSURE:
         steps = PATHS.get((observed.state, target))

@@ -119,7 +119,8 @@ def test_a_verb_ignores_any_target_it_is_given() -> None:
 
 @pytest.mark.parametrize("reason", ["ioerror", "watchdog", "unknown", "crashed", "api_error"])
 @pytest.mark.parametrize(("action", "target"), [(A.UNPAUSE, None), (A.ENSURE, T.RUNNING),
-                                                (A.RESUME, None)])
+                                                (A.RESUME, None), (A.SUSPEND, None),
+                                                (A.ENSURE, T.SUSPENDED)])
 def test_a_hypervisor_pause_is_never_unpaused(reason: str, action: Action,
                                               target: Target | None) -> None:
     with pytest.raises(InvalidTransition) as info:
