@@ -93,6 +93,11 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
         flower, start_worker, client_app, host_name):
     start_worker(pool="threads", concurrency=4,
                  env={"DORMANT_LIBVIRT_URI": "test:///default"})
+    # A second host whose libvirtd is unreachable: its transitions are retried, then fail.
+    down_host = f"{host_name}-down"
+    start_worker(pool="threads", concurrency=2, host=down_host,
+                 env={"DORMANT_LIBVIRT_URI": "qemu+unix:///system?socket=/nonexistent/sock",
+                      "DORMANT_MAX_RETRIES": "1", "DORMANT_RETRY_BACKOFF": "1"})
     queue = f"dormant.{host_name}"
 
     def flower_receives_events() -> bool:
@@ -109,6 +114,10 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
     bad = client_app.send_task("dormant.suspend", args=["no such guest?"], queue=queue)
     with pytest.raises(Exception, match="malformed instance"):
         bad.get(timeout=30)
+    retried = client_app.send_task("dormant.resume", args=["demo-idle"],
+                                   queue=f"dormant.{down_host}")
+    with pytest.raises(Exception, match=r"libvirt|hypervisor|connect"):
+        retried.get(timeout=60)
 
     info = wait_until(lambda: _seen_by_flower(flower, paused.id, "SUCCESS"), timeout=20,
                       message="pause succeeded in flower")
@@ -122,6 +131,12 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
                         message="bad suspend failed in flower")
     assert failed["name"] == "dormant.suspend"
     assert "InvalidInput" in failed["exception"]
+
+    gave_up = wait_until(lambda: _seen_by_flower(flower, retried.id, "FAILURE"), timeout=20,
+                         message="retried resume failed in flower")
+    assert gave_up["name"] == "dormant.resume"
+    assert gave_up["retries"] == 1  # the retried delivery was seen, then the final failure
+    assert "HypervisorUnavailable" in gave_up["exception"]
 
     status, listing = flower.get("/api/tasks?taskname=dormant.pause")
     assert status == 200

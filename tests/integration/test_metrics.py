@@ -71,3 +71,24 @@ def _try_scrape(port: int):
         return scrape(port)
     except OSError:
         return None
+
+
+def test_retries_are_counted_by_error_class(start_worker, client_app, host_name):
+    """libvirtd unreachable: the transition is retried, then fails; both show in /metrics."""
+    port = free_port()
+    start_worker(pool="threads", concurrency=2,
+                 env={"DORMANT_LIBVIRT_URI": "qemu+unix:///system?socket=/nonexistent/sock",
+                      "DORMANT_METRICS_PORT": str(port), "DORMANT_MAX_RETRIES": "1",
+                      "DORMANT_RETRY_BACKOFF": "1"})
+    wait_until(lambda: _try_scrape(port), timeout=30, message="metrics endpoint")
+    result = client_app.send_task("dormant.suspend", args=["demo-web"],
+                                  queue=f"dormant.{host_name}")
+    with pytest.raises(Exception) as failure:
+        result.get(timeout=60)
+    assert type(failure.value).__name__ == "HypervisorUnavailable"
+
+    after = scrape(port)
+    assert sample(after, "dormant_transition_retries_total", action="suspend",
+                  error="HypervisorUnavailable") == 1
+    assert sample(after, "dormant_transitions_total", action="suspend", outcome="failed") == 1
+    assert sample(after, "dormant_transition_seconds_count", action="suspend") == 1
