@@ -92,3 +92,13 @@ def test_retries_are_counted_by_error_class(start_worker, client_app, host_name)
                   error="HypervisorUnavailable") == 1
     assert sample(after, "dormant_transitions_total", action="suspend", outcome="failed") == 1
     assert sample(after, "dormant_transition_seconds_count", action="suspend") == 1
+
+
+def test_prefork_worker_warns_that_metrics_need_threads(start_worker):
+    port = free_port()
+    worker = start_worker(pool="prefork", concurrency=1,
+                          env={"DORMANT_LIBVIRT_URI": "test:///default",
+                               "DORMANT_METRICS_PORT": str(port)})
+    wait_until(lambda: "run the worker with --pool threads" in worker.log(), timeout=20,
+               message="prefork warning in the worker log")
+    assert _try_scrape(port) is not None  # still served: the instance gauge works there
