@@ -249,10 +249,10 @@ def decide(instance: str, samples: Sequence[Sample], policy: IdlePolicy, *, now:
                         f"shorter than {needed_span:.0f} s ({_pct(policy.min_span_fraction)} "
                         f"of the {policy.window:.0f} s window; {_skipped(ev)})", numbers)
     assert passes is not None
-    failing = [text for ok, text in passes if not ok]
+    failing = [_says(check) for check in passes if not check[0]]
     if failing:
         return Decision(instance, False, "not idle: " + "; ".join(failing), numbers)
-    return Decision(instance, True, "idle: " + "; ".join(text for _, text in passes)
+    return Decision(instance, True, "idle: " + "; ".join(map(_says, passes))
                     + f" over {n} intervals ({span:.0f} s)", numbers)
 
 
@@ -265,8 +265,11 @@ def _skipped(ev: _Evidence) -> str:
     return f"{ev.samples} samples" + (", skipped " + ", ".join(parts) if parts else "")
 
 
+_Check = tuple[bool, str, float, float, str, float]  # ok, metric, fraction, limit, unit, q
+
+
 def _measure(ev: _Evidence, policy: IdlePolicy, numbers: dict[str, float | int]
-             ) -> list[tuple[bool, str]]:
+             ) -> list[_Check]:
     """Fill ``numbers`` with each metric's quantile and fraction under; say which pass."""
     scale = ev.cpu_scale
     cpu = ev.cpu
@@ -286,15 +289,17 @@ def _measure(ev: _Evidence, policy: IdlePolicy, numbers: dict[str, float | int]
         disk_fraction_under=round(dk_f, 4),
     )
 
-    def says(name: str, frac: float, limit: float, unit: str, quantile: float) -> str:
-        return f"{name} < {limit:g}{unit} in {_pct(frac)} of intervals (needs {_pct(quantile)})"
-
     return [
-        (cpu_ok, says("CPU", cpu_f, policy.cpu_percent, "% per vCPU", policy.cpu_quantile)),
-        (rx_ok, says("rx", rx_f, policy.net_rx_bps, " B/s", policy.net_quantile)),
-        (tx_ok, says("tx", tx_f, policy.net_tx_bps, " B/s", policy.net_quantile)),
-        (dk_ok, says("disk", dk_f, policy.disk_bps, " B/s", policy.disk_quantile)),
+        (cpu_ok, "CPU", cpu_f, policy.cpu_percent, "% per vCPU", policy.cpu_quantile),
+        (rx_ok, "rx", rx_f, policy.net_rx_bps, " B/s", policy.net_quantile),
+        (tx_ok, "tx", tx_f, policy.net_tx_bps, " B/s", policy.net_quantile),
+        (dk_ok, "disk", dk_f, policy.disk_bps, " B/s", policy.disk_quantile),
     ]
+
+
+def _says(check: _Check) -> str:
+    _, name, fraction, limit, unit, quantile = check
+    return f"{name} < {limit:g}{unit} in {_pct(fraction)} of intervals (needs {_pct(quantile)})"
 
 
 def decide_many(samples: Mapping[str, Sequence[Sample]], policy: IdlePolicy, *, now: float
