@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from celery import Celery, bootsteps
+from celery.schedules import crontab
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 
 from worker import logs, metrics
@@ -19,6 +20,17 @@ app.conf.beat_schedule = {
         "task": "dormant.expire_pauses",
         "schedule": float(_s.deadline_check_interval),
         "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": _s.deadline_check_interval},
+    },
+    # Reclamation: the control worker fans out to every registered host's queue.
+    "sample-fleet": {
+        "task": "dormant.sample_fleet",
+        "schedule": float(_s.sample_interval),
+        "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": _s.sample_interval},
+    },
+    "reclaim-nightly": {
+        "task": "dormant.reclaim_fleet",
+        "schedule": crontab(hour=_s.reclaim_hour, minute=_s.reclaim_minute),  # reclaim_timezone
+        "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": 3600},
     },
 }
 

@@ -1,1 +1,291 @@
-"""``dormant reclaim|restore|drain|exempt|unexempt|idle|sample`` (to be written)."""
+"""``dormant reclaim|idle|sample|exempt|unexempt|kill-switch|drain|restore``.
+
+Runs are carried out by the host's worker (``dormant.reclaim``, ``dormant.drain``,
+``dormant.restore``); these commands start one, follow its report in the state Redis until it
+is finished, and print it. Progress goes to stderr, so ``--json`` output stays one document.
+Exit codes: 0 done; 1 some action failed (see the report); 2 bad input; 3 no worker answered.
+"""
+
+from __future__ import annotations
+
+import getpass
+import time
+from typing import Any
+
+import click
+from celery.exceptions import TimeoutError as CeleryTimeout
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from worker import idle, registry, runs, sampling, validation
+from worker.cli.common import (
+    EXIT_FAILED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    emit,
+    fail,
+    handles_errors,
+    json_option,
+    main,
+    stderr,
+)
+from worker.client import Client
+from worker.settings import queue_for_host
+
+DEFAULT_TIMEOUT = 600.0  # seconds to follow a run (a capped batch of saves, a few s each)
+ENTRY_COLUMNS = ("host", "name", "instance", "verdict", "outcome", "reason")
+FINISHED = {"done", "disabled", "dry_run", "duplicate"}
+
+
+def make_client() -> Client:
+    """The client every command uses; tests replace it."""
+    return Client.from_settings()
+
+
+def _timeout_option(fn: Any) -> Any:
+    return click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+                        default=DEFAULT_TIMEOUT, show_default=True,
+                        help="Seconds to wait for the run to finish (exit 3 after).")(fn)
+
+
+def _wait_task(client: Client, result: Any, timeout: float, what: str) -> Any:
+    try:
+        return client.wait(result, timeout)
+    except CeleryTimeout:
+        fail(f"no worker answered {what} within {timeout:g}s (task {result.id} stays queued)",
+             EXIT_UNAVAILABLE)
+
+
+def _finished(report: dict[str, Any] | None) -> bool:
+    return bool(report) and (report["status"] in FINISHED or report["done"] >= report["todo"])
+
+
+def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | None = None,
+            task: Any = None) -> dict[str, Any]:
+    """Poll the run's report until it is finished; exit 3 at the deadline."""
+    while True:
+        report = runs.load(client.state, rid)
+        if progress is not None and report is not None:
+            progress.update(task, total=max(report["todo"], 1), completed=report["done"])
+        if _finished(report):
+            assert report is not None
+            return report
+        if time.monotonic() >= deadline:
+            fail(f"run {rid} is still going; see `dormant reclaim report {rid}`",
+                 EXIT_UNAVAILABLE)
+        time.sleep(0.2)
+
+
+def _rows(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**e, "host": r["host"], "reason": e.get("error") or e.get("reason")}
+            for r in reports for e in r.get("entries", [])]
+
+
+def _show(reports: list[dict[str, Any]], as_json: bool) -> None:
+    """Print runs (table or JSON); exit 1 when any action failed."""
+    if as_json:
+        emit({"runs": reports}, as_json=True)
+    else:
+        for r in reports:
+            stderr.print(f"run {r['run_id']} ({r['kind']}, host {r['host']}): {r['status']} "
+                         f"- {r.get('reason', '')}", soft_wrap=True, markup=False)
+        emit(_rows(reports), as_json=False, columns=ENTRY_COLUMNS)
+    failed = [e for r in reports for e in r.get("entries", []) if e.get("outcome") == "failed"]
+    if failed:
+        fail(f"{len(failed)} action(s) failed: " + "; ".join(
+            f"{e.get('name') or e['instance']}: {e.get('error')}" for e in failed), EXIT_FAILED)
+
+
+def _hosts(client: Client, hosts: tuple[str, ...]) -> list[str]:
+    chosen = list(hosts) or client.hosts()
+    if not chosen:
+        fail("no host has published to the registry; is a worker running?", EXIT_UNAVAILABLE)
+    return chosen
+
+
+@main.group(invoke_without_command=True)
+@click.option("--dry-run", is_flag=True, help="Decide and report; change nothing.")
+@click.option("--host", "hosts", multiple=True, help="Only this host (repeatable; default all).")
+@_timeout_option
+@json_option
+@click.pass_context
+@handles_errors
+def reclaim(ctx: click.Context, dry_run: bool, hosts: tuple[str, ...], timeout: float,
+            as_json: bool) -> None:
+    """Run a reclamation now and print every decision (use --dry-run to change nothing)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    deadline = time.monotonic() + timeout
+    with make_client() as client:
+        now = time.time()
+        sent = {h: client.app.send_task(
+            "dormant.reclaim", queue=queue_for_host(h),
+            kwargs={"run_id": runs.manual_id(h, now, dry_run=dry_run), "dry_run": dry_run})
+            for h in _hosts(client, hosts)}
+        reports = []
+        for host, result in sent.items():
+            planned = _wait_task(client, result, max(deadline - time.monotonic(), 1),
+                                 f"the reclamation of {host}")
+            report = planned.get("report") or planned
+            if not _finished(report):
+                report = _follow(client, planned["run_id"], deadline=deadline)
+            reports.append(report)
+    _show(reports, as_json)
+
+
+@reclaim.command("report")
+@click.argument("run_id", required=False)
+@json_option
+@handles_errors
+def report(run_id: str | None, as_json: bool) -> None:
+    """Show a run's report (the newest run when RUN_ID is left out)."""
+    with make_client() as client:
+        if run_id is None:
+            newest = runs.latest(client.state)
+            if not newest:
+                fail("no run has been recorded yet")
+            run_id = newest[0]
+        found = runs.load(client.state, runs.run_id(run_id))
+    if found is None:
+        fail(f"no report for run {run_id!r}", EXIT_USAGE)
+    _show([found], as_json)
+
+
+def _uuid(client: Client, instance: str) -> str:
+    key = validation.instance(instance)
+    uuid, _host = registry.resolve(client.state, key)
+    if uuid is None:
+        fail(f"unknown instance {instance!r}: no worker has published it (use its UUID)",
+             EXIT_USAGE)
+    return uuid
+
+
+@main.command("idle")
+@click.argument("instance", required=False)
+@json_option
+@handles_errors
+def idle_cmd(instance: str | None, as_json: bool) -> None:
+    """Show the idle decision and the numbers behind it, for one instance or every one."""
+    with make_client() as client:
+        s = client.settings
+        if instance is not None:
+            uuid = _uuid(client, instance)
+            names = {uuid: (instance, registry.resolve(client.state, uuid)[1] or "")}
+        else:
+            names = {u: (n, h) for h in client.hosts()
+                     for u, n in registry.instances_of(client.state, h).items()}
+        now = time.time()
+        policy = idle.IdlePolicy.from_settings(s)
+        history = sampling.load(client.state, names, since=now - s.idle_window)
+        exempt = runs.exempted(client.state)
+    rows = []
+    for uuid, (name, host) in sorted(names.items(), key=lambda kv: kv[1]):
+        d = idle.decide(uuid, history.get(uuid, []), policy, now=now)
+        rows.append({**d.as_dict(), "name": name, "host": host, "exempt_cli": uuid in exempt,
+                     "cpu_percent": d.numbers.get("cpu_percent_at_quantile"),
+                     "intervals": d.numbers.get("intervals")})
+    emit(rows, as_json=as_json,
+         columns=("host", "name", "idle", "cpu_percent", "intervals", "exempt_cli", "reason"))
+
+
+@main.command()
+@click.option("--host", "hosts", multiple=True, help="Only this host (repeatable; default all).")
+@_timeout_option
+@json_option
+@handles_errors
+def sample(hosts: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Take one activity sample on each host now."""
+    with make_client() as client:
+        sent = {h: client.app.send_task("dormant.sample", queue=queue_for_host(h))
+                for h in _hosts(client, hosts)}
+        rows = [_wait_task(client, r, timeout, f"the sample of {h}") for h, r in sent.items()]
+    emit(rows, as_json=as_json, columns=("host", "stored", "at"))
+
+
+@main.command()
+@click.argument("instance")
+@json_option
+@handles_errors
+def exempt(instance: str, as_json: bool) -> None:
+    """Never reclaim INSTANCE (until `dormant unexempt`)."""
+    with make_client() as client:
+        uuid = _uuid(client, instance)
+        added = runs.exempt(client.state, uuid)
+    emit({"instance": uuid, "exempt": True, "changed": added}, as_json=as_json)
+
+
+@main.command()
+@click.argument("instance")
+@json_option
+@handles_errors
+def unexempt(instance: str, as_json: bool) -> None:
+    """Let reclamation consider INSTANCE again."""
+    with make_client() as client:
+        uuid = _uuid(client, instance)
+        removed = runs.unexempt(client.state, uuid)
+    emit({"instance": uuid, "exempt": False, "changed": removed}, as_json=as_json)
+
+
+@main.command("kill-switch")
+@click.argument("action", type=click.Choice(["on", "off", "status"]))
+@json_option
+@handles_errors
+def kill_switch(action: str, as_json: bool) -> None:
+    """Stop every reclamation (on), allow it again (off), or show the switch (status)."""
+    with make_client() as client:
+        if action != "status":
+            runs.set_kill_switch(client.state, action == "on", by=getpass.getuser(),
+                                 now=time.time())
+        reason = runs.disabled_reason(client.state,
+                                      enabled_setting=client.settings.reclaim_enabled)
+        switch = runs.kill_switch(client.state)
+    emit({"reclamation": "disabled" if reason else "enabled", "reason": reason,
+          "redis": switch, "setting_enabled": client.settings.reclaim_enabled},
+         as_json=as_json, columns=("reclamation", "reason"))
+
+
+def _run_with_progress(client: Client, task: str, queue: str, kwargs: dict[str, Any],
+                       label: str, timeout: float, as_json: bool) -> None:
+    deadline = time.monotonic() + timeout
+    result = client.app.send_task(task, queue=queue, kwargs=kwargs)
+    planned = _wait_task(client, result, timeout, label)
+    rid = (planned.get("report") or planned)["run_id"]
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=False) as progress:
+        bar = progress.add_task(label, total=max(planned.get("todo", 0), 1))
+        report = _follow(client, rid, deadline=deadline, progress=progress, task=bar)
+    _show([report], as_json)
+
+
+@main.command()
+@click.argument("host")
+@click.option("--instance", "instances", multiple=True,
+              help="Only this guest (name or UUID; repeatable). Default: every running guest.")
+@_timeout_option
+@json_option
+@handles_errors
+def drain(host: str, instances: tuple[str, ...], timeout: float, as_json: bool) -> None:
+    """Suspend every running guest of HOST (maintenance); `dormant restore RUN_ID` undoes it."""
+    kwargs: dict[str, Any] = {"run_id": runs.drain_id(host, time.time())}
+    if instances:
+        kwargs["instances"] = [validation.instance(i) for i in instances]
+    with make_client() as client:
+        _run_with_progress(client, "dormant.drain", queue_for_host(host), kwargs,
+                           f"draining {host}", timeout, as_json)
+
+
+@main.command()
+@click.argument("run_id")
+@_timeout_option
+@json_option
+@handles_errors
+def restore(run_id: str, timeout: float, as_json: bool) -> None:
+    """Resume exactly what run RUN_ID suspended; skip what is running or gone."""
+    rid = runs.run_id(run_id)
+    with make_client() as client:
+        source = runs.meta(client.state, rid)
+        if source is None:
+            fail(f"no report for run {rid!r}", EXIT_USAGE)
+        kwargs = {"run_id": rid, "restore_id": runs.restore_id(rid, time.time())}
+        _run_with_progress(client, "dormant.restore", queue_for_host(source["host"]), kwargs,
+                           f"restoring {rid}", timeout, as_json)

@@ -1,0 +1,240 @@
+"""Reclamation end to end: real KVM guests that spin or halt, a real worker, a real Redis.
+
+Sampling is shortened by configuration (a sample every ~0.6 s, a 40 s window, 3 intervals
+needed) and driven by the test through ``dormant.sample`` instead of beat. Reclamation is
+scoped (``DORMANT_RECLAIM_SCOPE``) to this test's guests, so guests of concurrent sessions on
+the same libvirtd are never touched. Every outcome is checked with libvirt directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.support import services
+from tests.support.guests import NAME_PREFIX, boot_sector
+from tests.support.services import ROOT, wait_until
+from worker import runs
+
+pytestmark = pytest.mark.integration
+
+SAMPLE_SPACING = 0.6  # seconds between the test's samples (max gap is 3 intervals of 1 s)
+
+
+def reclaim_env(scope: str, **extra: str) -> dict[str, str]:
+    return {
+        "DORMANT_SAMPLE_INTERVAL": "1",
+        "DORMANT_IDLE_WINDOW": "40",
+        "DORMANT_IDLE_MIN_SAMPLES": "3",
+        "DORMANT_IDLE_MIN_SPAN_FRACTION": "0.05",
+        "DORMANT_RECLAIM_MIN_AGE": "0",
+        "DORMANT_RECLAIM_RECHECK_SECONDS": "1",
+        "DORMANT_RECLAIM_HOST_CAP": "4",
+        "DORMANT_RECLAIM_SCOPE": scope,
+        **extra,
+    }
+
+
+class Scene:
+    """This test's guests, worker and helpers."""
+
+    def __init__(self, guests, start_worker, client_app, redis_clean, host, **extra: str):
+        self.token = uuid.uuid4().hex[:6]
+        self.prefix = f"{NAME_PREFIX}{self.token}-"
+        self.env = reclaim_env(self.prefix + "*", **extra)
+        self.guests, self.app, self.redis, self.host = guests, client_app, redis_clean, host
+        self.worker = start_worker(pool="threads", concurrency=8, env=self.env)
+        self.state = redis_clean.client(2)
+
+    def create(self, kind: str, role: str, *, metadata: str = ""):
+        name = f"{self.prefix}{role}-p{os.getpid()}"
+        return self.guests.create(kind, name=name, metadata=metadata)
+
+    def queue(self) -> str:
+        return f"dormant.{self.host}"
+
+    def send(self, task: str, **kwargs):
+        return self.app.send_task(task, kwargs=kwargs, queue=self.queue()).get(timeout=60)
+
+    def sample_for(self, count: int) -> None:
+        """Take ``count`` samples spaced in time (rates need time to pass between them)."""
+        for i in range(count):
+            if i:
+                time.sleep(SAMPLE_SPACING)  # spacing samples, not waiting for another process
+            assert self.send("dormant.sample")["stored"] >= 1
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        env = services.test_env(self.redis, self.host, **self.env)
+        command = [sys.executable, "-c",
+                   "import sys; from worker.cli import main; sys.exit(main())"]
+        return subprocess.run([*command, *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=180, check=False)
+
+    def finished(self, rid: str) -> dict:
+        def done():
+            report = runs.load(self.state, rid)
+            return report if report and report["status"] in {"done", "disabled"} else None
+        return wait_until(done, timeout=90, interval=0.1, message=f"run {rid} finished")
+
+
+def settled(domain) -> bool:
+    """The idle guest has left its BIOS and halts (< 5 % of a CPU over half a second)."""
+    start, t0 = domain.getCPUStats(True)[0]["cpu_time"], time.monotonic()
+    time.sleep(0.5)  # measuring a rate over a fixed interval
+    return (domain.getCPUStats(True)[0]["cpu_time"] - start) / 1e9 / (time.monotonic() - t0) < 0.05
+
+
+def spinning(domain) -> bool:
+    start, t0 = domain.getCPUStats(True)[0]["cpu_time"], time.monotonic()
+    time.sleep(0.5)  # measuring a rate over a fixed interval
+    return (domain.getCPUStats(True)[0]["cpu_time"] - start) / 1e9 / (time.monotonic() - t0) > 0.5
+
+
+def state_of(conn, guest) -> str:
+    domain = conn.lookupByUUIDString(guest.uuid)
+    state = domain.state()[0]
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running"
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return "suspended" if domain.hasManagedSaveImage() else "shutoff"
+    return f"state-{state}"
+
+
+def by_instance(report: dict) -> dict[str, dict]:
+    return {e["instance"]: e for e in report["entries"]}
+
+
+EXEMPT_XML = '<dormant:policy xmlns:dormant="https://dormant.dev/xmlns/1" exempt="true"/>'
+
+
+@pytest.mark.slow
+def test_dry_run_real_run_second_trigger_and_restore(guests, start_worker, client_app,
+                                                     redis_clean, host_name, libvirt_conn):
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name)
+    busy = [scene.create("busy", f"busy{i}") for i in range(2)]
+    idle = [scene.create("idle", f"idle{i}") for i in range(3)]
+    exempt = scene.create("idle", "exempt", metadata=EXEMPT_XML)
+    everyone = [*busy, *idle, exempt]
+    for guest in [*idle, exempt]:
+        wait_until(lambda g=guest: settled(g.domain), timeout=30, message=f"{guest.name} halts")
+    scene.sample_for(6)
+
+    # Dry run: exactly the three idle, non-exempt guests, with reasons; nothing changes.
+    dry = scene.cli("reclaim", "--dry-run", "--host", host_name, "--json")
+    assert dry.returncode == 0, dry.stderr
+    [report] = json.loads(dry.stdout)["runs"]
+    assert report["dry_run"] is True and report["status"] == "dry_run"
+    entries = by_instance(report)
+    assert {e["instance"] for e in report["entries"]} == {g.uuid for g in everyone}
+    assert {u for u, e in entries.items() if e["verdict"] == "suspend"} == {g.uuid for g in idle}
+    for g in idle:
+        assert entries[g.uuid]["reason"].startswith("idle:")
+        assert entries[g.uuid]["numbers"]["intervals"] >= 3
+        assert entries[g.uuid]["numbers"]["cpu_percent_at_quantile"] < 3
+    assert entries[exempt.uuid]["verdict"] == "exempt"
+    assert "domain metadata" in entries[exempt.uuid]["reason"]
+    for g in busy:
+        assert entries[g.uuid]["verdict"] == "keep"
+        assert "CPU" in entries[g.uuid]["reason"]
+        assert entries[g.uuid]["numbers"]["cpu_percent_at_quantile"] > 50
+    assert all(state_of(libvirt_conn, g) == "running" for g in everyone)
+    assert runs.manifest(scene.state, report["run_id"]) == set()
+
+    # The real run suspends exactly those three.
+    rid = f"{host_name}:2026-11-27"
+    planned = scene.send("dormant.reclaim", run_id=rid)
+    assert planned["status"] == "acting"
+    report = scene.finished(rid)
+    assert {g.uuid: state_of(libvirt_conn, g) for g in everyone} == {
+        **{g.uuid: "suspended" for g in idle},
+        **{g.uuid: "running" for g in [*busy, exempt]},
+    }
+    assert set(report["manifest"]) == {g.uuid for g in idle}
+    assert {e["outcome"] for e in report["entries"] if e["verdict"] == "suspend"} == {"suspended"}
+
+    # A second trigger of the same run does nothing more.
+    again = scene.send("dormant.reclaim", run_id=rid)
+    assert again["status"] == "duplicate"
+    assert runs.load(scene.state, rid)["manifest"] == report["manifest"]
+    assert all(state_of(libvirt_conn, g) == "running" for g in [*busy, exempt])
+
+    # Someone resumes one by hand; restore brings back the other two and skips that one.
+    idle[0].domain.create()
+    restored = scene.cli("restore", rid, "--json")
+    assert restored.returncode == 0, restored.stderr
+    [back] = json.loads(restored.stdout)["runs"]
+    outcomes = {e["instance"]: e["outcome"] for e in back["entries"]}
+    assert outcomes == {idle[0].uuid: "skipped", idle[1].uuid: "resumed",
+                        idle[2].uuid: "resumed"}
+    assert "already running" in by_instance(back)[idle[0].uuid]["reason"]
+    assert all(state_of(libvirt_conn, g) == "running" for g in everyone)
+
+
+def test_kill_switch_makes_a_run_suspend_nothing(guests, start_worker, client_app,
+                                                 redis_clean, host_name, libvirt_conn):
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name)
+    guest = scene.create("idle", "idle0")
+    wait_until(lambda: settled(guest.domain), timeout=30, message="idle guest halts")
+    scene.sample_for(5)
+    switched = scene.cli("kill-switch", "on", "--json")
+    assert switched.returncode == 0, switched.stderr
+    assert json.loads(switched.stdout)["reclamation"] == "disabled"
+
+    rid = f"{host_name}:kill"
+    report = scene.send("dormant.reclaim", run_id=rid)
+    assert report["status"] == "disabled"
+    assert "kill switch on" in report["reason"]
+    [entry] = report["entries"]
+    assert entry["verdict"] == "disabled" and "kill switch on" in entry["reason"]
+    assert report["manifest"] == []
+    assert state_of(libvirt_conn, guest) == "running"
+
+    assert scene.cli("kill-switch", "off").returncode == 0
+    assert runs.disabled_reason(scene.state, enabled_setting=True) == ""
+
+
+@pytest.mark.slow
+def test_unsaveable_guest_fails_alone_and_a_guest_busy_at_the_recheck_is_kept(
+        guests, start_worker, client_app, redis_clean, host_name, libvirt_conn):
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name)
+    ok = [scene.create("idle", f"idle{i}") for i in range(2)]
+    broken = scene.create("idle", "broken")
+    waking = scene.create("idle", "waking")
+    for guest in [*ok, broken, waking]:
+        wait_until(lambda g=guest: settled(g.domain), timeout=30, message=f"{guest.name} halts")
+    scene.sample_for(6)
+
+    # managedSave of `broken` fails: a directory sits where libvirt writes its image.
+    blocker = Path(f"/var/lib/libvirt/qemu/save/{broken.name}.save")
+    blocker.mkdir()
+    try:
+        # `waking` was idle in every stored sample; now it reboots into a spinning loop.
+        Path(guests.workdir / f"{waking.name}.img").write_bytes(boot_sector("busy"))
+        waking.domain.reset()
+        wait_until(lambda: spinning(waking.domain), timeout=30, message="waking guest spins")
+
+        rid = f"{host_name}:failures"
+        planned = scene.send("dormant.reclaim", run_id=rid)
+        assert {e["instance"] for e in planned["entries"] if e["verdict"] == "suspend"} == {
+            g.uuid for g in [*ok, broken, waking]}  # all idle at decision time
+        report = scene.finished(rid)
+    finally:
+        blocker.rmdir()
+    entries = by_instance(report)
+    assert entries[broken.uuid]["outcome"] == "failed"
+    assert "Is a directory" in entries[broken.uuid]["error"]  # libvirt's own message
+    assert entries[waking.uuid]["outcome"] == "skipped"
+    assert "busy at the re-check" in entries[waking.uuid]["reason"]
+    assert entries[waking.uuid]["recheck"]["recheck_cpu_percent"] > 50
+    assert {g.uuid: state_of(libvirt_conn, g) for g in [*ok, broken, waking]} == {
+        ok[0].uuid: "suspended", ok[1].uuid: "suspended",
+        broken.uuid: "running", waking.uuid: "running"}
+    assert set(report["manifest"]) == {g.uuid for g in ok}

@@ -1,0 +1,315 @@
+"""Reclamation selection and safety with plain data; runs, marks and the kill switch on
+fakeredis; the grace webhook against a real local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import pytest
+
+from worker import keys, notify, runs
+from worker import reclaim as rc
+from worker.errors import InvalidInput
+from worker.idle import Decision, IdlePolicy
+from worker.reclaim import Candidate, Mark, Safety, Verdict
+from worker.sampling import Sample
+
+NOW = 1_800_000_000.0
+IDLE = Decision("u", True, "idle: CPU < 3% per vCPU in 100.0% of intervals", {"intervals": 20})
+BUSY = Decision("u", False, "not idle: CPU < 3% per vCPU in 0.0% of intervals", {"intervals": 20})
+FEW = Decision("u", False, "not idle: too few usable intervals (2 < 12 needed)", {"intervals": 2})
+
+
+def cand(uuid: str = "u1", *, decision: Decision = IDLE, state: str = "running",
+         first_seen: float | None = NOW - 2 * 86400, **kw) -> Candidate:
+    return Candidate(uuid=uuid, name=f"vm-{uuid}", state=state, decision=decision,
+                     first_seen=first_seen, **kw)
+
+
+def judge(c: Candidate, safety: Safety | None = None, run_id: str = "h:2026-11-27"):
+    [entry] = rc.select([c], safety or Safety(), now=NOW, run_id=run_id).entries
+    return entry
+
+
+# -- select ----------------------------------------------------------------------------------
+def test_idle_old_running_instance_is_suspended_with_the_decision_reason_and_numbers():
+    e = judge(cand())
+    assert e.verdict is Verdict.SUSPEND
+    assert e.reason == IDLE.reason
+    assert e.numbers["intervals"] == 20 and e.numbers["age_s"] == 2 * 86400
+
+
+@pytest.mark.parametrize(("decision", "verdict"), [(BUSY, Verdict.KEEP), (FEW, Verdict.KEEP)])
+def test_not_idle_is_kept_with_the_policy_reason(decision, verdict):
+    e = judge(cand(decision=decision))
+    assert e.verdict is verdict and e.reason == decision.reason and not e.unmark
+
+
+@pytest.mark.parametrize("state", ["paused", "suspended", "shutoff", "crashed"])
+def test_only_running_instances_are_reclaimed(state):
+    e = judge(cand(state=state))
+    assert e.verdict is Verdict.NOT_RUNNING and state in e.reason
+
+
+@pytest.mark.parametrize(("meta", "cli", "says"), [
+    (True, False, "domain metadata"), (False, True, "dormant exempt"),
+    (True, True, "domain metadata and dormant exempt")])
+def test_exemptions_win_over_idleness(meta, cli, says):
+    e = judge(cand(exempt_metadata=meta, exempt_cli=cli))
+    assert e.verdict is Verdict.EXEMPT and says in e.reason
+
+
+@pytest.mark.parametrize(("age", "verdict"), [
+    (None, Verdict.TOO_YOUNG), (86399.0, Verdict.TOO_YOUNG), (86400.0, Verdict.SUSPEND)])
+def test_minimum_age_is_inclusive_and_never_seen_is_too_young(age, verdict):
+    first = None if age is None else NOW - age
+    e = judge(cand(first_seen=first), Safety(min_age=86400))
+    assert e.verdict is verdict
+    if verdict is Verdict.TOO_YOUNG:
+        assert "minimum age" in e.reason
+
+
+def test_kill_switch_turns_every_suspend_into_disabled_with_the_reason():
+    safety = Safety(disabled_reason="kill switch on: set by ops")
+    plan = rc.select([cand("a"), cand("b", decision=BUSY)], safety, now=NOW, run_id="r")
+    assert [e.verdict for e in plan.entries] == [Verdict.DISABLED, Verdict.KEEP]
+    assert "kill switch on: set by ops" in plan.entries[0].reason
+    assert plan.to_suspend == []
+
+
+def test_grace_marks_first_waits_out_the_period_then_suspends():
+    safety = Safety(grace=True, grace_period=3600)
+    assert judge(cand(), safety).verdict is Verdict.MARK
+    fresh = Mark(run_id="h:2026-11-26", at=NOW - 3599)
+    assert judge(cand(mark=fresh), safety).verdict is Verdict.MARK
+    old = Mark(run_id="h:2026-11-26", at=NOW - 3600)
+    e = judge(cand(mark=old), safety)
+    assert e.verdict is Verdict.SUSPEND and "marked 3600 s ago" in e.reason
+
+
+def test_grace_never_suspends_in_the_run_that_marked():
+    safety = Safety(grace=True, grace_period=0)
+    e = judge(cand(mark=Mark(run_id="h:2026-11-27", at=NOW - 10)), safety, run_id="h:2026-11-27")
+    assert e.verdict is Verdict.MARK
+
+
+def test_an_instance_that_became_active_or_exempt_is_unmarked():
+    mark = Mark(run_id="old", at=NOW - 86400)
+    busy = judge(cand(decision=BUSY, mark=mark), Safety(grace=True))
+    assert busy.verdict is Verdict.KEEP and busy.unmark and "mark removed" in busy.reason
+    exempt = judge(cand(mark=mark, exempt_cli=True), Safety(grace=True))
+    assert exempt.unmark
+    assert not judge(cand(decision=BUSY), Safety(grace=True)).unmark
+
+
+def test_plan_counts_and_order():
+    plan = rc.select([cand("a"), cand("b", decision=BUSY), cand("c", state="paused"),
+                      cand("d")], Safety(), now=NOW, run_id="r")
+    assert [e.instance for e in plan.to_suspend] == ["a", "d"]
+    assert plan.counts() == {"suspend": 2, "keep": 1, "not_running": 1}
+    assert json.loads(json.dumps(plan.entries[0].as_dict()))["verdict"] == "suspend"
+
+
+# -- metadata, scope, request ids ----------------------------------------------------------------
+@pytest.mark.parametrize(("xml", "exempt"), [
+    (None, False), ("", False),
+    (rc.metadata_element(exempt=True), True), (rc.metadata_element(exempt=False), False),
+    ('<policy xmlns="https://dormant.dev/xmlns/1" exempt="YES"/>', True),
+    ('<policy xmlns="https://dormant.dev/xmlns/1"/>', False)])
+def test_metadata_exemption(xml, exempt):
+    assert rc.metadata_exempt(xml) is exempt
+
+
+def test_unreadable_metadata_raises_so_the_caller_keeps_the_instance():
+    with pytest.raises(ValueError, match="unreadable"):
+        rc.metadata_exempt("<policy exempt=")
+
+
+def test_scope_is_a_glob_and_empty_means_everything():
+    assert rc.in_scope("web-1", "")
+    assert rc.in_scope("dormant-test-ab-idle0", "dormant-test-ab-*")
+    assert not rc.in_scope("prod-db", "dormant-test-ab-*")
+
+
+def test_request_ids_are_stable_and_fit_the_contract():
+    rid = rc.request_id("h:2026-11-27", "suspend", "u1")
+    assert rid == "suspend:h:2026-11-27:u1" == rc.request_id("h:2026-11-27", "suspend", "u1")
+    long = rc.request_id("h" * 100, "suspend", "9" * 36)
+    assert len(long) <= 128 and long != rc.request_id("g" * 100, "suspend", "9" * 36)
+
+
+# -- recheck -----------------------------------------------------------------------------------
+POLICY = IdlePolicy(min_samples=3, window=60, min_span_fraction=0.1, max_gap=10)
+
+
+def smp(t: float, cpu: int, state: str = "running", vcpus: int = 1, rx: int = 0) -> Sample:
+    return Sample(t=t, state=state, cpu_ns=cpu, vcpus=vcpus, rx=rx, tx=0, rd=0, wr=0)
+
+
+STORED = [smp(NOW - 10 + i, i * 1000) for i in range(8)]  # ~0 % CPU
+
+
+def check(before: Sample | None, after: Sample | None, **kw):
+    args = {"state": "running", "exempt": "", "disabled_reason": "", "stored": STORED,
+            "before": before, "after": after, "policy": POLICY, **kw}
+    return rc.recheck("u1", **args)
+
+
+def test_recheck_passes_for_a_still_idle_instance():
+    result = check(smp(NOW, 10_000), smp(NOW + 1, 20_000))
+    assert result.ok and result.numbers["recheck_cpu_percent"] == pytest.approx(0.001)
+
+
+def test_recheck_stops_an_instance_busy_right_now():
+    result = check(smp(NOW, 0), smp(NOW + 1, 900_000_000))  # 90 % of a vCPU
+    assert not result.ok and "busy at the re-check" in result.reason
+    assert result.numbers["recheck_cpu_percent"] == pytest.approx(90)
+
+
+def test_recheck_threshold_is_strict_and_normalised_per_vcpu():
+    at_limit = check(smp(NOW, 0), smp(NOW + 1, 30_000_000))  # exactly 3 % of one vCPU
+    assert not at_limit.ok
+    four = check(smp(NOW, 0, vcpus=4), smp(NOW + 1, 30_000_000, vcpus=4))  # 0.75 % each
+    assert four.ok
+
+
+def test_recheck_network_activity_counts():
+    result = check(smp(NOW, 0), smp(NOW + 1, 0, rx=5000))
+    assert not result.ok and "rx" in result.reason
+
+
+@pytest.mark.parametrize(("kw", "says"), [
+    ({"state": "suspended"}, "no longer running"),
+    ({"exempt": "dormant exempt"}, "exempt by dormant exempt"),
+    ({"disabled_reason": "kill switch on: x"}, "kill switch on: x")])
+def test_recheck_refuses_changed_state_exemption_and_kill_switch(kw, says):
+    result = check(smp(NOW, 0), smp(NOW + 1, 0), **kw)
+    assert not result.ok and says in result.reason
+
+
+def test_recheck_treats_a_counter_reset_or_missing_sample_as_doubt():
+    assert not check(smp(NOW, 5_000_000), smp(NOW + 1, 0)).ok
+    assert not check(None, smp(NOW + 1, 0)).ok
+    assert not check(smp(NOW, 0, state="paused"), smp(NOW + 1, 0)).ok
+
+
+def test_recheck_needs_the_window_to_stay_idle():
+    busy_history = [smp(NOW - 10 + i, i * 900_000_000) for i in range(8)]
+    result = check(smp(NOW, 0), smp(NOW + 1, 1000), stored=busy_history)
+    assert not result.ok and "no longer idle" in result.reason
+
+
+# -- runs in Redis -------------------------------------------------------------------------------
+def test_claim_is_once_per_run_but_a_redelivery_keeps_it(fake_redis):
+    assert runs.claim(fake_redis, "h:d", "task-1", ttl=60)
+    assert runs.claim(fake_redis, "h:d", "task-1", ttl=60)  # same task redelivered
+    assert not runs.claim(fake_redis, "h:d", "task-2", ttl=60)  # a second beat
+    assert 0 < fake_redis.ttl(keys.run_claim("h:d")) <= 60
+
+
+def test_report_queue_record_and_manifest(fake_redis):
+    entries = [{"instance": u, "name": f"vm-{u}", "verdict": "suspend", "outcome": "pending"}
+               for u in ("a", "b", "c")]
+    runs.create(fake_redis, "r1", {"run_id": "r1", "kind": "reclaim", "host": "h",
+                                   "status": "acting", "started_at": NOW},
+                entries, queue=["a", "b", "c"], ttl=600)
+    assert runs.take(fake_redis, "r1", 2) == ["a", "b"]
+    assert runs.record(fake_redis, "r1", "a", {"outcome": "suspended"}, suspended=True,
+                       ttl=600) == (True, 1, 3)
+    # A redelivered task records the same entry again: counted once.
+    assert runs.record(fake_redis, "r1", "a", {"outcome": "suspended"}, suspended=True,
+                       ttl=600) == (False, 1, 3)
+    assert runs.record(fake_redis, "r1", "b", {"outcome": "failed", "error": "boom"},
+                       suspended=False, ttl=600) == (True, 2, 3)
+    assert runs.next_item(fake_redis, "r1") == "c"
+    assert runs.next_item(fake_redis, "r1") is None
+    report = runs.load(fake_redis, "r1")
+    assert report["manifest"] == ["a"]
+    assert report["todo"] == 3 and report["done"] == 2
+    by = {e["instance"]: e for e in report["entries"]}
+    assert by["b"]["error"] == "boom" and by["b"]["name"] == "vm-b"
+    assert by["c"]["outcome"] == "pending"
+    assert runs.latest(fake_redis) == ["r1"]
+
+
+def test_kill_switch_from_redis_or_settings(fake_redis):
+    assert runs.disabled_reason(fake_redis, enabled_setting=True) == ""
+    assert "DORMANT_RECLAIM_ENABLED" in runs.disabled_reason(fake_redis, enabled_setting=False)
+    runs.set_kill_switch(fake_redis, True, by="ops", now=NOW)
+    assert "set by ops" in runs.disabled_reason(fake_redis, enabled_setting=True)
+    runs.set_kill_switch(fake_redis, False, by="ops", now=NOW)
+    assert runs.kill_switch(fake_redis) is None
+
+
+def test_marks_are_created_once(fake_redis):
+    assert runs.set_mark(fake_redis, "u1", rid="r1", now=NOW, ttl=60)
+    assert not runs.set_mark(fake_redis, "u1", rid="r2", now=NOW + 5, ttl=60)
+    assert runs.marks(fake_redis, ["u1", "u2"]) == {"u1": Mark("r1", NOW), "u2": None}
+    assert runs.clear_mark(fake_redis, "u1")
+    assert runs.marks(fake_redis, ["u1"]) == {"u1": None}
+
+
+def test_exemptions_and_tick_claims(fake_redis):
+    assert runs.exempt(fake_redis, "u1") and not runs.exempt(fake_redis, "u1")
+    assert runs.is_exempted(fake_redis, "u1") and runs.exempted(fake_redis) == {"u1"}
+    assert runs.unexempt(fake_redis, "u1") and not runs.is_exempted(fake_redis, "u1")
+    assert runs.claim_tick(fake_redis, "sample:1", ttl=5)
+    assert not runs.claim_tick(fake_redis, "sample:1", ttl=5)
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "x" * 101, None, "semi;colon"])
+def test_run_ids_are_validated(bad):
+    with pytest.raises(InvalidInput):
+        runs.run_id(bad)
+
+
+def test_run_id_builders():
+    import datetime as dt
+
+    assert runs.nightly_id("h1", dt.date(2026, 11, 27)) == "h1:2026-11-27"
+    assert runs.manual_id("h1", 0, dry_run=True) == "h1:19700101T000000Z:dry"
+    assert runs.run_id(runs.restore_id(runs.drain_id("h1", 0), 0))
+
+
+# -- notify ------------------------------------------------------------------------------------
+class _Hook(BaseHTTPRequestHandler):
+    received: list[dict] = []
+    status = 204
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append({"type": self.headers["Content-Type"], "body": json.loads(body)})
+        self.send_response(_Hook.status)
+        self.end_headers()
+
+    def log_message(self, *_args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    _Hook.received = []
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}/hook", _Hook
+    server.shutdown()
+    server.server_close()
+
+
+def test_notice_is_posted_as_json(webhook):
+    url, hook = webhook
+    body = notify.mark_notice(instance="u1", name="vm", host="h", run_id="r", reason="idle",
+                              suspend_after=NOW)
+    assert notify.post(url, body) == "sent (HTTP 204)"
+    assert hook.received == [{"type": "application/json", "body": body}]
+
+
+def test_failed_notice_is_reported_not_raised(webhook):
+    url, hook = webhook
+    hook.status = 500
+    assert notify.post(url, {"instance": "u1"}) == "failed: HTTP 500"
+    assert notify.post("http://127.0.0.1:9/none", {}, timeout=1).startswith("failed:")
+    assert notify.post("", {}).startswith("skipped")

@@ -1,0 +1,250 @@
+"""Runs in Redis: ids, the once-only claim, reports, manifests, the work queue, and the small
+pieces of reclamation state (kill switch, CLI exemptions, grace marks).
+
+A run (nightly reclamation, drain or restore) is one hash ``run:<id>``: ``meta`` (JSON), one
+``i:<uuid>`` field per instance (JSON: verdict, reason, numbers, outcome), and the counters
+``todo``/``done``. Actions wait in ``run:<id>:queue``; each finished action takes the next one,
+so at most ``cap`` run at once per host without any worker thread waiting. The manifest
+``run:<id>:manifest`` lists exactly what the run suspended: what ``restore`` brings back.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import redis
+
+from worker import keys
+from worker.errors import InvalidInput
+from worker.reclaim import Mark
+
+ENTRY = "i:"
+_RUN_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,100}$")
+
+# Store one entry's result; count it once even if a redelivered task records it again.
+_RECORD = """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+local first = 1
+if old then
+  local ok, decoded = pcall(cjson.decode, old)
+  if ok and decoded['finished'] then first = 0 end
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[3] == '1' then
+  redis.call('SADD', KEYS[2], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+end
+local done = tonumber(redis.call('HGET', KEYS[1], 'done') or '0')
+if first == 1 then done = redis.call('HINCRBY', KEYS[1], 'done', 1) end
+local todo = tonumber(redis.call('HGET', KEYS[1], 'todo') or '0')
+return {first, done, todo}
+"""
+
+
+def run_id(value: Any) -> str:
+    """Validate a run id (it becomes part of Redis keys and request ids)."""
+    if not isinstance(value, str) or not _RUN_ID.match(value):
+        raise InvalidInput(f"malformed run id {value!r}: 1-100 characters of letters, digits "
+                           "and ._:@+=-")
+    return value
+
+
+def stamp(now: float) -> str:
+    return dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def nightly_id(host: str, day: dt.date) -> str:
+    """One reclamation per host per night: ``<host>:<YYYY-MM-DD>``."""
+    return f"{host}:{day.isoformat()}"
+
+
+def manual_id(host: str, now: float, *, dry_run: bool = False) -> str:
+    return f"{host}:{stamp(now)}" + (":dry" if dry_run else "")
+
+
+def drain_id(host: str, now: float) -> str:
+    return f"drain:{host}:{stamp(now)}"
+
+
+def restore_id(of_run: str, now: float) -> str:
+    return f"restore:{stamp(now)}:{of_run}"[:100]
+
+
+# -- claim ------------------------------------------------------------------------------------
+def claim(client: redis.Redis, rid: str, owner: str, *, ttl: int) -> bool:
+    """True for the first claimer of ``rid`` and for a redelivery of the same task (same
+    owner); False for anyone else (a second beat, a second trigger)."""
+    if client.set(keys.run_claim(rid), owner, nx=True, ex=ttl):
+        return True
+    return client.get(keys.run_claim(rid)) == owner
+
+
+# -- reports ----------------------------------------------------------------------------------
+def create(client: redis.Redis, rid: str, meta: dict[str, Any],
+           entries: Iterable[dict[str, Any]], *, queue: list[str], ttl: int) -> None:
+    """Write a run's report and its work queue in one transaction."""
+    mapping = {ENTRY + e["instance"]: json.dumps(e, sort_keys=True) for e in entries}
+    mapping["meta"] = json.dumps(meta, sort_keys=True)
+    mapping["todo"] = str(len(queue))
+    mapping["done"] = "0"
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.run(rid), keys.run_queue(rid))
+        pipe.hset(keys.run(rid), mapping=mapping)
+        pipe.expire(keys.run(rid), ttl)
+        if queue:
+            pipe.rpush(keys.run_queue(rid), *queue)
+            pipe.expire(keys.run_queue(rid), ttl)
+        pipe.zadd(keys.RUNS, {rid: meta.get("started_at", time.time())})
+        pipe.execute()
+
+
+def meta(client: redis.Redis, rid: str) -> dict[str, Any] | None:
+    raw = client.hget(keys.run(rid), "meta")
+    return json.loads(raw) if raw else None
+
+
+def update_meta(client: redis.Redis, rid: str, **changes: Any) -> None:
+    current = meta(client, rid) or {}
+    current.update(changes)
+    client.hset(keys.run(rid), "meta", json.dumps(current, sort_keys=True))
+
+
+def entry(client: redis.Redis, rid: str, instance: str) -> dict[str, Any] | None:
+    raw = client.hget(keys.run(rid), ENTRY + instance)
+    return json.loads(raw) if raw else None
+
+
+def record(client: redis.Redis, rid: str, instance: str, changes: dict[str, Any], *,
+           suspended: bool, ttl: int) -> tuple[bool, int, int]:
+    """Finish one entry (merging ``changes``); add it to the manifest when it was suspended.
+    Returns (first time recorded, done, todo); the caller that sees done == todo first
+    closes the run."""
+    current = entry(client, rid, instance) or {"instance": instance}
+    current.update(changes, finished=True)
+    script = client.register_script(_RECORD)
+    first, done, todo = script(
+        keys=[keys.run(rid), keys.run_manifest(rid)],
+        args=[ENTRY + instance, json.dumps(current, sort_keys=True),
+              "1" if suspended else "0", ttl, instance],
+    )
+    return bool(first), int(done), int(todo)
+
+
+def next_item(client: redis.Redis, rid: str) -> str | None:
+    """The next instance waiting in the run's queue (each is handed out once)."""
+    return client.lpop(keys.run_queue(rid))
+
+
+def take(client: redis.Redis, rid: str, count: int) -> list[str]:
+    """Up to ``count`` instances from the queue: the first wave of a run."""
+    if count <= 0:
+        return []
+    return list(client.lpop(keys.run_queue(rid), count) or [])
+
+
+def load(client: redis.Redis, rid: str) -> dict[str, Any] | None:
+    """The whole report: meta, counters, entries (sorted by name) and the manifest."""
+    raw = client.hgetall(keys.run(rid))
+    if not raw or "meta" not in raw:
+        return None
+    entries = sorted((json.loads(v) for k, v in raw.items() if k.startswith(ENTRY)),
+                     key=lambda e: (e.get("name") or "", e["instance"]))
+    return {
+        **json.loads(raw["meta"]),
+        "todo": int(raw.get("todo", 0)),
+        "done": int(raw.get("done", 0)),
+        "entries": entries,
+        "manifest": sorted(manifest(client, rid)),
+    }
+
+
+def manifest(client: redis.Redis, rid: str) -> set[str]:
+    return set(client.smembers(keys.run_manifest(rid)))
+
+
+def latest(client: redis.Redis, *, count: int = 1) -> list[str]:
+    """The newest run ids, newest first."""
+    return list(client.zrevrange(keys.RUNS, 0, count - 1))
+
+
+# -- kill switch, exemptions, marks ------------------------------------------------------------
+def kill_switch(client: redis.Redis) -> dict[str, Any] | None:
+    """Who turned reclamation off and when, or None when it is on."""
+    raw = client.get(keys.KILL_SWITCH)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return {"by": "unknown", "value": raw}
+
+
+def set_kill_switch(client: redis.Redis, on: bool, *, by: str, now: float) -> None:
+    """``on=True`` stops reclamation (the switch is *on*); False lets it run again."""
+    if on:
+        client.set(keys.KILL_SWITCH, json.dumps({"by": by, "at": now}))
+    else:
+        client.delete(keys.KILL_SWITCH)
+
+
+def disabled_reason(client: redis.Redis, *, enabled_setting: bool) -> str:
+    """Why reclamation is off, or "" when it may act."""
+    if not enabled_setting:
+        return "kill switch on: DORMANT_RECLAIM_ENABLED=false"
+    switch = kill_switch(client)
+    if switch is not None:
+        at = switch.get("at")
+        when = f" at {stamp(float(at))}" if isinstance(at, int | float) else ""
+        return f"kill switch on: set by {switch.get('by', 'unknown')}{when} (dormant kill-switch)"
+    return ""
+
+
+def exempt(client: redis.Redis, instance_uuid: str) -> bool:
+    return bool(client.sadd(keys.EXEMPT, instance_uuid))
+
+
+def unexempt(client: redis.Redis, instance_uuid: str) -> bool:
+    return bool(client.srem(keys.EXEMPT, instance_uuid))
+
+
+def exempted(client: redis.Redis) -> set[str]:
+    return set(client.smembers(keys.EXEMPT))
+
+
+def is_exempted(client: redis.Redis, instance_uuid: str) -> bool:
+    return bool(client.sismember(keys.EXEMPT, instance_uuid))
+
+
+def marks(client: redis.Redis, uuids: list[str]) -> dict[str, Mark | None]:
+    if not uuids:
+        return {}
+    values = client.mget([keys.mark(u) for u in uuids])
+    out: dict[str, Mark | None] = {}
+    for u, raw in zip(uuids, values, strict=True):
+        if raw is None:
+            out[u] = None
+            continue
+        data = json.loads(raw)
+        out[u] = Mark(run_id=data["run_id"], at=float(data["at"]))
+    return out
+
+
+def set_mark(client: redis.Redis, instance_uuid: str, *, rid: str, now: float,
+             ttl: int) -> bool:
+    """Mark an instance; True only for the caller that created the mark (who notifies)."""
+    body = json.dumps({"run_id": rid, "at": now})
+    return bool(client.set(keys.mark(instance_uuid), body, nx=True, ex=ttl))
+
+
+def clear_mark(client: redis.Redis, instance_uuid: str) -> bool:
+    return bool(client.delete(keys.mark(instance_uuid)))
+
+
+def claim_tick(client: redis.Redis, slot: str, *, ttl: int) -> bool:
+    """One fan-out per beat tick even with two beat processes."""
+    return bool(client.set(keys.schedule_claim(slot), "1", nx=True, ex=max(1, ttl)))
