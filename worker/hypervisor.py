@@ -52,6 +52,7 @@ _BUSY_CODES = {
     libvirt.VIR_ERR_AGENT_UNRESPONSIVE,
 }
 _MISSING_CODES = {libvirt.VIR_ERR_NO_DOMAIN}
+_GUEST_CACHE_SIZE = 4096  # domain handles kept per thread connection (Hypervisor.observe)
 # Paused reasons a finished job leaves behind (restore or snapshot revert with START_PAUSED).
 _SETTLED_JOB_REASONS = {libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
                         libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT}
