@@ -238,3 +238,63 @@ def test_unsaveable_guest_fails_alone_and_a_guest_busy_at_the_recheck_is_kept(
         ok[0].uuid: "suspended", ok[1].uuid: "suspended",
         broken.uuid: "running", waking.uuid: "running"}
     assert set(report["manifest"]) == {g.uuid for g in ok}
+
+
+def test_drain_suspends_every_running_guest_and_restore_brings_exactly_those_back(
+        guests, start_worker, client_app, redis_clean, host_name, libvirt_conn):
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name)
+    running = [scene.create("idle", f"run{i}") for i in range(3)]
+    paused = scene.create("idle", "paused")
+    paused.domain.suspend()
+
+    drained = scene.cli("drain", host_name, "--json")
+    assert drained.returncode == 0, drained.stderr
+    [report] = json.loads(drained.stdout)["runs"]
+    assert report["kind"] == "drain" and report["status"] == "done"
+    assert set(report["manifest"]) == {g.uuid for g in running}
+    entries = by_instance(report)
+    assert entries[paused.uuid]["verdict"] == "not_running"
+    assert all(state_of(libvirt_conn, g) == "suspended" for g in running)
+    assert paused.domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+
+    restored = scene.cli("restore", report["run_id"], "--json")
+    assert restored.returncode == 0, restored.stderr
+    [back] = json.loads(restored.stdout)["runs"]
+    assert {e["instance"]: e["outcome"] for e in back["entries"]} == {
+        g.uuid: "resumed" for g in running}
+    assert all(state_of(libvirt_conn, g) == "running" for g in running)
+    assert paused.domain.state()[0] == libvirt.VIR_DOMAIN_PAUSED  # not ours: left alone
+
+    shown = scene.cli("reclaim", "report", report["run_id"], "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["runs"][0]["manifest"] == report["manifest"]
+
+
+def test_cli_exempt_idle_and_sample(guests, start_worker, client_app, redis_clean, host_name,
+                                    libvirt_conn):
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name)
+    guest = scene.create("idle", "idle0")
+    wait_until(lambda: settled(guest.domain), timeout=30, message="idle guest halts")
+    for i in range(5):
+        if i:
+            time.sleep(SAMPLE_SPACING)  # spacing samples, not waiting for another process
+        sampled = scene.cli("sample", "--host", host_name, "--json")
+        assert sampled.returncode == 0, sampled.stderr
+        assert json.loads(sampled.stdout)[0]["stored"] >= 1
+    wait_until(lambda: scene.state.get(f"dormant:name:{guest.name}"), timeout=30,
+               message="registry knows the guest")
+
+    shown = scene.cli("idle", guest.name, "--json")
+    assert shown.returncode == 0, shown.stderr
+    [decision] = json.loads(shown.stdout)
+    assert decision["idle"] is True and decision["numbers"]["intervals"] >= 3
+
+    assert scene.cli("exempt", guest.name).returncode == 0
+    dry = json.loads(scene.cli("reclaim", "--dry-run", "--host", host_name, "--json").stdout)
+    [entry] = dry["runs"][0]["entries"]
+    assert entry["verdict"] == "exempt" and "dormant exempt" in entry["reason"]
+    assert scene.cli("unexempt", guest.name).returncode == 0
+    dry = json.loads(scene.cli("reclaim", "--dry-run", "--host", host_name, "--json").stdout)
+    assert dry["runs"][0]["entries"][0]["verdict"] == "suspend"
+    assert state_of(libvirt_conn, guest) == "running"
+    assert scene.cli("exempt", "no-such-guest").returncode == 2
