@@ -50,7 +50,6 @@ from tests.support.services import (
 URI = "test+unix:///default"
 NAME_PREFIX = "dormant-bench-"
 RESULT_TIMEOUT = 120.0  # seconds for one batch; far above what a batch takes
-POLL_INTERVAL = 0.002  # seconds between result polls
 RESULT_KEY_PREFIX = "celery-task-meta-"  # Celery's key-value result backend key
 
 
@@ -104,14 +103,21 @@ class Client:
     queue: str
     worker: WorkerProcess
     redis_pid: int
+    _pubsub: Any = None
+
+    def listen(self) -> None:
+        """Subscribe once to every result the backend publishes (before anything is sent)."""
+        self._pubsub = self.results.pubsub(ignore_subscribe_messages=True)
+        self._pubsub.psubscribe(RESULT_KEY_PREFIX + "*")
 
     def batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Send every call, then wait for all results (a failed task raises here).
 
-        Results are read straight from the result backend's Redis database, one MGET per
-        poll: Celery's own result client subscribes to a pub/sub channel per task, which costs
-        this same-machine client more than the worker spends on a no-op task and would hide
-        the difference being measured. Both workloads are collected the same way.
+        Celery's redis result backend publishes every state it stores on a channel named
+        after the result key; one pattern subscription receives them all. Celery's own result
+        client instead subscribes per task, which costs this same-machine client more than
+        the worker spends on a no-op task, and polling costs more the longer a batch takes;
+        both would distort the comparison. A silent second falls back to reading the keys.
         """
         with self.app.producer_or_acquire() as producer:
             ids = [self.app.send_task(name, args=args, queue=self.queue, producer=producer).id
@@ -120,18 +126,26 @@ class Client:
         values: list[Any] = [None] * len(ids)
         deadline = time.monotonic() + RESULT_TIMEOUT
         while pending:
+            message = self._pubsub.get_message(timeout=1.0)
+            if message is not None:
+                self._take(pending, values, message["channel"], message["data"])
+                continue
             keys = list(pending)
             for key, raw in zip(keys, self.results.mget(keys), strict=True):
-                meta = json.loads(raw) if raw else {}
-                if meta.get("status") == "SUCCESS":
-                    values[pending.pop(key)] = meta["result"]
-                elif meta.get("status") in ("FAILURE", "REVOKED"):
-                    raise RuntimeError(f"task failed: {meta.get('result')}")
-            if pending:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"{len(pending)} results missing after {RESULT_TIMEOUT}s")
-                time.sleep(POLL_INTERVAL)
+                self._take(pending, values, key, raw)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"{len(pending)} results missing after {RESULT_TIMEOUT}s")
         return values
+
+    @staticmethod
+    def _take(pending: dict[str, int], values: list[Any], key: str, raw: str | None) -> None:
+        if key not in pending or not raw:
+            return
+        meta = json.loads(raw)
+        if meta.get("status") == "SUCCESS":
+            values[pending.pop(key)] = meta["result"]
+        elif meta.get("status") in ("FAILURE", "REVOKED"):
+            raise RuntimeError(f"task failed: {meta.get('result')}")
 
 
 @contextlib.contextmanager
@@ -161,8 +175,10 @@ def services(pool: str, concurrency: int) -> Iterator[Client]:
         wait_until(answered, timeout=60, interval=0.2, message="worker ping")
         print(f"worker log: {worker.log_path}", file=sys.stderr)
         assert server.process is not None
-        yield Client(app=app, results=server.client(1), queue=f"dormant.{host}",
-                     worker=worker, redis_pid=server.process.pid)
+        client = Client(app=app, results=server.client(1), queue=f"dormant.{host}",
+                        worker=worker, redis_pid=server.process.pid)
+        client.listen()
+        yield client
     finally:
         worker.stop()
         app.close()
