@@ -35,9 +35,9 @@ DEFAULT_PATTERNS = {
 def load(paths: list[Path]) -> Counter[str]:
     stacks: Counter[str] = Counter()
     for path in paths:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                stack, count = line.rsplit(" ", 1)
+        for line in path.read_text(errors="replace").splitlines():
+            stack, _, count = line.rpartition(" ")
+            if count.isdigit():  # --nonblocking sampling can tear a stack: skip those lines
                 stacks[stack] += int(count)
     return stacks
 

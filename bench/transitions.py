@@ -334,7 +334,7 @@ def measure(pool: str, concurrency: int, guests: int, cycles: int, rounds: int,
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pool", "-P", default="prefork", choices=["prefork", "threads"])
+    parser.add_argument("--pool", "-P", default="prefork", choices=["prefork", "threads", "solo"])
     parser.add_argument("--concurrency", "-c", type=int, default=2)
     parser.add_argument("--guests", type=int, default=100,
                         help="guests, and tasks per awaited batch [100]")
