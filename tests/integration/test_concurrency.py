@@ -74,8 +74,8 @@ def test_conflicting_requests_from_several_clients_never_overlap(
     _two_workers(start_worker)
     guest = guests.create("idle")
     queue = f"dormant.{host_name}"
-    rng = random.Random(3)
-    plans = [[_request(rng) for _ in range(5)] for _client in range(4)]
+    rng = random.Random(2)  # 16 requests: 3 saves, every verb and target
+    plans = [[_request(rng) for _ in range(4)] for _client in range(4)]
 
     def client(requests):
         results = []
@@ -93,7 +93,7 @@ def test_conflicting_requests_from_several_clients_never_overlap(
     refused = [a for a in answers if "error" in a]
     assert all(a["error"] == "InvalidTransition" for a in refused), refused
     entries = journal(redis_clean, guest.uuid)
-    assert len(entries) == 20  # every request journaled once, whatever its outcome
+    assert len(entries) == 16  # every request journaled once, whatever its outcome
     ran = [e for e in entries if e["outcome"] in {"changed", "already"}]
     changed = [e for e in ran if e["outcome"] == "changed"]
     assert len(changed) >= 3, [e["outcome"] for e in entries]  # the test really interleaved
