@@ -24,19 +24,16 @@ def test_sampled_busy_guest_is_not_idle_and_idle_guest_is(guests, redis_clean, h
     client = redis_clean.client(2)
     hv = Hypervisor("qemu:///system")
     try:
-        # The idle guest burns CPU in the BIOS for its first seconds: sample until one interval
-        # shows it halted, and decide only from samples taken after that.
-        last: dict[str, sampling.Sample] = {}
+        # The idle guest burns CPU in the BIOS for its first seconds: wait until one short
+        # interval shows it halted, and decide only from samples taken after that.
+        readings: list[tuple[float, int]] = []
 
         def quiet_settled() -> float | None:
-            now = time.time()
-            items = {uuid: s for uuid, _name, s in sampling.collect(hv, now=now)}
-            before, after = last.get(quiet.uuid), items[quiet.uuid]
-            last.update(items)
-            if before is None or before.cpu_ns is None or after.cpu_ns is None:
+            readings.append((time.monotonic(), quiet.domain.getCPUStats(True)[0]["cpu_time"]))
+            if len(readings) < 2:
                 return None
-            share = (after.cpu_ns - before.cpu_ns) / ((after.t - before.t) * 1e9)
-            return now if share < 0.01 else None
+            (t0, c0), (t1, c1) = readings[-2:]
+            return time.time() if (c1 - c0) / ((t1 - t0) * 1e9) < 0.01 else None
 
         settled = wait_until(quiet_settled, timeout=60, interval=PACE,
                              message="idle guest settles into hlt")
@@ -53,7 +50,9 @@ def test_sampled_busy_guest_is_not_idle_and_idle_guest_is(guests, redis_clean, h
         loaded = sampling.load(client, [busy.uuid, quiet.uuid], since=settled)
         assert all(s.state == "running" and s.cpu_ns is not None and s.vcpus == 1
                    for rows in loaded.values() for s in rows)
-        policy = IdlePolicy(window=now - settled, min_samples=6, max_gap=5.0,
+        # A generous max gap: on a crowded machine one getAllDomainStats can wait seconds for
+        # libvirtd (other tests' managed saves); gaps are the unit tests' business.
+        policy = IdlePolicy(window=now - settled, min_samples=6, max_gap=120.0,
                             min_span_fraction=0.5)
 
         busy_decision = decide(busy.uuid, loaded[busy.uuid], policy, now=now)
