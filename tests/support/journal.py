@@ -7,10 +7,13 @@ dormant) and in the journal/idempotency records dormant wrote to the state Redis
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -20,6 +23,7 @@ from worker import keys
 
 STATE_DB = 2  # test_env puts DORMANT_STATE_URL on db 2 of the private redis-server
 URI = "qemu:///system"
+PID_FILE = "/run/libvirtd.pid"
 
 
 def journal(redis_server: RedisServer, instance: str | None = None) -> list[dict[str, Any]]:
@@ -64,19 +68,40 @@ def libvirtd_answers() -> bool:
     return done.returncode == 0
 
 
+def libvirtd_pid() -> int:
+    """The running libvirtd's pid, from its pid file (checked against /proc)."""
+    pid = int(Path(PID_FILE).read_text().strip())
+    if Path(f"/proc/{pid}/comm").read_text().strip() != "libvirtd":
+        raise RuntimeError(f"{PID_FILE} names pid {pid}, which is not libvirtd")
+    return pid
+
+
+def libvirtd_running() -> bool:
+    return subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
+                          check=False).returncode == 0
+
+
 def start_libvirtd() -> None:
-    if not libvirtd_answers():
-        subprocess.run(["libvirtd", "-d"], check=False)
-        wait_until(libvirtd_answers, timeout=30, interval=0.2, message="libvirtd answers again")
+    """Start libvirtd unless it answers; a previous one still exiting holds its pid file."""
+
+    def up() -> bool:
+        if libvirtd_answers():
+            return True
+        if not libvirtd_running():
+            subprocess.run(["libvirtd", "-d"], check=False)
+        return False
+
+    wait_until(up, timeout=60, interval=0.3, message="libvirtd answers again")
 
 
 @contextmanager
 def libvirtd_stopped() -> Iterator[None]:
     """Stop libvirtd (running QEMU guests keep running) and always start it again."""
     try:
-        subprocess.run(["pkill", "-x", "libvirtd"], check=False)
-        wait_until(lambda: not libvirtd_answers(), timeout=15, interval=0.1,
-                   message="libvirtd stops answering")
+        pid = libvirtd_pid()
+        os.kill(pid, signal.SIGTERM)  # that one daemon, by its pid file, nothing else
+        wait_until(lambda: not Path(f"/proc/{pid}").exists(), timeout=30, interval=0.1,
+                   message="libvirtd exits")
         yield
     finally:
         start_libvirtd()
