@@ -117,11 +117,11 @@ class _Evidence:
 def _window(samples: Sequence[Sample], start: float, now: float) -> tuple[list[float], tuple]:
     """Interval lengths and the columns (t, state, cpu, vcpus, rx, tx, rd, wr) of the samples
     with ``start <= t <= now``, sorted by t."""
-    cols = tuple(zip(*samples, strict=True))
+    cols = tuple(zip(*samples, strict=False))
     ts = cols[0]
     dts = list(map(sub, ts[1:], ts))
     if min(dts) < 0:  # not sorted by time: sort once
-        cols = tuple(zip(*sorted(samples, key=_FIRST), strict=True))
+        cols = tuple(zip(*sorted(samples, key=_FIRST), strict=False))
         ts = cols[0]
         dts = list(map(sub, ts[1:], ts))
     if ts[0] < start or ts[-1] > now:

@@ -421,3 +421,27 @@ def test_decide_is_fast_enough_for_a_fleet() -> None:
     for _ in range(200):
         decide("i", samples, DEFAULT, now=NOW)
     assert (time.perf_counter() - start) / 200 < 0.002
+
+
+CLEAN_STEP = st.fixed_dictionaries({"dt": st.sampled_from([60, 61, 120, 179, 180]), **RATES})
+
+
+@settings(max_examples=200, deadline=None)
+@given(steps=st.lists(CLEAN_STEP, min_size=2, max_size=40),
+       vcpus=st.sampled_from([1, 2, 3, 4, 16]),
+       quantile=st.sampled_from([0.5, 0.9, 0.95, 0.97, 1.0]))
+def test_the_fast_path_agrees_with_the_reference(steps: list[dict], vcpus: int,
+                                                 quantile: float) -> None:
+    """Always running, steady sampling, no resets: the columnar fast path decides."""
+    policy = IdlePolicy(window=7200, max_gap=180, min_samples=2, min_span_fraction=0.0,
+                        cpu_quantile=quantile, net_quantile=quantile, disk_quantile=quantile)
+    series = Series(t=NOW - sum(s["dt"] for s in steps), vcpus=vcpus)
+    for s in steps:
+        series.run(1, step=s["dt"], cpu_ns_per_s=s["cpu"] * vcpus, rx=s["rx"], tx=s["tx"],
+                   rd=s["disk"])
+    d = decide("i", series.samples, policy, now=NOW)
+    expected_idle, counts = reference(series.samples, policy, NOW)
+    assert counts["intervals"] == len(steps) == d.numbers["intervals"]
+    assert d.idle == expected_idle, d.reason
+    worst = max(s["cpu"] for s in steps) / NS * 100
+    assert d.numbers["cpu_percent_max"] == pytest.approx(worst, abs=1e-4)
