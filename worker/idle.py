@@ -149,6 +149,8 @@ def _evidence(samples: Sequence[Sample], policy: IdlePolicy, now: float) -> _Evi
     m = len(states)
     if m < 2:
         return _Evidence(samples=m)
+    if states.count(RUNNING) < 2:  # shut off or suspended all window: every interval skipped
+        return _Evidence(samples=m, not_running=m - 1)
     # Fast path: always running, one vCPU count, steady sampling, no resets, CPU counters.
     if (states.count(RUNNING) == m and vcpus.count(vcpus[0]) == m
             and min(dts) > 0 and max(dts) <= policy.max_gap):
