@@ -134,6 +134,7 @@ def test_redis_persists_and_requires_the_password_the_clients_use():
     redis_service = SERVICES["redis"]
     command = " ".join(command_of(redis_service))
     assert "--appendonly yes" in command
+    assert "docker-entrypoint.sh redis-server" in command  # the image drops root only then
     assert '--requirepass "$REDIS_PASSWORD"' in command
     assert env_of(redis_service)["REDIS_PASSWORD"] == OPERATOR_ENV["REDIS_PASSWORD"]
     assert any(v.endswith(":/data") for v in redis_service["volumes"])
