@@ -6,12 +6,11 @@ import logging
 import time
 from typing import Any
 
-from celery import Task
-
 from tasks.celery_app import app
 from tasks.context import context, settings
+from tasks.transitions import TransitionTask
 from worker import metrics, registry, validation
-from worker.errors import TransientError, UnknownInstance
+from worker.errors import UnknownInstance
 from worker.settings import queue_for_host
 
 log = logging.getLogger("dormant.housekeeping")
@@ -27,13 +26,19 @@ def _describe(guest: Any, observed: Any, host: str) -> dict[str, Any]:
     }
 
 
-@app.task(bind=True, name="dormant.status", autoretry_for=(TransientError,),
-          retry_backoff=True, max_retries=3, typing=False)
-def status(self: Task, instance: Any = None) -> dict[str, Any] | list[dict[str, Any]]:
+@app.task(base=TransitionTask, bind=True, name="dormant.status", max_retries=3)
+def status(self: TransitionTask, instance: Any = None) -> dict[str, Any] | list[dict[str, Any]]:
     """One instance's real state, or every instance of this host when none is given."""
     ctx = context()
     if instance is None:
-        return [_describe(g, g.observe(), ctx.host) for g in ctx.hypervisor.guests()]
+        rows = []
+        for guest in ctx.hypervisor.guests():
+            try:
+                rows.append(_describe(guest, guest.observe(), ctx.host))
+            except UnknownInstance:
+                continue  # undefined between the listing and the read: no longer here
+        return rows
+    self.forward_if_elsewhere(instance)
     key = validation.instance(instance)
     guest, observed = ctx.hypervisor.observe(key)
     if guest is None:

@@ -34,7 +34,7 @@ class TransitionTask(Task):
     typing = False  # a wrong argument count is journaled as bad input, not a TypeError
 
     def transition(self, action: Action, instance: Any, **kwargs: Any) -> dict[str, Any]:
-        self._forward_if_elsewhere(instance)
+        self.forward_if_elsewhere(instance)
         retries = self.request.retries or 0
         req = Request(
             action=action,
@@ -46,7 +46,7 @@ class TransitionTask(Task):
         )
         return run(context(), req)
 
-    def _forward_if_elsewhere(self, instance: Any) -> None:
+    def forward_if_elsewhere(self, instance: Any) -> None:
         """A transition sent to the control queue runs on the host that serves the instance."""
         delivery = self.request.delivery_info or {}
         if delivery.get("routing_key") != CONTROL_QUEUE or not isinstance(instance, str):

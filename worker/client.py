@@ -19,7 +19,7 @@ from worker import registry, validation
 from worker import settings as settings_mod
 from worker.errors import UnknownInstance
 from worker.registry import TTL_INTERVALS
-from worker.settings import CONTROL_QUEUE, Settings, queue_for_host
+from worker.settings import CONTROL_QUEUE, Settings, queue_for_host, redis_tls
 from worker.store import Store, connect
 
 # Fail fast when the broker is down: a caller (or the CLI) wants "unavailable" in about a
@@ -55,6 +55,11 @@ def celery_client(settings: Settings) -> Celery:
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         result_extended=True,
     )
+    # rediss:// without these would skip certificate checks (see settings.redis_tls).
+    if broker_tls := redis_tls(settings.broker_url, settings.tls_ca):
+        app.conf.broker_use_ssl = broker_tls
+    if backend_tls := redis_tls(settings.result_backend, settings.tls_ca):
+        app.conf.redis_backend_use_ssl = backend_tls
     return app
 
 
@@ -70,7 +75,7 @@ class Client:
     def from_settings(cls, settings: Settings | None = None) -> Client:
         """A client configured from the ``DORMANT_*`` environment (or the given settings)."""
         s = settings or settings_mod.get()
-        return cls(celery_client(s), connect(s.state_url), s)
+        return cls(celery_client(s), connect(s.state_url, tls_ca=s.tls_ca), s)
 
     def close(self) -> None:
         self.app.close()
