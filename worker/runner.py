@@ -271,8 +271,11 @@ class _Transition:
             )
         except DormantError as store_exc:  # the store itself is down: say so in the log
             if isinstance(store_exc, StaleLock):  # lost the lock: journal it, record nothing
+                lost = {**entry, "lock_error": str(store_exc)}
+                if not isinstance(exc, StaleLock):  # as in _succeed: the result was discarded
+                    lost["outcome"] = "stale"
                 with suppress(DormantError):
-                    self.ctx.store.journal_only(entry, instance)
+                    self.ctx.store.journal_only(lost, instance)
             log.error("could not record %s on %s: %s", exc, instance, store_exc)
         if retrying:
             metrics.transition_retried(str(self.req.action), type(exc).__name__)

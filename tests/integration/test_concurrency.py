@@ -5,13 +5,16 @@ conflicting requests are serialised by the per-instance lock (journal intervals 
 from __future__ import annotations
 
 import itertools
+import os
 import random
+import signal
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.support.journal import base_state, journal, real_state, record
+from tests.support.journal import base_state, journal, real_state, record, saving
+from tests.support.services import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -107,3 +110,50 @@ def test_conflicting_requests_from_several_clients_never_overlap(
     # Each step started from the state the previous one left.
     for previous, current in itertools.pairwise(ran):
         assert base_state(current["state_before"]) == base_state(previous["state_after"])
+
+
+@pytest.mark.slow
+def test_a_holder_whose_lock_expired_cannot_record_over_the_newer_holder(
+        start_worker, client_app, host_name, guests, redis_clean):
+    """Fencing: a frozen worker's lock lapses, a second worker takes the instance; when the
+    first wakes up its result is refused (journaled as such), the newer one stands."""
+    short = {"DORMANT_LOCK_TTL": "1", "DORMANT_VERIFY_TIMEOUT": "2",
+             "DORMANT_RETRY_BACKOFF": "1", "DORMANT_RETRY_BACKOFF_MAX": "1",
+             "DORMANT_MAX_RETRIES": "20"}
+    frozen = start_worker(pool="prefork", concurrency=1, env=short)
+    other_host = f"{host_name}-b"
+    start_worker(pool="threads", concurrency=2, env=short, host=other_host)
+    guest = guests.create("idle")
+    state = redis_clean.client(2)
+    [child] = frozen.children()
+
+    first = client_app.send_task("dormant.suspend", args=[guest.uuid],
+                                 kwargs={"request_id": "old-holder"},
+                                 queue=f"dormant.{host_name}")
+    wait_until(lambda: saving(guest.domain), timeout=30, interval=0.01,
+               message="managedSave in progress")
+    os.kill(child, signal.SIGSTOP)  # alive but silent: its lock keeper stops renewing
+    try:
+        wait_until(lambda: not state.keys("dormant:lock:*"), timeout=10,
+                   message="the frozen holder's lock expires")
+        newer = client_app.send_task("dormant.ensure", args=[guest.uuid],
+                                     kwargs={"target": "running", "request_id": "new-holder"},
+                                     queue=f"dormant.{other_host}").get(timeout=60)
+        assert newer["outcome"] == "changed" and real_state(guest.domain) == "running"
+    finally:
+        os.kill(child, signal.SIGCONT)
+
+    with pytest.raises(Exception) as caught:
+        first.get(timeout=60)
+    assert type(caught.value).__name__ in {"StaleLock", "TransitionNotReached"}
+    assert real_state(guest.domain) == "running"  # the newer holder's result stands
+    assert record(redis_clean, "new-holder")["status"] == "done"
+    old = record(redis_clean, "old-holder")
+    assert old is None or old["status"] != "done"  # nothing recorded over the newer one
+    entries = journal(redis_clean, guest.uuid)
+    old_entries = [e for e in entries if e["request_id"] == "old-holder"]
+    # Its failure is journaled as stale: the result was discarded because the lock was lost.
+    assert [e["outcome"] for e in old_entries] == ["stale"], old_entries
+    assert "expired while held" in old_entries[0]["lock_error"]
+    fences = [e["fence"] for e in entries if e.get("fence")]
+    assert fences == sorted(fences)
