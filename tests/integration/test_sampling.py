@@ -3,6 +3,7 @@ a spinning guest is not idle, a halted one is, and a paused one is sampled as pa
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import pytest
@@ -23,16 +24,20 @@ def test_sampled_busy_guest_is_not_idle_and_idle_guest_is(guests, redis_clean, h
     client = redis_clean.client(2)
     hv = Hypervisor("qemu:///system")
     try:
-        # The idle guest burns CPU in the BIOS for its first seconds: wait until one short
-        # interval shows it halted, and decide only from samples taken after that.
-        readings: list[tuple[float, int]] = []
+        # The idle guest spends its first seconds in the BIOS (CPU, disk reads, and quiet waits
+        # in between): it has settled into hlt when three intervals in a row show it under 1 %
+        # CPU with no disk reads. Decide only from samples taken after that.
+        readings: list[tuple[float, int, int]] = []
 
         def quiet_settled() -> float | None:
-            readings.append((time.monotonic(), quiet.domain.getCPUStats(True)[0]["cpu_time"]))
-            if len(readings) < 2:
+            readings.append((time.monotonic(), quiet.domain.getCPUStats(True)[0]["cpu_time"],
+                             quiet.domain.blockStats("hda")[1]))
+            last = readings[-4:]
+            if len(last) < 4 or last[0][2] != last[-1][2]:
                 return None
-            (t0, c0), (t1, c1) = readings[-2:]
-            return time.time() if (c1 - c0) / ((t1 - t0) * 1e9) < 0.01 else None
+            quiet_ = all((c1 - c0) / ((t1 - t0) * 1e9) < 0.01
+                         for (t0, c0, _), (t1, c1, _) in itertools.pairwise(last))
+            return time.time() if quiet_ else None
 
         settled = wait_until(quiet_settled, timeout=60, interval=PACE,
                              message="idle guest settles into hlt")
