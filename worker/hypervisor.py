@@ -290,7 +290,14 @@ class Hypervisor:
                     has_image = bool(self.call("check image", domain.hasManagedSaveImage))
                 except UnknownInstance:  # undefined since the stats call: gone, not an error
                     continue
-            observed = states.from_libvirt(state, record.get("state.reason", 0), has_image)
+            reason = record.get("state.reason", 0)
+            if state == libvirt.VIR_DOMAIN_PAUSED and reason in _SETTLED_JOB_REASONS:
+                try:  # a finished paused restore, or a job still running: Guest tells them apart
+                    observed = Guest(domain, self).observe()
+                except UnknownInstance:
+                    continue
+            else:
+                observed = states.from_libvirt(state, reason, has_image)
             yield DomainStats(
                 uuid=domain.UUIDString(),
                 name=domain.name(),

@@ -132,3 +132,28 @@ def test_bad_requests_fail_at_once_with_a_typed_error_and_are_journaled(
         assert entry["error_class"] == "permanent" and entry["state_before"] == state
         assert record(redis_clean, result.id)["status"] == "failed"
         assert real_state(guest.domain) == state  # nothing was done
+
+
+def test_a_guest_restored_paused_reads_as_paused_and_can_be_unpaused(
+        start_worker, client_app, host_name, guests):
+    """libvirt leaves a START_PAUSED restore "paused (migration)" with no job running: that
+    is a settled pause, not a job in progress (it used to read as busy forever)."""
+    import libvirt
+
+    from worker.hypervisor import connected
+    from worker.states import State
+
+    start_worker(pool="threads", concurrency=2)
+    guest = guests.create("idle")
+    guest.domain.managedSave(0)
+    guest.domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+    assert guest.domain.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_MIGRATION]
+    queue = f"dormant.{host_name}"
+
+    status = client_app.send_task("dormant.status", args=[guest.uuid], queue=queue).get(timeout=30)
+    assert status["state"] == "paused"
+    with connected("qemu:///system") as hv:
+        [stat] = [s for s in hv.stats() if s.uuid == guest.uuid]
+    assert stat.state is State.PAUSED
+    done = client_app.send_task("dormant.unpause", args=[guest.uuid], queue=queue).get(timeout=30)
+    assert done["outcome"] == "changed" and real_state(guest.domain) == "running"
