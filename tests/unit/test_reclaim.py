@@ -313,3 +313,106 @@ def test_failed_notice_is_reported_not_raised(webhook):
     assert notify.post(url, {"instance": "u1"}) == "failed: HTTP 500"
     assert notify.post("http://127.0.0.1:9/none", {}, timeout=1).startswith("failed:")
     assert notify.post("", {}).startswith("skipped")
+
+
+# -- beat fan-out (tasks/reclaim.py) ----------------------------------------------------------
+class _Ctx:
+    def __init__(self, client):
+        self.store = type("S", (), {"redis": client})()
+        self.host = "ctl"
+
+
+@pytest.fixture
+def fanout(fake_redis, monkeypatch):
+    import time as _time
+
+    import tasks.reclaim as tr
+    from worker.settings import Settings
+
+    settings = Settings(host="ctl", sample_interval=300, reclaim_timezone="Pacific/Kiritimati")
+    monkeypatch.setattr(tr, "settings", lambda: settings)
+    monkeypatch.setattr(tr, "context", lambda: _Ctx(fake_redis))
+    sent: list[tuple[str, dict, str]] = []
+    monkeypatch.setattr(tr.app, "send_task", lambda name, kwargs=None, queue=None, **_:
+                        sent.append((name, kwargs or {}, queue)))
+    fake_redis.zadd(keys.HOSTS, {"kvm-1": _time.time(), "kvm-2": _time.time(),
+                                 "gone": _time.time() - 86400})
+    return tr, sent
+
+
+def test_nightly_fan_out_sends_one_run_per_live_host_with_the_local_date(fanout):
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    tr, sent = fanout
+    day = dt.datetime.now(ZoneInfo("Pacific/Kiritimati")).date().isoformat()
+    assert tr.reclaim_fleet.run() == [f"kvm-1:{day}", f"kvm-2:{day}"]
+    assert sent == [("dormant.reclaim", {"run_id": f"kvm-1:{day}"}, "dormant.kvm-1"),
+                    ("dormant.reclaim", {"run_id": f"kvm-2:{day}"}, "dormant.kvm-2")]
+
+
+def test_sampling_fan_out_runs_once_per_tick_even_with_two_beats(fanout):
+    tr, sent = fanout
+    assert tr.sample_fleet.run() == 2
+    assert tr.sample_fleet.run() == 0  # a second beat process in the same tick
+    assert [(name, queue) for name, _kw, queue in sent] == [
+        ("dormant.sample", "dormant.kvm-1"), ("dormant.sample", "dormant.kvm-2")]
+
+
+# -- CLI reading reports and switching the kill switch (no worker needed) -------------------------
+@pytest.fixture
+def cli(fake_redis, monkeypatch):
+    from click.testing import CliRunner
+
+    import worker.cli.reclaim as cr
+    from worker.cli import main
+    from worker.settings import Settings
+
+    class FakeClient:
+        state = fake_redis
+        settings = Settings(host="h")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *_):
+            pass
+
+    monkeypatch.setattr(cr, "make_client", FakeClient)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(main, list(args))
+
+
+def _a_report(client, rid="h:2026-11-27", outcome="suspended"):
+    runs.create(client, rid, {"run_id": rid, "kind": "reclaim", "host": "h", "status": "done",
+                              "reason": "1 action(s) finished", "started_at": NOW},
+                [{"instance": "u1", "name": "web-1", "verdict": "suspend", "reason": "idle: x",
+                  "outcome": outcome, "error": "boom" if outcome == "failed" else None}],
+                queue=[], ttl=60)
+
+
+def test_report_prints_the_newest_run_as_a_table_and_json(cli, fake_redis):
+    _a_report(fake_redis)
+    table = cli("reclaim", "report")
+    assert table.exit_code == 0, table.output
+    assert "web-1" in table.output and "suspended" in table.output
+    doc = json.loads(cli("reclaim", "report", "h:2026-11-27", "--json").output)
+    assert doc["runs"][0]["entries"][0]["outcome"] == "suspended"
+
+
+def test_report_exit_codes(cli, fake_redis):
+    assert cli("reclaim", "report").exit_code == 1  # nothing recorded yet
+    assert cli("reclaim", "report", "no:such").exit_code == 2
+    assert cli("reclaim", "report", "bad id").exit_code == 2
+    _a_report(fake_redis, outcome="failed")
+    failed = cli("reclaim", "report", "h:2026-11-27")
+    assert failed.exit_code == 1 and "boom" in failed.output
+
+
+def test_kill_switch_commands(cli, fake_redis):
+    assert json.loads(cli("kill-switch", "on", "--json").output)["reclamation"] == "disabled"
+    assert runs.kill_switch(fake_redis) is not None
+    status = json.loads(cli("kill-switch", "status", "--json").output)
+    assert status["reclamation"] == "disabled" and "kill switch on" in status["reason"]
+    assert json.loads(cli("kill-switch", "off", "--json").output)["reclamation"] == "enabled"
+    assert cli("kill-switch", "maybe").exit_code == 2
