@@ -193,9 +193,10 @@ def test_kill_switch_makes_a_run_suspend_nothing(guests, start_worker, client_ap
     assert switched.returncode == 0, switched.stderr
     assert json.loads(switched.stdout)["reclamation"] == "disabled"
 
-    rid = f"{host_name}:kill"
-    report = scene.send("dormant.reclaim", run_id=rid)
-    assert report["status"] == "disabled"
+    ran = scene.cli("reclaim", "--host", host_name, "--json")  # a real run, started now
+    assert ran.returncode == 0, ran.stderr
+    [report] = json.loads(ran.stdout)["runs"]
+    assert report["dry_run"] is False and report["status"] == "disabled"
     assert "kill switch on" in report["reason"]
     [entry] = report["entries"]
     assert entry["verdict"] == "disabled" and "kill switch on" in entry["reason"]
@@ -349,9 +350,11 @@ def test_grace_marks_and_notifies_once_then_a_later_run_suspends(
     assert state_of(libvirt_conn, guest) == "running"
     assert scene.send("dormant.reclaim", run_id=f"{host_name}:night1")["status"] == "duplicate"
 
-    second = scene.send("dormant.reclaim", run_id=f"{host_name}:night2")
-    assert second["entries"][0]["verdict"] == "suspend"
-    report = scene.finished(f"{host_name}:night2")
+    second = scene.cli("reclaim", "--host", host_name, "--json")  # waits until it is done
+    assert second.returncode == 0, second.stderr
+    [report] = json.loads(second.stdout)["runs"]
+    assert report["status"] == "done" and report["entries"][0]["verdict"] == "suspend"
+    assert report["entries"][0]["outcome"] == "suspended"
     assert report["manifest"] == [guest.uuid]
     assert state_of(libvirt_conn, guest) == "suspended"
     assert len(received) == 1  # one notice per mark, never twice
