@@ -244,13 +244,17 @@ def _precheck(kind: str, uuid: str) -> tuple[dict[str, Any] | None, dict[str, An
 
 
 def _finish(rid: str, instance: str, changes: dict[str, Any], *, suspended: bool) -> None:
-    """Record one action, start the next queued one, close the run after the last."""
+    """Start the next queued action, record this one, close the run after the last.
+
+    The next action is sent *before* recording: a worker killed in between is redelivered,
+    finds the entry unfinished and sends one more (briefly cap + 1) -- the queue never stalls.
+    """
     ctx, s = context(), settings()
     client = ctx.store.redis
+    if not (runs.entry(client, rid, instance) or {}).get("finished"):
+        _start(rid, 1)
     first, done, todo = runs.record(client, rid, instance, {**changes, "at": time.time()},
                                     suspended=suspended, ttl=s.reclaim_report_ttl)
-    if first:
-        _start(rid, 1)
     if first and done >= todo:
         report = runs.load(client, rid) or {}
         outcomes = Counter(str(e.get("outcome")) for e in report.get("entries", [])
