@@ -358,3 +358,29 @@ def test_grace_marks_and_notifies_once_then_a_later_run_suspends(
     assert report["manifest"] == [guest.uuid]
     assert state_of(libvirt_conn, guest) == "suspended"
     assert len(received) == 1  # one notice per mark, never twice
+
+
+@pytest.mark.slow
+def test_a_drain_whose_worker_is_killed_mid_save_is_finished_by_another_worker(
+        guests, start_worker, client_app, redis_clean, host_name, libvirt_conn):
+    from tests.support.journal import journal, saving
+
+    kill_env = {"DORMANT_LOCK_TTL": "2", "DORMANT_VISIBILITY_TIMEOUT": "4",
+                "DORMANT_RETRY_BACKOFF": "1", "DORMANT_RETRY_BACKOFF_MAX": "1",
+                "DORMANT_MAX_RETRIES": "20", "DORMANT_RECLAIM_HOST_CAP": "1"}
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name, **kill_env)
+    trio = [scene.create("idle", f"run{i}") for i in range(3)]
+    rid = f"drain:{host_name}:killed"
+    client_app.send_task("dormant.drain", kwargs={"run_id": rid}, queue=scene.queue())
+    wait_until(lambda: any(saving(g.domain) for g in trio), timeout=60, interval=0.01,
+               message="the first managedSave in progress")
+    scene.worker.kill()  # the whole worker, mid-save: nobody acks or sends the next action
+
+    start_worker(pool="threads", concurrency=4, env=scene.env)
+    report = scene.finished(rid)
+    assert {e["outcome"] for e in report["entries"]} == {"suspended"}
+    assert set(report["manifest"]) == {g.uuid for g in trio}
+    assert all(state_of(libvirt_conn, g) == "suspended" for g in trio)
+    for g in trio:  # each guest saved exactly once, whatever was redelivered
+        changed = [e for e in journal(redis_clean, g.uuid) if e["outcome"] == "changed"]
+        assert len(changed) == 1, journal(redis_clean, g.uuid)
