@@ -11,3 +11,9 @@ setup:  ## install Debian packages and .venv, start redis-server and libvirtd
 
 lint:
 	.venv/bin/ruff check .
+
+bench:  ## the benchmarks (see bench/README.md); record results in bench/RESULTS.md
+	scripts/setup.sh
+	.venv/bin/python -m bench.transitions -P threads -c 8
+	.venv/bin/python -m bench.bulk_suspend
+	.venv/bin/python -m bench.plan_fleet
