@@ -197,6 +197,12 @@ class _Transition:
             observed = self.guest.observe()
             if observed.state is state:
                 return observed
+            if self.held is not None and not self.ctx.store.holds(self.held):
+                # A newer holder owns the guest and may have moved it on: stop waiting.
+                raise StaleLock(
+                    f"lost the lock on {self.guest.uuid} while waiting for {state}; "
+                    f"the guest is {observed} and a newer transition owns it"
+                )
             if time.monotonic() >= deadline:
                 raise TransitionNotReached(
                     f"{self.guest.name} is {observed} {self.ctx.verify_timeout:g}s after the "

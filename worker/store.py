@@ -300,6 +300,11 @@ class Store:
                 "a newer transition owns the instance, so this result was not recorded"
             )
 
+    def holds(self, held: Held) -> bool:
+        """Whether the lock still carries this holder's fence (checked on slow paths only)."""
+        with translated():
+            return self.redis.get(keys.lock(held.instance)) == held.value
+
     def renew(self, key: str, value: str) -> bool:
         return bool(self._renew(keys=[key], args=[value, self.lock_ttl_ms]))
 

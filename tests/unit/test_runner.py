@@ -6,6 +6,8 @@ through a separate libvirt connection, not through dormant.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -340,6 +342,31 @@ def test_a_holder_that_lost_its_lock_records_nothing(
     assert store.redis.get(keys.lock(dom.UUIDString())) == newer[0].value
     assert (store.request("stale") or {}).get("status") != "done"
     assert "stale" in [e["outcome"] for e in store.journal(dom.UUIDString())]
+
+
+def test_a_holder_that_lost_its_lock_stops_waiting_for_a_state_it_will_not_see(
+        flaky: FlakyHypervisor, store: Store, make_domain: DomainFactory) -> None:
+    """The newer holder unpauses the guest at once: the old one fails fast, not at the deadline."""
+    ctx = dataclasses.replace(_ctx(flaky, store), verify_timeout=30.0)
+    dom = make_domain()
+
+    paused: list[bool] = []
+
+    def steal_and_unpause() -> None:  # the first state read after the pause call
+        if paused and len(paused) == 1:
+            paused.append(True)
+            store.redis.delete(keys.lock(dom.UUIDString()))
+            assert isinstance(store.acquire("newer", dom.UUIDString(), wait=0), Held)
+            dom.resume()
+
+    flaky.before_call["pause "] = lambda: paused.append(True)
+    flaky.before_call["read state of"] = steal_and_unpause
+    started = time.monotonic()
+    with pytest.raises(StaleLock, match="newer transition owns it"):
+        run(ctx, Request(action=Action.PAUSE, instance=dom.name(), request_id="slow-stale"))
+    assert time.monotonic() - started < 5  # far below the 30 s verify timeout
+    assert _state(dom)[0] == libvirt.VIR_DOMAIN_RUNNING
+    assert (store.request("slow-stale") or {}).get("status") != "done"
 
 
 def test_max_seconds_sets_the_deadline_and_a_change_clears_it(
