@@ -104,6 +104,7 @@ class _Transition:
         self.held: Held | None = None
         self.guest: Guest | None = None
         self.before: Observed | None = None
+        self.acted = False  # a state-changing libvirt call was made
 
     def run(self) -> dict[str, Any]:
         key = self.instance
@@ -183,6 +184,7 @@ class _Transition:
         assert self.guest is not None
         observed = self.before
         for step in steps.steps:
+            self.acted = True
             self.guest.run(step)
             observed = self._wait_for(STEP_RESULT[step])
         assert observed is not None
@@ -278,8 +280,8 @@ class _Transition:
         except DormantError as store_exc:  # the store itself is down: say so in the log
             if isinstance(store_exc, StaleLock):  # lost the lock: journal it, record nothing
                 lost = {**entry, "lock_error": str(store_exc)}
-                if not isinstance(exc, StaleLock):  # as in _succeed: the result was discarded
-                    lost["outcome"] = "stale"
+                if not isinstance(exc, StaleLock) or self.acted:
+                    lost["outcome"] = "stale"  # libvirt was called; its result is discarded
                 with suppress(DormantError):
                     self.ctx.store.journal_only(lost, instance)
             log.error("could not record %s on %s: %s", exc, instance, store_exc)
