@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.services import ROOT, free_port, wait_until
+from tests.support.services import ROOT, free_port, stop_process, wait_until
 from tests.support.services import test_env as dormant_environment
 
 pytestmark = pytest.mark.integration
@@ -60,12 +60,7 @@ class Flower:
             return False
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.log_file.close()
 
 
