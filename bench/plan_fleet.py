@@ -30,7 +30,7 @@ from collections import Counter
 from celery import Celery
 
 from tests.support.services import RedisServer, free_port, new_workdir
-from worker import idle, runs, sampling
+from worker import idle, keys, runs, sampling
 from worker import reclaim as rc
 from worker.sampling import Sample
 
@@ -79,8 +79,8 @@ def build(client, hosts: int, instances: int, now: float, seed: int):  # type: i
         items = [(u, f"vm{i}", s) for s in synthetic(kind, now, rng)]
         with client.pipeline(transaction=False) as pipe:
             for _u, _n, s in items:
-                pipe.zadd(f"dormant:samples:{u}", {sampling.encode(s): s.t})
-            pipe.set(f"dormant:first-seen:{u}", repr(now - WINDOW * 3))
+                pipe.zadd(keys.samples(u), {sampling.encode(s): s.t})
+            pipe.set(keys.first_seen(u), repr(now - WINDOW * 3))
             pipe.execute()
     return fleet, truth
 
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         numbers = plan(client, app, fleet, now=now, cap=args.cap, policy=policy, memory=memory)
         total = time.perf_counter() - started
         in_broker = sum(broker.llen(f"dormant.{h}") for h in fleet)
-        waiting = sum(client.llen(f"dormant:run:{h}:bench:queue") for h in fleet)
+        waiting = sum(client.llen(keys.run_queue(f"{h}:bench")) for h in fleet)
         broker.flushdb()
         started = time.perf_counter()
         from_redis = plan(client, app, fleet, now=now, cap=args.cap, policy=policy, tag="bench2")
