@@ -18,7 +18,12 @@ fi
 if virsh -c qemu:///system version >/dev/null 2>&1; then
   exit 0
 fi
-[[ $(id -u) -eq 0 ]] || die "libvirtd is not running and starting it needs root: sudo $0"
+if [[ $(id -u) -ne 0 ]]; then
+  if pgrep -x libvirtd >/dev/null; then
+    die "libvirtd runs but $(id -un) cannot reach qemu:///system: run as root, or join the group that owns /var/run/libvirt/libvirt-sock"
+  fi
+  die "libvirtd is not running and starting it needs root: sudo $0"
+fi
 for group in kvm libvirt-qemu; do getent group "$group" >/dev/null || groupadd --system "$group"; done
 getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home -g kvm libvirt-qemu
 conf=/etc/libvirt/qemu.conf
