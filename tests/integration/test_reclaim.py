@@ -12,10 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import libvirt
@@ -24,6 +22,7 @@ import pytest
 from tests.support import services
 from tests.support.guests import NAME_PREFIX, boot_sector
 from tests.support.services import ROOT, wait_until
+from tests.support.webhook import WebhookReceiver
 from worker import runs
 
 pytestmark = pytest.mark.integration
@@ -306,28 +305,11 @@ def test_cli_exempt_idle_and_sample(guests, start_worker, client_app, redis_clea
     assert scene.cli("exempt", "no-such-guest").returncode == 2
 
 
-class _Webhook(BaseHTTPRequestHandler):
-    received: list[dict] = []
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Webhook.received.append(json.loads(body))
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, *_args):
-        pass
-
-
 @pytest.fixture
 def webhook():
-    _Webhook.received = []
-    server = HTTPServer(("127.0.0.1", 0), _Webhook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/idle", _Webhook.received
-    server.shutdown()
-    server.server_close()
+    receiver = WebhookReceiver("/idle")
+    yield receiver.url, receiver.bodies
+    receiver.stop()
 
 
 @pytest.mark.slow

@@ -4,11 +4,10 @@ fakeredis; the grace webhook against a real local HTTP server."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from tests.support.webhook import WebhookReceiver
 from worker import keys, notify, runs
 from worker import reclaim as rc
 from worker.errors import InvalidInput
@@ -274,29 +273,11 @@ def test_run_id_builders():
 
 
 # -- notify ------------------------------------------------------------------------------------
-class _Hook(BaseHTTPRequestHandler):
-    received: list[dict] = []
-    status = 204
-
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        _Hook.received.append({"type": self.headers["Content-Type"], "body": json.loads(body)})
-        self.send_response(_Hook.status)
-        self.end_headers()
-
-    def log_message(self, *_args):
-        pass
-
-
 @pytest.fixture
 def webhook():
-    _Hook.received = []
-    server = HTTPServer(("127.0.0.1", 0), _Hook)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/hook", _Hook
-    server.shutdown()
-    server.server_close()
+    receiver = WebhookReceiver("/hook")
+    yield receiver.url, receiver
+    receiver.stop()
 
 
 def test_notice_is_posted_as_json(webhook):
