@@ -35,8 +35,15 @@ app.conf.beat_schedule = {
 }
 
 
+STARTUP_REGISTRY_WAIT = 10.0  # seconds start-up waits for the first registry refresh
+
+
 class RegistryStep(bootsteps.StartStopStep):
-    """Publish this host's instances now and every ``DORMANT_REGISTRY_INTERVAL`` seconds."""
+    """Publish this host's instances now and every ``DORMANT_REGISTRY_INTERVAL`` seconds.
+
+    Each refresh runs on a thread of its own (libvirt calls there have deadlines, but the
+    timer and, with prefork, the event loop must not wait even that long).
+    """
 
     requires = {"celery.worker.components:Timer"}
 
@@ -45,10 +52,11 @@ class RegistryStep(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, parent: object) -> None:
-        from tasks.housekeeping import refresh_registry_now
+        from tasks.housekeeping import refresh_registry_in_background
 
         interval = settings_mod.get().registry_interval
-        self.tref = parent.timer.call_repeatedly(interval, refresh_registry_now)  # type: ignore[attr-defined]
+        self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
+            interval, refresh_registry_in_background)
 
     def stop(self, parent: object) -> None:
         if self.tref is not None:
@@ -60,9 +68,13 @@ app.steps["worker"].add(RegistryStep)
 
 @worker_ready.connect
 def _on_worker_ready(sender: object = None, **_: object) -> None:
-    from tasks.housekeeping import refresh_registry_now
+    from tasks.housekeeping import refresh_registry_in_background
 
-    refresh_registry_now()
+    # Published before the worker answers pings when libvirtd is healthy; never holds
+    # start-up longer than STARTUP_REGISTRY_WAIT when it is not.
+    refreshing = refresh_registry_in_background()
+    if refreshing is not None:
+        refreshing.join(STARTUP_REGISTRY_WAIT)
     port = settings_mod.get().metrics_port
     if port:
         pool = type(getattr(sender, "pool", None)).__module__

@@ -34,7 +34,11 @@ def context() -> Context:
                 s = settings()
                 client = store_mod.connect(s.state_url, tls_ca=s.tls_ca)
                 ctx = Context(
-                    hypervisor=shared(s.libvirt_uri),
+                    hypervisor=shared(
+                        s.libvirt_uri, timeout=s.libvirt_timeout,
+                        save_timeout=s.libvirt_save_timeout,
+                        save_seconds_per_gib=s.libvirt_save_seconds_per_gib,
+                    ),
                     store=store_mod.Store(
                         client, lock_ttl=s.lock_ttl, result_ttl=s.result_ttl,
                         registry_ttl=s.registry_interval * TTL_INTERVALS,

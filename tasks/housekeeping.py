@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -46,16 +47,49 @@ def status(self: TransitionTask, instance: Any = None) -> dict[str, Any] | list[
     return _describe(guest, observed, ctx.host)
 
 
+_refreshing = threading.Lock()
+_stuck: list[Any] = []  # the abandoned libvirt call of the last refresh, while outstanding
+
+
 def refresh_registry_now() -> None:
-    """Publish this host's instances; never raise into the worker's timer."""
+    """Publish this host's instances; never raise into the worker's timer.
+
+    While the libvirt call a previous refresh abandoned is still outstanding (a domain whose
+    lock libvirtd leaked blocks listing all domains), refreshing again would only strand one
+    more connection: skip until it returns.
+    """
+    if _stuck and not _stuck[0].done():
+        log.warning("registry refresh skipped: the last one is still stuck in libvirt")
+        return
+    _stuck.clear()
     ctx = context()
     try:
         counts = registry.publish(ctx.store.redis, ctx.hypervisor, ctx.host,
                                   interval=settings().registry_interval)
     except Exception as exc:  # the next tick tries again
+        outstanding = getattr(exc, "outstanding", None)
+        if outstanding is not None:
+            _stuck.append(outstanding)
         log.warning("registry refresh failed: %s", exc)
         return
     metrics.instances_observed(ctx.host, counts)
+
+
+def refresh_registry_in_background() -> threading.Thread | None:
+    """Refresh on a thread of its own, so a slow or hung libvirtd never holds up the worker's
+    start-up, its event loop or its timer; at most one refresh runs at a time."""
+    if not _refreshing.acquire(blocking=False):
+        return None
+
+    def refresh() -> None:
+        try:
+            refresh_registry_now()
+        finally:
+            _refreshing.release()
+
+    thread = threading.Thread(target=refresh, name="dormant-registry", daemon=True)
+    thread.start()
+    return thread
 
 
 @app.task(name="dormant.expire_pauses", ignore_result=True)

@@ -1,28 +1,41 @@
 """The only module that imports libvirt.
 
-``Hypervisor`` owns connections (one per thread, opened lazily after fork, reopened when
-broken) and translates every libvirt error, once, by error code and domain into dormant's
-error tree. ``Guest`` wraps one virDomain with one method per meaning.
+``Hypervisor`` owns connections and translates every libvirt error, once, by error code and
+domain into dormant's error tree. ``Guest`` wraps one virDomain with one method per meaning.
 
-Why a connection per thread: libvirtd runs at most ``max_client_requests`` (default 5) calls at
-once for one client connection, so long managedSave calls from a threaded worker would queue
-behind each other on a shared one.
+Why a connection per task thread: libvirtd runs at most ``max_client_requests`` (default 5)
+calls at once for one client connection, so long managedSave calls from a threaded worker
+would queue behind each other on a shared one.
+
+Why every call has a deadline: a libvirt call can block for ever (a QEMU stuck in D-state, a
+domain whose lock libvirtd leaked, a hung libvirtd) and a Python thread blocked in C cannot be
+interrupted. So each connection is a :class:`_Line`: the connection plus the one thread that
+makes every call on it (libvirt-python releases the GIL during a call). The task thread hands
+the call over and waits with a timeout. Past the deadline the call is *abandoned*: the line is
+retired (never used again; the next call opens a fresh one), and the task gets
+``HypervisorBusy`` naming the call and the seconds waited, with the still-running call attached
+as ``exc.outstanding`` (a Future) so the caller can keep the guest locked until it returns.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
 import threading
+import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import libvirt
 
-from worker import states
+from worker import metrics, states
 from worker.errors import (
     HypervisorBusy,
     HypervisorRefused,
@@ -97,17 +110,98 @@ class DomainStats:
     block_wr_bytes: int
 
 
+# -- calls in flight -------------------------------------------------------------------------
+_inflight: dict[int, tuple[str, float]] = {}  # id(future) -> (what, monotonic start)
+_ABANDONED_MAX = 32  # retired lines whose call is still outstanding, per process
+
+
+def calls_in_flight() -> tuple[int, float]:
+    """How many libvirt calls this process is making now, and the age of the oldest (s)."""
+    starts = [start for _what, start in list(_inflight.values())]
+    if not starts:
+        return 0, 0.0
+    return len(starts), time.monotonic() - min(starts)
+
+
+def oldest_calls(limit: int = 5) -> list[tuple[str, float]]:
+    """The longest-running calls: (what, seconds), oldest first (for logs and health)."""
+    now = time.monotonic()
+    rows = sorted(list(_inflight.values()), key=lambda row: row[1])[:limit]
+    return [(what, now - start) for what, start in rows]
+
+
+_STOP = object()
+_line_numbers = itertools.count(1)
+_abandoned: set[_Line] = set()
+_abandoned_lock = threading.Lock()
+
+
+class _Line:
+    """One libvirt connection and the one daemon thread that makes every call on it.
+
+    Daemon, not a ThreadPoolExecutor: an executor's threads are joined at interpreter exit,
+    so a call stuck for ever would keep the worker from exiting.
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.conn: libvirt.virConnect | None = None
+        self.retired = False
+        self.guests: dict[str, Guest] = {}  # domain handles of this connection (observe)
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, daemon=True,
+                                        name=f"dormant-libvirt-{next(_line_numbers)}")
+        self._thread.start()
+
+    def submit(self, what: str, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._jobs.put((future, what, fn))
+        return future
+
+    def retire(self) -> None:
+        """Never use this line again; its thread closes the connection once idle."""
+        if not self.retired:
+            self.retired = True
+            self._jobs.put(_STOP)
+
+    def _serve(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                break
+            future, what, fn = job
+            if not future.set_running_or_notify_cancel():
+                continue
+            key = id(future)
+            _inflight[key] = (what, time.monotonic())
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # handed to the waiting task thread
+                future.set_exception(exc)
+            finally:
+                _inflight.pop(key, None)
+        with _abandoned_lock:
+            _abandoned.discard(self)
+        if self.conn is not None and self.pid == os.getpid():
+            with suppress(libvirt.libvirtError):
+                self.conn.close()
+        self.conn = None
+
+
 class Guest:
     """One libvirt domain, with methods named for what they mean to dormant."""
 
-    def __init__(self, domain: libvirt.virDomain, hypervisor: Hypervisor) -> None:
+    def __init__(self, domain: libvirt.virDomain, hypervisor: Hypervisor,
+                 line: _Line | None = None) -> None:
         self._domain = domain
         self._hypervisor = hypervisor
+        self._line = line  # the connection the handle belongs to; its calls go there
         self.uuid: str = domain.UUIDString()
         self.name: str = domain.name()
 
-    def _call(self, what: str, fn: Callable[[], T]) -> T:
-        return self._hypervisor.call(f"{what} {self.name}", fn)
+    def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
+        return self._hypervisor.call(f"{what} {self.name}", fn, line=self._line,
+                                     timeout=timeout)
 
     def observe(self) -> Observed:
         """Read the real state from libvirt (never from a cache)."""
@@ -129,6 +223,11 @@ class Guest:
             return False
         return bool(info) and info[0] != libvirt.VIR_DOMAIN_JOB_NONE
 
+    def _save_deadline(self) -> float:
+        """Seconds a save or restore may take: a base plus a share per GiB of memory."""
+        kib = self._call("read memory size of", self._domain.maxMemory)
+        return self._hypervisor.save_deadline(int(kib) * 1024)
+
     def pause(self) -> None:
         """Stop the vCPUs, keep memory in RAM (virDomainSuspend)."""
         self._call("pause", self._domain.suspend)
@@ -138,16 +237,18 @@ class Guest:
 
     def save_memory_to_disk(self) -> None:
         """Managed save; the guest restores *running* whatever state it was saved in."""
-        self._call("suspend", lambda: self._domain.managedSave(libvirt.VIR_DOMAIN_SAVE_RUNNING))
+        self._call("suspend", lambda: self._domain.managedSave(libvirt.VIR_DOMAIN_SAVE_RUNNING),
+                   timeout=self._save_deadline())
 
     def restore(self) -> None:
         """Start from the managed-save image (virDomainCreate)."""
-        self._call("resume", self._domain.create)
+        self._call("resume", self._domain.create, timeout=self._save_deadline())
 
     def restore_paused(self) -> None:
         self._call(
             "resume paused",
             lambda: self._domain.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED),
+            timeout=self._save_deadline(),
         )
 
     def run(self, step: Step) -> None:
@@ -162,12 +263,14 @@ class Guest:
 
     def metadata(self, namespace: str) -> str | None:
         """The element dormant keeps in the domain's ``<metadata>``, or None."""
-        try:
-            return self._domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
-                return None
-            raise translate(exc, f"read metadata of {self.name}") from None
+        def read() -> str | None:
+            try:
+                return self._domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
+                    return None
+                raise
+        return self._call("read metadata of", read)
 
 
 def _looks_like_uuid(instance: str) -> bool:
@@ -179,15 +282,27 @@ def _looks_like_uuid(instance: str) -> bool:
 
 
 class Hypervisor:
-    """Connections to one libvirt URI, fixed by the worker's configuration (never by a caller)."""
+    """Connections to one libvirt URI, fixed by the worker's configuration (never by a caller).
 
-    def __init__(self, uri: str, *, on_connect: Callable[[libvirt.virConnect], None] | None = None):
+    ``timeout`` bounds every quick call (and connecting); saves and restores get
+    ``save_timeout + save_seconds_per_gib x the guest's memory in GiB``.
+    """
+
+    def __init__(self, uri: str, *, on_connect: Callable[[libvirt.virConnect], None] | None = None,
+                 timeout: float = 30.0, save_timeout: float = 120.0,
+                 save_seconds_per_gib: float = 30.0) -> None:
         self.uri = uri
+        self.timeout = timeout
+        self.save_timeout = save_timeout
+        self.save_seconds_per_gib = save_seconds_per_gib
         self._local = threading.local()
         self._on_connect = on_connect
 
+    def save_deadline(self, memory_bytes: int) -> float:
+        return self.save_timeout + self.save_seconds_per_gib * memory_bytes / 2**30
+
     # -- connection ------------------------------------------------------------------------
-    def _open(self) -> libvirt.virConnect:
+    def _open(self, line: _Line) -> libvirt.virConnect:
         try:
             conn = libvirt.open(self.uri)
         except libvirt.libvirtError as exc:
@@ -196,61 +311,108 @@ class Hypervisor:
             ) from None
         if self._on_connect is not None:
             self._on_connect(conn)
+        line.conn = conn
         return conn
+
+    def line(self) -> _Line:
+        """This thread's line, opened on first use and replaced after it broke or hung.
+
+        A line inherited across fork (a prefork child replaced after the parent connected)
+        is forgotten, never used or closed: its socket and thread belong to the parent.
+        """
+        line = getattr(self._local, "line", None)
+        if line is not None and not line.retired and line.pid == os.getpid():
+            return line
+        with _abandoned_lock:
+            stuck = len(_abandoned)
+        if stuck >= _ABANDONED_MAX:
+            raise HypervisorBusy(
+                f"{stuck} abandoned libvirt calls on {self.uri} are still outstanding; "
+                "not opening another connection until some return"
+            )
+        line = self._local.line = _Line()
+        what = f"connect to {self.uri}"
+        try:
+            self._wait(line, what, line.submit(what, lambda: self._open(line)), self.timeout)
+        except HypervisorBusy as exc:
+            self._local.line = None
+            raise HypervisorUnavailable(f"hypervisor unavailable: {exc}") from None
+        except BaseException:
+            self._local.line = None
+            line.retire()
+            raise
+        return line
 
     def connection(self) -> libvirt.virConnect:
-        """This thread's connection, opened on first use and reopened after it broke.
-
-        A connection inherited across fork (a prefork child replaced after the parent
-        connected) is forgotten, never used or closed: its socket belongs to the parent.
-        """
-        conn = getattr(self._local, "conn", None)
-        if conn is None or self._local.pid != os.getpid():
-            conn = self._local.conn = self._open()
-            self._local.pid = os.getpid()
+        """This thread's libvirt connection (see :meth:`line`)."""
+        conn = self.line().conn
+        assert conn is not None
         return conn
 
-    def _drop(self) -> None:
-        conn = getattr(self._local, "conn", None)
-        self._local.conn = None
-        if getattr(self._local, "pid", None) != os.getpid():
-            return
-        if conn is not None:
-            with suppress(libvirt.libvirtError):
-                conn.close()
+    def _drop(self, line: _Line | None = None) -> None:
+        current = getattr(self._local, "line", None)
+        line = line or current
+        if line is current:
+            self._local.line = None
+        if line is not None and line.pid == os.getpid():
+            line.retire()
 
     def close(self) -> None:
         self._drop()
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
-        """Run one libvirt call, translating its error; a broken connection is dropped."""
+    def call(self, what: str, fn: Callable[[], T], *, line: _Line | None = None,
+             timeout: float | None = None) -> T:
+        """Run one libvirt call on its connection's thread, within a deadline.
+
+        Its libvirt error is translated; a broken connection is dropped; past the deadline
+        the call is abandoned (see the module docstring).
+        """
+        if line is None:
+            line = self.line()
+        elif line.retired or line.pid != os.getpid():
+            raise HypervisorBusy(f"{what}: its connection was retired after an abandoned call")
+        return self._wait(line, what, line.submit(what, fn), timeout or self.timeout)
+
+    def _wait(self, line: _Line, what: str, future: Future[T], timeout: float) -> T:
         try:
-            return fn()
+            return future.result(timeout)
+        except FutureTimeout:
+            if future.cancel():  # never started: the line is busy with an earlier stuck call
+                pass
+            else:
+                with _abandoned_lock:
+                    _abandoned.add(line)
+            self._drop(line)
+            metrics.libvirt_call_abandoned()
+            log.warning("libvirt call abandoned after %gs: %s", timeout, what)
+            err = HypervisorBusy(f"{what}: no answer from libvirt after {timeout:g}s; "
+                                 "call abandoned (connection retired)")
+            err.outstanding = future  # type: ignore[attr-defined]
+            err.seconds = timeout  # type: ignore[attr-defined]
+            raise err from None
         except libvirt.libvirtError as exc:
             err = translate(exc, what)
             if isinstance(err, HypervisorUnavailable):
-                self._drop()
+                self._drop(line)
             raise err from None
 
     # -- domains ---------------------------------------------------------------------------
     def guest(self, instance: str) -> Guest:
         """Look a guest up by UUID or name; UnknownInstance when there is none."""
-        conn = self.connection()
+        conn, line = self.connection(), self.line()
         lookup = conn.lookupByUUIDString if _looks_like_uuid(instance) else conn.lookupByName
-        return Guest(self.call(f"look up {instance!r}", lambda: lookup(instance)), self)
+        domain = self.call(f"look up {instance!r}", lambda: lookup(instance), line=line)
+        return Guest(domain, self, line)
 
     def observe(self, instance: str) -> tuple[Guest | None, Observed]:
         """The guest and its state; ``(None, missing)`` when it does not exist.
 
-        A UUID's domain handle is kept per thread connection: it saves a lookup call on the
+        A UUID's domain handle is kept per connection: it saves a lookup call on the
         transition hot path (see bench/RESULTS.md). The state is still read every time; a
         handle whose domain has gone is dropped and looked up afresh.
         """
-        conn = self.connection()
-        cached_for = getattr(self._local, "guests", None)
-        if cached_for is None or cached_for[0] is not conn:  # new thread, reconnect or fork
-            cached_for = self._local.guests = (conn, {})
-        cache: dict[str, Guest] = cached_for[1]
+        line = self.line()
+        cache = line.guests
         cached = cache.get(instance)
         if cached is not None:
             try:
@@ -268,12 +430,18 @@ class Hypervisor:
         return guest, guest.observe()
 
     def guests(self) -> list[Guest]:
-        conn = self.connection()
-        return [Guest(d, self) for d in self.call("list domains", conn.listAllDomains)]
+        conn, line = self.connection(), self.line()
+        return [Guest(d, self, line)
+                for d in self.call("list domains", conn.listAllDomains, line=line)]
+
+    def ping(self) -> int:
+        """libvirt's version number, from a call every healthy libvirtd answers at once."""
+        conn, line = self.connection(), self.line()
+        return int(self.call("read version of libvirtd", conn.getLibVersion, line=line))
 
     def stats(self) -> Iterator[DomainStats]:
         """One ``getAllDomainStats`` call for every domain: state, cpu, vcpu, net, block."""
-        conn = self.connection()
+        conn, line = self.connection(), self.line()
         wanted = (
             libvirt.VIR_DOMAIN_STATS_STATE
             | libvirt.VIR_DOMAIN_STATS_CPU_TOTAL
@@ -281,19 +449,21 @@ class Hypervisor:
             | libvirt.VIR_DOMAIN_STATS_INTERFACE
             | libvirt.VIR_DOMAIN_STATS_BLOCK
         )
-        records = self.call("read domain stats", lambda: conn.getAllDomainStats(wanted, 0))
+        records = self.call("read domain stats", lambda: conn.getAllDomainStats(wanted, 0),
+                            line=line)
         for domain, record in records:
             has_image = False
             state = record.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
             if state == libvirt.VIR_DOMAIN_SHUTOFF:
                 try:
-                    has_image = bool(self.call("check image", domain.hasManagedSaveImage))
+                    has_image = bool(self.call("check image", domain.hasManagedSaveImage,
+                                               line=line))
                 except UnknownInstance:  # undefined since the stats call: gone, not an error
                     continue
             reason = record.get("state.reason", 0)
             if state == libvirt.VIR_DOMAIN_PAUSED and reason in _SETTLED_JOB_REASONS:
                 try:  # a finished paused restore, or a job still running: Guest tells them apart
-                    observed = Guest(domain, self).observe()
+                    observed = Guest(domain, self, line).observe()
                 except UnknownInstance:
                     continue
             else:
@@ -320,11 +490,15 @@ _shared: dict[str, Hypervisor] = {}
 _shared_lock = threading.Lock()
 
 
-def shared(uri: str) -> Hypervisor:
-    """The process-wide Hypervisor for ``uri`` (connections are still per thread)."""
+def shared(uri: str, **deadlines: float) -> Hypervisor:
+    """The process-wide Hypervisor for ``uri`` (connections are still per thread).
+
+    ``deadlines`` (``timeout``, ``save_timeout``, ``save_seconds_per_gib``) apply when it is
+    first made.
+    """
     with _shared_lock:
         if uri not in _shared:
-            _shared[uri] = Hypervisor(uri, on_connect=_seed_demo_fleet)
+            _shared[uri] = Hypervisor(uri, on_connect=_seed_demo_fleet, **deadlines)
         return _shared[uri]
 
 

@@ -56,6 +56,26 @@ RECLAIM_LAST_RUN = Gauge(
     "dormant_reclaim_last_run_timestamp_seconds", "When the last reclamation run finished",
 )
 
+LIBVIRT_ABANDONED = Counter(
+    "dormant_libvirt_calls_abandoned_total",
+    "libvirt calls given up on past their deadline (their connection was retired)",
+)
+
+
+def _libvirt_calls() -> tuple[int, float]:
+    from worker.hypervisor import calls_in_flight  # read at scrape time, never on the hot path
+
+    return calls_in_flight()
+
+
+Gauge(
+    "dormant_libvirt_calls_in_flight", "libvirt calls this process is waiting for now",
+).set_function(lambda: _libvirt_calls()[0])
+Gauge(
+    "dormant_libvirt_oldest_call_seconds",
+    "Age of the oldest libvirt call in flight (0 when none): a hung libvirtd makes it grow",
+).set_function(lambda: _libvirt_calls()[1])
+
 # Outcomes whose duration means something (a duplicate or a rejection did no work).
 _TIMED_OUTCOMES = frozenset({"changed", "already", "failed"})
 _seen_states: dict[str, set[str]] = {}
@@ -71,6 +91,10 @@ def transition_finished(action: str, outcome: str, seconds: float) -> None:
 def transition_retried(action: str, error: str) -> None:
     """``error`` is dormant's error class name, e.g. ``HypervisorUnavailable``."""
     RETRIES.labels(action, error).inc()
+
+
+def libvirt_call_abandoned() -> None:
+    LIBVIRT_ABANDONED.inc()
 
 
 def lock_waited(seconds: float) -> None:

@@ -271,6 +271,13 @@ class _Transition:
         entry["error_class"] = "transient" if isinstance(exc, TransientError) else "permanent"
         held, self.held = self.held, None
         instance = entry["instance"]
+        outstanding = getattr(exc, "outstanding", None)
+        if held is not None and outstanding is not None:
+            # libvirt may still carry the abandoned call out: keep the guest locked (the
+            # keeper goes on renewing) until it returns, then release and journal that.
+            entry["lock"] = "kept until the abandoned call returns"
+            outstanding.add_done_callback(_Release(self.ctx, held, entry, str(exc)))
+            held = None
         try:
             self.ctx.store.finish(
                 held, instance=instance, request_id=self.request_id, entry=entry,
@@ -292,6 +299,37 @@ class _Transition:
                                         (self.ctx.clock() - self.base["started_at"]))
         log.warning("%s %s: %s %s", self.req.action, instance, entry["outcome"], exc,
                     extra={"dormant": _log_fields(entry)})
+
+
+class _Release:
+    """Unlock a guest once the libvirt call a task abandoned has returned, and journal it."""
+
+    def __init__(self, ctx: Context, held: Held, entry: dict[str, Any], call: str) -> None:
+        self.ctx, self.held, self.entry, self.call = ctx, held, entry, call
+        self.since = time.monotonic()
+
+    def __call__(self, future: Any) -> None:
+        if future.cancelled():
+            returned = "never started"
+        elif future.exception() is not None:
+            returned = f"raised {future.exception()}"
+        else:
+            returned = "returned"
+        entry = {**self.entry, "outcome": "released", "call": self.call,
+                 "call_returned": returned,
+                 "seconds_after_abandon": round(time.monotonic() - self.since, 3),
+                 "finished_at": self.ctx.clock()}
+        entry.pop("lock", None)
+        try:
+            self.ctx.store.finish(self.held, instance=self.held.instance,
+                                  request_id=entry.get("request_id") or "", entry=entry,
+                                  record=None)
+        except DormantError as exc:  # the lock lapses by its TTL: the keeper dropped it
+            log.error("could not release %s after the abandoned call: %s",
+                      self.held.instance, exc)
+            return
+        log.warning("%s: abandoned libvirt call %s; lock released",
+                    self.held.instance, returned, extra={"dormant": _log_fields(entry)})
 
 
 def _log_fields(entry: dict[str, Any]) -> dict[str, Any]:

@@ -45,6 +45,12 @@ class Settings:
     verify_timeout: float = 30.0  # seconds to see the target state after a libvirt call
     result_ttl: int = 7 * 86400  # seconds an idempotency record is kept
 
+    # Deadlines of libvirt calls: past one, the call is abandoned (HypervisorBusy, retried).
+    libvirt_timeout: float = 30.0  # seconds for a quick call (state, pause, lookup, connect)
+    libvirt_save_timeout: float = 120.0  # seconds for a save or restore, plus per GiB below
+    libvirt_save_seconds_per_gib: float = 30.0  # added per GiB of guest memory (~35 MB/s)
+    host_claim_ttl: int = 15  # seconds a dead worker's claim on its host outlives it
+
     # Registry of which host serves which instance.
     registry_interval: int = 60  # seconds between registry refreshes
     deadline_check_interval: int = 15  # seconds between auto-unpause checks
@@ -148,7 +154,8 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
 
 
 # Zero would make Redis refuse the expiry (SET PX 0) or redeliver every message at once.
-_MUST_BE_POSITIVE = {"lock_ttl", "result_ttl", "visibility_timeout"}
+_MUST_BE_POSITIVE = {"lock_ttl", "result_ttl", "visibility_timeout", "libvirt_timeout",
+                     "libvirt_save_timeout", "host_claim_ttl"}
 
 
 def _check_range(name: str, field_name: str, value: Any) -> None:

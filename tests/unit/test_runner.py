@@ -250,7 +250,7 @@ class FlakyHypervisor(Hypervisor):
         self.failures: dict[str, list[int]] = {}  # call prefix -> error codes to raise in turn
         self.before_call: dict[str, Callable[[], None]] = {}
 
-    def call(self, what: str, fn: Callable[[], T]) -> T:
+    def call(self, what: str, fn: Callable[[], T], **kwargs: Any) -> T:
         for prefix, hook in self.before_call.items():
             if what.startswith(prefix):
                 hook()
@@ -264,8 +264,8 @@ class FlakyHypervisor(Hypervisor):
                                None, 0, 0)
                     raise exc
 
-                return super().call(what, fail)
-        return super().call(what, fn)
+                return super().call(what, fail, **kwargs)
+        return super().call(what, fn, **kwargs)
 
 
 @pytest.fixture

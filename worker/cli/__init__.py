@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from worker.cli import health as _health  # noqa: F401
 from worker.cli import reclaim as _reclaim  # noqa: F401
 
 # Importing the command modules registers their commands on `main`.

@@ -1,0 +1,65 @@
+"""``dormant health``: the worker's health check (the one docker compose runs).
+
+Healthy means both: libvirtd answers a call within its deadline on a fresh connection (a hung
+libvirtd makes this fail even while the worker itself still answers pings), and, with
+``--node``, the worker answers a broadcast ping. Exit 0 healthy, 3 not (the reason on stderr).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import click
+
+from worker.cli.common import EXIT_UNAVAILABLE, emit, fail, json_option, main
+
+
+def _libvirt(uri: str, timeout: float) -> dict[str, Any]:
+    from worker.errors import DormantError
+    from worker.hypervisor import Hypervisor
+
+    hv = Hypervisor(uri, timeout=timeout)
+    started = time.monotonic()
+    try:
+        version = hv.ping()
+    except DormantError as exc:
+        return {"check": "libvirtd", "ok": False, "detail": str(exc)}
+    finally:
+        hv.close()
+    return {"check": "libvirtd", "ok": True,
+            "detail": f"{uri} answered in {time.monotonic() - started:.3f}s "
+                      f"(libvirt {version // 1_000_000}.{version // 1000 % 1000})"}
+
+
+def _worker(node: str, timeout: float) -> dict[str, Any]:
+    from tasks.celery_app import app
+
+    try:
+        replies = app.control.ping(destination=[node], timeout=timeout)
+    except Exception as exc:  # the broker is down: unhealthy, say why
+        return {"check": f"worker {node}", "ok": False, "detail": f"broker: {exc}"}
+    if not replies:
+        return {"check": f"worker {node}", "ok": False,
+                "detail": f"no ping answer within {timeout:g}s"}
+    return {"check": f"worker {node}", "ok": True, "detail": "answers ping"}
+
+
+@main.command()
+@click.option("--node", default=None, help="Also ping this worker node (e.g. dormant@kvm1).")
+@click.option("--timeout", type=float, default=None,
+              help="Seconds each check may take [DORMANT_LIBVIRT_TIMEOUT, at most 10].")
+@json_option
+def health(node: str | None, timeout: float | None, as_json: bool) -> None:
+    """Exit 0 when libvirtd (and the worker NODE) answer in time, else 3."""
+    from worker import settings
+
+    s = settings.get()
+    limit = timeout if timeout is not None else min(s.libvirt_timeout, 10.0)
+    checks = [_libvirt(s.libvirt_uri, limit)]
+    if node:
+        checks.append(_worker(node, limit))
+    emit(checks, as_json=as_json, columns=("check", "ok", "detail"))
+    bad = [c for c in checks if not c["ok"]]
+    if bad:
+        fail("; ".join(f"{c['check']}: {c['detail']}" for c in bad), EXIT_UNAVAILABLE)
