@@ -8,27 +8,24 @@ from celery import Celery, bootsteps
 from celery.schedules import crontab
 from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 
-from worker import logs, metrics
+from tasks.timers import expire_deadlines_in_background, refresh_registry_in_background
+from worker import contract, logs, metrics
 from worker import settings as settings_mod
 
 app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping", "tasks.reclaim"])
 app.config_from_object("celeryconfig")
 
 _s = settings_mod.get()
+# Auto-unpause deadlines are checked by a worker timer (DeadlineStep), not a beat task.
 app.conf.beat_schedule = {
-    "expire-pauses": {
-        "task": "dormant.expire_pauses",
-        "schedule": float(_s.deadline_check_interval),
-        "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": _s.deadline_check_interval},
-    },
     # Reclamation: the control worker fans out to every registered host's queue.
     "sample-fleet": {
-        "task": "dormant.sample_fleet",
+        "task": contract.SAMPLE_FLEET.name,
         "schedule": float(_s.sample_interval),
         "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": _s.sample_interval},
     },
     "reclaim-nightly": {
-        "task": "dormant.reclaim_fleet",
+        "task": contract.RECLAIM_FLEET.name,
         "schedule": crontab(hour=_s.reclaim_hour, minute=_s.reclaim_minute),  # reclaim_timezone
         "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": 3600},
     },
@@ -52,8 +49,6 @@ class RegistryStep(bootsteps.StartStopStep):
         self.tref = None
 
     def start(self, parent: object) -> None:
-        from tasks.housekeeping import refresh_registry_in_background
-
         interval = settings_mod.get().registry_interval
         self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
             interval, refresh_registry_in_background)
@@ -63,13 +58,37 @@ class RegistryStep(bootsteps.StartStopStep):
             self.tref.cancel()
 
 
+class DeadlineStep(bootsteps.StartStopStep):
+    """On workers that consume ``dormant.control``: every ``DORMANT_DEADLINE_CHECK_INTERVAL``
+    seconds, send the unpause of each due auto-unpause deadline (claimed by one worker only)."""
+
+    requires = {"celery.worker.components:Timer"}
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def start(self, parent: object) -> None:
+        worker_app = parent.app  # type: ignore[attr-defined]
+        queues = worker_app.amqp.queues
+        consumed = queues.consume_from if queues.consume_from is not None else queues
+        if settings_mod.CONTROL_QUEUE not in consumed:
+            return
+        interval = settings_mod.get().deadline_check_interval
+        self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
+            interval, expire_deadlines_in_background, (worker_app,))
+
+    def stop(self, parent: object) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+
+
 app.steps["worker"].add(RegistryStep)
+app.steps["worker"].add(DeadlineStep)
 
 
 @worker_ready.connect
 def _on_worker_ready(sender: object = None, **_: object) -> None:
-    from tasks.housekeeping import refresh_registry_in_background
-
     # Published before the worker answers pings when libvirtd is healthy; never holds
     # start-up longer than STARTUP_REGISTRY_WAIT when it is not.
     refreshing = refresh_registry_in_background()

@@ -24,10 +24,11 @@ from zoneinfo import ZoneInfo
 
 from celery import Task
 
+from tasks.base import DormantTask
 from tasks.celery_app import app
 from tasks.context import context, settings
 from tasks.transitions import TransitionTask
-from worker import idle, notify, registry, runs, sampling
+from worker import contract, idle, notify, registry, runs, sampling
 from worker import reclaim as rc
 from worker.errors import InvalidInput, PermanentError, TransientError
 from worker.registry import TTL_INTERVALS
@@ -41,7 +42,7 @@ RETRY = {"autoretry_for": (TransientError,), "retry_backoff": True, "max_retries
 
 
 # -- sampling ----------------------------------------------------------------------------------
-@app.task(name="dormant.sample", **RETRY)
+@app.task(base=DormantTask, name=contract.SAMPLE.name, **RETRY)
 def sample() -> dict[str, Any]:
     """Take one sample of every guest of this host now."""
     ctx, s = context(), settings()
@@ -55,7 +56,7 @@ def _hosts(s: Settings) -> list[str]:
     return registry.hosts(context().store.redis, max_age=s.registry_interval * TTL_INTERVALS)
 
 
-@app.task(name="dormant.sample_fleet", ignore_result=True)
+@app.task(base=DormantTask, name=contract.SAMPLE_FLEET.name, ignore_result=True)
 def sample_fleet() -> int:
     """Beat: ask every registered host for a sample (once per tick, however many beats)."""
     s = settings()
@@ -64,11 +65,12 @@ def sample_fleet() -> int:
         return 0
     hosts = _hosts(s)
     for host in hosts:
-        app.send_task("dormant.sample", queue=queue_for_host(host), expires=s.sample_interval)
+        app.send_task(contract.SAMPLE.name, queue=queue_for_host(host),
+                      expires=s.sample_interval)
     return len(hosts)
 
 
-@app.task(name="dormant.reclaim_fleet", ignore_result=True)
+@app.task(base=DormantTask, name=contract.RECLAIM_FLEET.name, ignore_result=True)
 def reclaim_fleet() -> list[str]:
     """Nightly crontab: one reclamation per host, id ``<host>:<local date>`` (the run's claim
     makes a second beat or a second trigger a no-op)."""
@@ -77,7 +79,8 @@ def reclaim_fleet() -> list[str]:
     sent = []
     for host in _hosts(s):
         rid = runs.nightly_id(host, day)
-        app.send_task("dormant.reclaim", kwargs={"run_id": rid}, queue=queue_for_host(host))
+        app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
+                      queue=queue_for_host(host))
         sent.append(rid)
     return sent
 
@@ -159,7 +162,7 @@ def _claimed(task: Task, rid: str) -> dict[str, Any] | None:
     return None
 
 
-@app.task(bind=True, name="dormant.reclaim", **RETRY)
+@app.task(base=DormantTask, bind=True, name=contract.RECLAIM.name, **RETRY)
 def reclaim(self: Task, run_id: Any = None, dry_run: Any = False) -> dict[str, Any]:
     """Decide every guest of this host, write the report, start the capped suspends."""
     ctx, s = context(), settings()
@@ -265,7 +268,7 @@ def _finish(rid: str, instance: str, changes: dict[str, Any], *, suspended: bool
                              f"{n} {o}" for o, n in sorted(outcomes.items())))
 
 
-@app.task(base=TransitionTask, bind=True, name="dormant.run_item")
+@app.task(base=TransitionTask, bind=True, name=contract.RUN_ITEM.name)
 def run_item(self: TransitionTask, run_id: Any, instance: Any) -> dict[str, Any]:
     """One action of a run: re-check, then suspend (reclaim, drain) or resume (restore)."""
     ctx = context()
@@ -318,7 +321,7 @@ def _new_run(task: Task, rid: str, kind: str, entries: list[dict[str, Any]],
     return runs.load(ctx.store.redis, rid) or info
 
 
-@app.task(bind=True, name="dormant.restore", **RETRY)
+@app.task(base=DormantTask, bind=True, name=contract.RESTORE.name, **RETRY)
 def restore(self: Task, run_id: Any, restore_id: Any = None) -> dict[str, Any]:
     """Resume exactly what run ``run_id`` suspended (its manifest); skip what is running or
     gone. Each call is its own restore run, reported like any other."""
@@ -339,7 +342,7 @@ def restore(self: Task, run_id: Any, restore_id: Any = None) -> dict[str, Any]:
     return _new_run(self, rid, "restore", entries, members, of_run=of_run)
 
 
-@app.task(bind=True, name="dormant.drain", **RETRY)
+@app.task(base=DormantTask, bind=True, name=contract.DRAIN.name, **RETRY)
 def drain(self: Task, run_id: Any = None, instances: Any = None) -> dict[str, Any]:
     """Maintenance: suspend every running guest of this host (or only ``instances``, names or
     UUIDs), capped, with a manifest for ``dormant restore``."""

@@ -8,30 +8,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from celery import Task
-
+from tasks.base import DormantTask
 from tasks.celery_app import app
-from tasks.context import context, settings
-from worker import registry, validation
-from worker.errors import PermanentError, TransientError
+from tasks.context import context
+from worker import contract, registry, validation
+from worker.errors import PermanentError
 from worker.runner import Request, run
 from worker.settings import CONTROL_QUEUE, queue_for_host
 from worker.transitions import Action
 
-_s = settings()
 
-
-class TransitionTask(Task):
-    """Retries transient libvirt/Redis errors with backoff and jitter; permanent ones fail."""
-
-    autoretry_for = (TransientError,)
-    retry_backoff = _s.retry_backoff
-    retry_backoff_max = _s.retry_backoff_max
-    retry_jitter = True
-    max_retries = _s.max_retries
-    throws = (PermanentError,)  # expected failures: logged without a traceback
-    acks_late = True
-    typing = False  # a wrong argument count is journaled as bad input, not a TypeError
+class TransitionTask(DormantTask):
+    """A task that runs one transition (and forwards it from the control queue)."""
 
     def transition(self, action: Action, instance: Any, **kwargs: Any) -> dict[str, Any]:
         self.forward_if_elsewhere(instance)
@@ -63,7 +51,7 @@ class TransitionTask(Task):
             )
 
 
-@app.task(base=TransitionTask, bind=True, name="dormant.pause")
+@app.task(base=TransitionTask, bind=True, name=contract.PAUSE.name)
 def pause(self: TransitionTask, instance: Any, request_id: Any = None,
           max_seconds: Any = None) -> dict[str, Any]:
     """Stop the guest's vCPUs, keep it in RAM; unpause automatically after max_seconds."""
@@ -71,24 +59,24 @@ def pause(self: TransitionTask, instance: Any, request_id: Any = None,
                            max_seconds=max_seconds)
 
 
-@app.task(base=TransitionTask, bind=True, name="dormant.unpause")
+@app.task(base=TransitionTask, bind=True, name=contract.UNPAUSE.name)
 def unpause(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
     return self.transition(Action.UNPAUSE, instance, request_id=request_id)
 
 
-@app.task(base=TransitionTask, bind=True, name="dormant.suspend")
+@app.task(base=TransitionTask, bind=True, name=contract.SUSPEND.name)
 def suspend(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
     """Save the guest's memory to disk and free the host (managed save)."""
     return self.transition(Action.SUSPEND, instance, request_id=request_id)
 
 
-@app.task(base=TransitionTask, bind=True, name="dormant.resume")
+@app.task(base=TransitionTask, bind=True, name=contract.RESUME.name)
 def resume(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
     """Restore the guest from its managed-save image."""
     return self.transition(Action.RESUME, instance, request_id=request_id)
 
 
-@app.task(base=TransitionTask, bind=True, name="dormant.ensure")
+@app.task(base=TransitionTask, bind=True, name=contract.ENSURE.name)
 def ensure(self: TransitionTask, instance: Any, target: Any,
            request_id: Any = None) -> dict[str, Any]:
     """Make the instance running, paused or suspended, whatever it is now."""

@@ -54,6 +54,7 @@ def celery_client(settings: Settings) -> Celery:
         redis_socket_timeout=SOCKET_TIMEOUT,
         task_publish_retry_policy=PUBLISH_RETRY_POLICY,
         result_extended=True,
+        task_send_sent_event=True,  # Flower shows a task as queued as soon as it is sent
     )
     # rediss:// without these would skip certificate checks (see settings.redis_tls).
     if broker_tls := redis_tls(settings.broker_url, settings.tls_ca):

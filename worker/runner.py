@@ -13,7 +13,8 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
-from worker import metrics, validation
+from worker import metrics, registry, validation
+from worker.contract import Fingerprint, reused
 from worker.errors import (
     DormantError,
     InvalidInput,
@@ -24,7 +25,7 @@ from worker.errors import (
 )
 from worker.hypervisor import Guest, Hypervisor
 from worker.states import Observed, State, Target
-from worker.store import Done, Held, Store
+from worker.store import Done, Held, Reused, Store
 from worker.transitions import STEP_RESULT, Action, Plan, plan
 
 log = logging.getLogger("dormant.transition")
@@ -78,11 +79,30 @@ def run(ctx: Context, req: Request) -> dict[str, Any]:
     except InvalidInput as exc:
         entry = {**base, "instance": str(req.instance)[:200], "outcome": "rejected",
                  "request_id": str(req.request_id)[:200], **_error(exc, started, ctx)}
-        ctx.store.journal_only(entry)
+        journal_rejection(ctx.store, entry, req.instance, ctx.hypervisor)
+        exc.journaled = True  # type: ignore[attr-defined]  # tasks/base.py: not twice
         metrics.transition_finished(str(req.action), "rejected", 0.0)
         raise
     base["request_id"] = request_id
     return _Transition(ctx, req, base, instance, request_id, target, max_seconds).run()
+
+
+def journal_rejection(store: Store, entry: dict[str, Any], instance: Any,
+                      hypervisor: Hypervisor | None = None) -> None:
+    """Journal a refused call: in the fleet journal, and in the instance's own journal only
+    when ``instance`` names a real guest -- one some worker has published, or one this
+    worker's hypervisor knows (a read, never a change). An unknown or malformed instance
+    never gets a journal of its own."""
+    uuid = None
+    try:
+        key = validation.instance(instance)
+        uuid, host = registry.resolve(store.redis, key)
+        uuid = uuid if host else None
+        if uuid is None and hypervisor is not None:
+            uuid = hypervisor.guest(key).uuid
+    except Exception as exc:  # malformed, unknown or unreachable: the fleet journal only
+        log.debug("no journal of its own for %r: %s", instance, exc)
+    store.journal_only(entry, uuid)
 
 
 def _error(exc: Exception, started: float, ctx: Context) -> dict[str, Any]:
@@ -105,19 +125,32 @@ class _Transition:
         self.guest: Guest | None = None
         self.before: Observed | None = None
         self.acted = False  # a state-changing libvirt call was made
+        self.refused = False  # a reused request id was refused (journaled already)
+
+    def fingerprint(self, uuid: str) -> Fingerprint:
+        """What this request asks for; its request id is bound to it."""
+        return Fingerprint(str(self.req.action), uuid, str(self.target or ""),
+                           self.max_seconds)
 
     def run(self) -> dict[str, Any]:
         key = self.instance
         if not validation.is_uuid(key):
             # A name: answer a finished request before touching libvirt, then lock by UUID.
             recorded = self.ctx.store.request(self.request_id)
-            if recorded and recorded.get("status") == "done":
-                return self._duplicate(recorded)
+            if recorded is not None and (answer := self._recorded(recorded)) is not None:
+                return answer
             key = self._lookup().uuid
         try:
             waited = time.monotonic()
-            outcome = self.ctx.store.acquire(self.request_id, key, wait=self.ctx.lock_wait)
+            outcome = self.ctx.store.acquire(
+                self.request_id, key, wait=self.ctx.lock_wait,
+                fingerprint=self.fingerprint(key).key(),
+                pending={"action": str(self.req.action), "instance": key,
+                         "name": self.guest.name if self.guest else None,
+                         "task_id": self.req.task_id})
             metrics.lock_waited(time.monotonic() - waited)
+            if isinstance(outcome, Reused):
+                self._refuse(outcome.record)
             if isinstance(outcome, Done):
                 return self._duplicate(outcome.result)
             self.held = outcome
@@ -127,8 +160,36 @@ class _Transition:
             self.base["started_at"] = self.ctx.clock()
             return self._locked(key)
         except Exception as exc:  # not only DormantError: a held lock must never outlive us
-            self._fail(key, exc)
+            if not self.refused:
+                self._fail(key, exc)
             raise
+
+    def _recorded(self, recorded: dict[str, Any]) -> dict[str, Any] | None:
+        """For a request by name: the duplicate answer, a refusal, or None to go on."""
+        bound = recorded.get("fingerprint")
+        if not bound:  # recorded before ids were bound to a fingerprint
+            return self._duplicate(recorded) if recorded.get("status") == "done" else None
+        if not Fingerprint.parse(bound).same_request(self.fingerprint("")):
+            self._refuse(recorded)
+        if recorded.get("status") == "done" and recorded.get("name") == self.instance:
+            return self._duplicate(recorded)
+        return None  # another spelling of the instance: begin compares the UUIDs
+
+    def _refuse(self, recorded: dict[str, Any]) -> None:
+        """The request id was first used for something else: journal and raise, no lock."""
+        self.refused = True
+        exc = reused(self.request_id, Fingerprint.parse(recorded["fingerprint"]),
+                     recorded.get("name"))
+        entry = {**self.base, "instance": self.guest.uuid if self.guest else self.instance,
+                 "name": self.guest.name if self.guest else None, "outcome": "rejected",
+                 "first_used_for": recorded["fingerprint"],
+                 **_error(exc, self.base["started_at"], self.ctx)}
+        journal_rejection(self.ctx.store, entry, entry["instance"], self.ctx.hypervisor)
+        exc.journaled = True  # type: ignore[attr-defined]
+        metrics.transition_finished(str(self.req.action), "rejected", 0.0)
+        log.info("%s %s: rejected: %s", self.req.action, entry["instance"], exc,
+                 extra={"dormant": _log_fields(entry)})
+        raise exc
 
     def _lookup(self) -> Guest:
         try:
@@ -159,26 +220,31 @@ class _Transition:
         self.before = observed
         steps = plan(self.req.action, observed, self.target)
         previous = self.held.previous if self.held else None
-        state_before = str(observed)
+        before = observed
         if steps.already:
             # An earlier delivery of this very request may have done the work before dying.
             # Only a pending intent counts: a failed record may come from a refusal that
             # never called libvirt.
             if (previous and previous.get("status") == "pending"
-                    and previous.get("state_before") not in (None, state_before)):
-                outcome, state_before = "changed", previous["state_before"]
+                    and previous.get("state_before") not in (None, str(observed.state))):
+                outcome = "changed"
+                before = Observed(State(previous["state_before"].split("(")[0]),
+                                  previous.get("reason_before") or "")
             else:
                 outcome = "already"
             after = observed
         else:
+            assert self.held is not None
             self.ctx.store.record_intent(
                 self.held, self.request_id,
-                {"state_before": state_before, "task_id": self.req.task_id,
-                 "action": str(self.req.action), "fence": self.held.fence},
+                {"state_before": str(observed.state), "reason_before": observed.reason,
+                 "task_id": self.req.task_id, "action": str(self.req.action),
+                 "instance": uuid, "name": self.guest.name, "fence": self.held.fence,
+                 "fingerprint": self.fingerprint(uuid).key()},
             )
             after = self._act(steps)
             outcome = "changed"
-        return self._succeed(outcome, state_before, after, steps)
+        return self._succeed(outcome, before, after, steps)
 
     def _act(self, steps: Plan) -> Observed:
         assert self.guest is not None
@@ -213,7 +279,7 @@ class _Transition:
             time.sleep(pause)
             pause = min(pause * 2, 0.5)
 
-    def _succeed(self, outcome: str, state_before: str, after: Observed,
+    def _succeed(self, outcome: str, before: Observed, after: Observed,
                  steps: Plan) -> dict[str, Any]:
         assert self.guest is not None and self.held is not None
         finished = self.ctx.clock()
@@ -223,8 +289,12 @@ class _Transition:
             "name": self.guest.name,
             "target": str(steps.target),
             "outcome": outcome,
-            "state_before": state_before,
-            "state_after": str(after),
+            # Plain states, as ensure targets and dormant.status name them; libvirt's reason
+            # (a pause by the user, an I/O error, ...) apart.
+            "state_before": str(before.state),
+            "reason_before": before.reason,
+            "state_after": str(after.state),
+            "reason_after": after.reason,
             "steps": [str(s) for s in steps.steps] if outcome == "changed" else [],
             "fence": self.held.fence,
             "finished_at": finished,
@@ -239,7 +309,9 @@ class _Transition:
         try:
             self.ctx.store.finish(
                 self.held, instance=self.guest.uuid, request_id=self.request_id,
-                entry=result, record={**result, "status": "done"}, deadline=deadline,
+                entry=result, deadline=deadline,
+                record={**result, "status": "done",
+                        "fingerprint": self.fingerprint(self.guest.uuid).key()},
                 host=self.ctx.host,
             )
         except StaleLock as exc:
@@ -253,7 +325,7 @@ class _Transition:
         metrics.transition_finished(str(self.req.action), outcome,
                                     result["duration_ms"] / 1000)
         log.info("%s %s: %s (%s -> %s)", self.req.action, self.guest.name, outcome,
-                 state_before, after, extra={"dormant": _log_fields(result)})
+                 before, after, extra={"dormant": _log_fields(result)})
         return result
 
     def _fail(self, key: str, exc: Exception) -> None:
@@ -265,7 +337,8 @@ class _Transition:
             "name": self.guest.name if self.guest else None,
             "target": str(self.target or ""),
             "outcome": "retrying" if retrying else "failed",
-            "state_before": str(self.before) if self.before else None,
+            "state_before": str(self.before.state) if self.before else None,
+            "reason_before": self.before.reason if self.before else None,
             **_error(exc, self.base["started_at"], self.ctx),
         }
         entry["error_class"] = "transient" if isinstance(exc, TransientError) else "permanent"
@@ -278,11 +351,17 @@ class _Transition:
             entry["lock"] = "kept until the abandoned call returns"
             outstanding.add_done_callback(_Release(self.ctx, held, entry, str(exc)))
             held = None
+        record = None if retrying else {**entry, "status": "failed"}
+        if record is not None and validation.is_uuid(instance):
+            # Bound like a success; a name that never resolved binds nothing.
+            record["fingerprint"] = self.fingerprint(instance).key()
         try:
             self.ctx.store.finish(
                 held, instance=instance, request_id=self.request_id, entry=entry,
-                record=None if retrying else {**entry, "status": "failed"}, deadline=None,
-                host=self.ctx.host,
+                record=record, deadline=None, host=self.ctx.host,
+                # Only a real instance's UUID gets a journal of its own.
+                journal_instance=(validation.is_uuid(instance)
+                                  and not isinstance(exc, UnknownInstance)),
             )
         except DormantError as store_exc:  # the store itself is down: say so in the log
             if isinstance(store_exc, StaleLock):  # lost the lock: journal it, record nothing
@@ -334,5 +413,6 @@ class _Release:
 
 def _log_fields(entry: dict[str, Any]) -> dict[str, Any]:
     wanted = ("instance", "name", "request_id", "task_id", "host", "action", "attempts",
-              "outcome", "state_before", "state_after", "duration_ms", "error_type")
+              "outcome", "state_before", "reason_before", "state_after", "reason_after",
+              "duration_ms", "error_type")
     return {k: entry.get(k) for k in wanted if entry.get(k) is not None}

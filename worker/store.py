@@ -1,9 +1,11 @@
 """The Redis side of one transition: idempotency, the per-instance lock, the journal.
 
-Three Lua scripts keep a transition to two or three round trips:
+Three Lua scripts (``worker/lua/*.lua``, each with a signature header naming its keys and
+arguments) keep a transition to two or three round trips:
 
-* ``begin``  — return the recorded result if the request already finished, otherwise take the
-  instance lock (bumping its fencing counter) or report it busy;
+* ``begin``  — refuse a request id reused for something else (its fingerprint differs), return
+  the recorded result if the request already finished, otherwise take the instance lock
+  (bumping its fencing counter, binding a new id to its fingerprint) or report it busy;
 * ``intent`` — remember the state before a libvirt call, so a redelivered message knows the
   call was its own;
 * ``finish`` — if (and only if) the lock still carries our fence, store the result, append the
@@ -24,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -38,57 +41,15 @@ log = logging.getLogger(__name__)
 JOURNAL_MAXLEN = 10_000  # entries kept per instance stream (approximate trim)
 JOURNAL_ALL_MAXLEN = 100_000
 
-_BEGIN = """
-local rec = redis.call('GET', KEYS[1])
-if rec and cjson.decode(rec).status == 'done' then
-  return {'done', rec}
-end
-local holder = redis.call('GET', KEYS[2])
-if holder and holder:sub(-(#ARGV[1] + 1)) == ':' .. ARGV[1] then
-  return {'acquired', holder, rec or ''}  -- ours: a retried call whose first reply was lost
-end
-if holder then
-  return {'busy', holder, redis.call('PTTL', KEYS[2])}
-end
-local fence = redis.call('INCR', KEYS[3])
-local value = fence .. ':' .. ARGV[1]
-redis.call('SET', KEYS[2], value, 'PX', ARGV[2])
-return {'acquired', value, rec or ''}
-"""
+_LUA = Path(__file__).with_name("lua")
 
-_INTENT = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-return 1
-"""
 
-_FINISH = """
-local owned = redis.call('GET', KEYS[1]) == ARGV[1]
-local must_own = ARGV[6] == '1'
-if must_own and not owned then return 0 end
-local rec = ARGV[2] ~= '' and not owned and redis.call('GET', KEYS[2])
-if rec and cjson.decode(rec).status == 'done' then ARGV[2] = '' end
-if ARGV[2] ~= '' then redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3]) end
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*', 'entry', ARGV[4])
-redis.call('XADD', KEYS[4], 'MAXLEN', '~', ARGV[8], '*', 'entry', ARGV[4])
-if ARGV[5] == 'clear' then
-  redis.call('ZREM', KEYS[5], ARGV[9])
-  redis.call('DEL', KEYS[6])
-elseif ARGV[5] ~= '' then
-  redis.call('ZADD', KEYS[5], ARGV[5], ARGV[9])
-  redis.call('HSET', KEYS[6], 'at', ARGV[5], 'request_id', ARGV[10], 'host', ARGV[11])
-end
-if must_own and ARGV[12] ~= '0' then redis.call('SET', KEYS[7], ARGV[11], 'EX', ARGV[12]) end
-if owned then redis.call('DEL', KEYS[1]) end
-return 1
-"""
+def _script(name: str) -> str:
+    """A Lua script of worker/lua/, read once at import (each opens with its signature)."""
+    return (_LUA / f"{name}.lua").read_text()
 
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
-end
-return 0
-"""
+
+_BEGIN, _INTENT, _FINISH, _RENEW = (_script(n) for n in ("begin", "intent", "finish", "renew"))
 
 
 def connect(url: str, *, tls_ca: str = "") -> redis.Redis:
@@ -141,6 +102,13 @@ class Done:
     """The request already finished: its recorded result."""
 
     result: dict[str, Any]
+
+
+@dataclass
+class Reused:
+    """The request id was first used for something else: that request's record."""
+
+    record: dict[str, Any]
 
 
 class _Keeper:
@@ -202,14 +170,20 @@ class Store:
         self._renew = client.register_script(_RENEW)
 
     # -- the three steps of a transition ---------------------------------------------------
-    def begin(self, request_id: str, instance: str, token: str) -> Held | Done | tuple[str, int]:
-        """Done (already finished), Held (lock taken) or ("busy", ms left on the holder's lock)."""
+    def begin(self, request_id: str, instance: str, token: str, *, fingerprint: str = "",
+              pending: dict[str, Any] | None = None) -> Held | Done | Reused | tuple[str, int]:
+        """Reused (the id was first used for another fingerprint), Done (already finished),
+        Held (lock taken; a new id is bound to ``fingerprint``) or ("busy", ms left)."""
+        record = "" if not fingerprint else json.dumps(
+            {"status": "pending", **(pending or {}), "fingerprint": fingerprint}, sort_keys=True)
         with translated():
             reply = self._begin(
                 keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
-                args=[token, self.lock_ttl_ms],
+                args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl],
             )
         status = reply[0]
+        if status == "mismatch":
+            return Reused(json.loads(reply[1]))
         if status == "done":
             return Done(json.loads(reply[1]))
         if status == "busy":
@@ -218,13 +192,15 @@ class Store:
         _keeper.add(self, keys.lock(instance), reply[1])
         return Held(instance=instance, value=reply[1], previous=previous)
 
-    def acquire(self, request_id: str, instance: str, *, wait: float) -> Held | Done:
+    def acquire(self, request_id: str, instance: str, *, wait: float, fingerprint: str = "",
+                pending: dict[str, Any] | None = None) -> Held | Done | Reused:
         """Like :meth:`begin`, polling a busy lock for up to ``wait`` seconds."""
         token = uuid.uuid4().hex
         deadline = time.monotonic() + wait
         pause = 0.005
         while True:
-            outcome = self.begin(request_id, instance, token)
+            outcome = self.begin(request_id, instance, token, fingerprint=fingerprint,
+                                 pending=pending)
             if not isinstance(outcome, tuple):
                 return outcome
             remaining = deadline - time.monotonic()
@@ -256,10 +232,13 @@ class Store:
         record: dict[str, Any] | None,
         deadline: float | str | None = None,
         host: str = "",
+        journal_instance: bool = True,
     ) -> None:
         """Store the result (``record``), journal ``entry``, set/clear the deadline, unlock.
 
         A recorded result also refreshes the registry entry saying which host serves it.
+        ``journal_instance=False`` journals in the fleet journal only (an unknown instance
+        gets no journal of its own).
 
         With a held lock and a record to store, refuse (StaleLock) when the lock was lost:
         a newer holder may already have changed the instance.
@@ -292,6 +271,7 @@ class Store:
                     request_id,
                     host,
                     self.registry_ttl,
+                    "1" if journal_instance else "0",
                 ],
             )
         if not ok:

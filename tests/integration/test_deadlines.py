@@ -1,5 +1,6 @@
 """Pause with a deadline: the guest is unpaused automatically after ``max_seconds``, even when
-the worker that paused it died — a durable record checked by beat, not a countdown."""
+the worker that paused it died — a durable record checked by every control worker's timer,
+not a countdown and not a beat task."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ import time
 
 import pytest
 
-from tests.support.beat import BeatProcess
 from tests.support.journal import STATE_DB, journal, real_state
-from tests.support.services import test_env, wait_until
+from tests.support.services import wait_until
 from worker import keys
 
 pytestmark = pytest.mark.integration
@@ -19,7 +19,7 @@ FAST_CHECKS = {"DORMANT_DEADLINE_CHECK_INTERVAL": "1"}
 
 @pytest.mark.slow
 def test_paused_guest_is_unpaused_after_its_deadline_although_its_worker_died(
-        start_worker, client_app, host_name, guests, redis_clean, tmp_path):
+        start_worker, client_app, host_name, guests, redis_clean):
     pausing = start_worker(pool="threads", concurrency=2, env=FAST_CHECKS)
     guest = guests.create("idle")
     state = redis_clean.client(STATE_DB)
@@ -33,15 +33,12 @@ def test_paused_guest_is_unpaused_after_its_deadline_although_its_worker_died(
     assert state.zscore(keys.DEADLINES, guest.uuid) == pytest.approx(deadline)
     pausing.kill()  # SIGKILL: nothing in any process remembers the deadline but Redis
 
-    beat = BeatProcess(env=test_env(redis_clean, host_name, **FAST_CHECKS), workdir=tmp_path)
-    beat.start()
-    try:
-        start_worker(pool="threads", concurrency=2, env=FAST_CHECKS)
-        wait_until(lambda: real_state(guest.domain) == "running", timeout=30,
-                   message="guest unpaused by its deadline")
-        assert "dormant.expire_pauses" in beat.log()  # beat sent the check
-    finally:
-        beat.stop()
+    # No beat runs: the next worker's own timer finds the due deadline.
+    taker = start_worker(pool="threads", concurrency=2, env=FAST_CHECKS)
+    wait_until(lambda: real_state(guest.domain) == "running", timeout=30,
+               message="guest unpaused by its deadline")
+    assert f"auto-unpause of {guest.uuid} sent" in taker.log()
+    assert "expire_pauses" not in taker.log()  # no task per tick
 
     [unpause] = [e for e in journal(redis_clean, guest.uuid) if e["action"] == "unpause"]
     assert unpause["outcome"] == "changed" and unpause["request_id"] == "deadline:backup-1"

@@ -62,8 +62,8 @@ def test_pause_changes_the_guest_and_records_everything(
     assert result["action"] == "pause"
     assert result["target"] == "paused"
     assert result["outcome"] == "changed"
-    assert result["state_before"] == "running"
-    assert result["state_after"] == "paused(user)"
+    assert result["state_before"] == "running" and result["reason_before"] == ""
+    assert result["state_after"] == "paused" and result["reason_after"] == "user"
     assert result["request_id"] == "req-1"
     assert result["task_id"] == "task-1"
     assert result["attempts"] == 1
@@ -71,9 +71,10 @@ def test_pause_changes_the_guest_and_records_everything(
     # Journal, idempotency record, registry; the lock is released.
     journal = store.journal(dom.UUIDString())
     assert [(e["outcome"], e["request_id"]) for e in journal] == [("changed", "req-1")]
-    assert journal[0]["state_after"] == "paused(user)"
+    assert journal[0]["state_after"] == "paused"
     assert store.journal() == journal
-    assert store.request("req-1") == {**result, "status": "done"}
+    fingerprint = f"pause|{dom.UUIDString()}||"
+    assert store.request("req-1") == {**result, "status": "done", "fingerprint": fingerprint}
     assert store.redis.get(keys.where(dom.UUIDString())) == "hv1"
     assert store.redis.get(keys.lock(dom.UUIDString())) is None
 
@@ -87,7 +88,8 @@ def test_repeat_is_already_and_same_request_is_duplicate(
     again = run(ctx, Request(action=Action.PAUSE, instance=dom.name(), request_id="b",
                              task_id="t2"))
     assert again["outcome"] == "already"
-    assert again["state_before"] == again["state_after"] == "paused(user)"
+    assert again["state_before"] == again["state_after"] == "paused"
+    assert again["reason_before"] == again["reason_after"] == "user"
     assert again["steps"] == []
     for instance in (dom.name(), dom.UUIDString()):
         dup = run(ctx, Request(action=Action.PAUSE, instance=instance, request_id="a",
@@ -113,7 +115,7 @@ def test_suspend_and_resume_round_trip(ctx: Context, make_domain: DomainFactory)
     dom = make_domain()
     run(ctx, Request(action=Action.PAUSE, instance=dom.name(), request_id="p"))
     suspended = run(ctx, Request(action=Action.SUSPEND, instance=dom.name(), request_id="s"))
-    assert (suspended["state_before"], suspended["state_after"]) == ("paused(user)", "suspended")
+    assert (suspended["state_before"], suspended["state_after"]) == ("paused", "suspended")
     assert _state(dom)[0] == libvirt.VIR_DOMAIN_SHUTOFF and dom.hasManagedSaveImage()
     resumed = run(ctx, Request(action=Action.RESUME, instance=dom.name(), request_id="r"))
     assert (resumed["state_before"], resumed["state_after"]) == ("suspended", "running")
@@ -187,8 +189,9 @@ def test_unknown_instance_by_uuid(ctx: Context, store: Store) -> None:
     missing = str(uuid.uuid4())
     with pytest.raises(UnknownInstance, match=missing):
         run(ctx, Request(action=Action.SUSPEND, instance=missing, request_id="u1"))
-    [entry] = store.journal(missing)
+    [entry] = store.journal()  # the fleet journal only: no journal for a guest that is not
     assert (entry["outcome"], entry["error_type"]) == ("failed", "UnknownInstance")
+    assert not store.redis.exists(keys.journal(missing))
     assert store.redis.get(keys.lock(missing)) is None
     assert store.request("u1")["status"] == "failed"
 
@@ -196,9 +199,11 @@ def test_unknown_instance_by_uuid(ctx: Context, store: Store) -> None:
 def test_unknown_instance_by_name(ctx: Context, store: Store) -> None:
     with pytest.raises(UnknownInstance, match="no-such-guest"):
         run(ctx, Request(action=Action.RESUME, instance="no-such-guest", request_id="u2"))
-    [entry] = store.journal("no-such-guest")
+    [entry] = store.journal()
     assert (entry["outcome"], entry["error_type"]) == ("failed", "UnknownInstance")
-    assert store.journal()[-1] == entry
+    assert not store.redis.exists(keys.journal("no-such-guest"))
+    # A name that never resolved binds the request id to nothing.
+    assert "fingerprint" not in store.request("u2")
 
 
 def test_invalid_transition_is_journaled_and_leaves_the_guest(
@@ -226,7 +231,7 @@ def test_an_earlier_interrupted_attempt_makes_already_changed(
     result = run(ctx, Request(action=Action.PAUSE, instance=dom.name(), request_id="crash-1",
                               task_id="t1", attempt=2))
     assert result["outcome"] == "changed"
-    assert (result["state_before"], result["state_after"]) == ("running", "paused(user)")
+    assert (result["state_before"], result["state_after"]) == ("running", "paused")
     assert result["fence"] == earlier.fence + 1 and result["attempts"] == 2
     assert store.request("crash-1")["status"] == "done"
 
@@ -415,7 +420,7 @@ def test_a_lock_lost_before_the_libvirt_call_is_journaled_and_nothing_is_done(
     assert store.redis.get(keys.lock(dom.UUIDString())) == newer[0].value
     [entry] = store.journal(dom.UUIDString())
     assert entry["error_type"] == "StaleLock" and entry["outcome"] == "failed"
-    assert store.request("lost") is None
+    assert store.request("lost")["status"] == "pending"  # bound to its fingerprint, not done
 
 
 def test_an_unexpected_error_still_releases_the_lock(

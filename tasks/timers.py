@@ -1,0 +1,105 @@
+"""Work a worker does on its own timer, not as tasks: publishing this host's instances, and
+acting on due auto-unpause deadlines.
+
+Neither needs beat nor shows up in Flower as a task every few seconds. The deadlines are a
+durable sorted set in the state Redis, so a deadline set by a worker that died is acted on by
+whichever worker checks next; each due deadline is claimed by exactly one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from celery import Celery
+
+from tasks.context import context, settings
+from worker import contract, metrics, registry
+from worker.settings import queue_for_host
+
+log = logging.getLogger("dormant.timers")
+
+
+_refreshing = threading.Lock()
+_stuck: list[Any] = []  # the abandoned libvirt call of the last refresh, while outstanding
+
+
+def refresh_registry_now() -> None:
+    """Publish this host's instances; never raise into the worker's timer.
+
+    While the libvirt call a previous refresh abandoned is still outstanding (a domain whose
+    lock libvirtd leaked blocks listing all domains), refreshing again would only strand one
+    more connection: skip until it returns.
+    """
+    if _stuck and not _stuck[0].done():
+        log.warning("registry refresh skipped: the last one is still stuck in libvirt")
+        return
+    _stuck.clear()
+    ctx = context()
+    try:
+        counts = registry.publish(ctx.store.redis, ctx.hypervisor, ctx.host,
+                                  interval=settings().registry_interval)
+    except Exception as exc:  # the next tick tries again
+        outstanding = getattr(exc, "outstanding", None)
+        if outstanding is not None:
+            _stuck.append(outstanding)
+        log.warning("registry refresh failed: %s", exc)
+        return
+    metrics.instances_observed(ctx.host, counts)
+
+
+def refresh_registry_in_background() -> threading.Thread | None:
+    """Refresh on a thread of its own, so a slow or hung libvirtd never holds up the worker's
+    start-up, its event loop or its timer; at most one refresh runs at a time."""
+    if not _refreshing.acquire(blocking=False):
+        return None
+
+    def refresh() -> None:
+        try:
+            refresh_registry_now()
+        finally:
+            _refreshing.release()
+
+    thread = threading.Thread(target=refresh, name="dormant-registry", daemon=True)
+    thread.start()
+    return thread
+
+
+_expiring = threading.Lock()
+
+
+def expire_deadlines_in_background(app: Celery) -> None:
+    """Check the deadlines on a thread of its own (a slow state store never holds up the
+    worker's timer); at most one check runs at a time."""
+    if not _expiring.acquire(blocking=False):
+        return
+
+    def check() -> None:
+        try:
+            expire_deadlines(app)
+        finally:
+            _expiring.release()
+
+    threading.Thread(target=check, name="dormant-deadlines", daemon=True).start()
+
+
+def expire_deadlines(app: Celery, now: float | None = None) -> int:
+    """Send ``dormant.unpause`` for every due deadline this worker claims; never raise."""
+    ctx = context()
+    sent = 0
+    try:
+        for due in ctx.store.claim_due_deadlines(time.time() if now is None else now):
+            host = due.get("host") or registry.resolve(ctx.store.redis, due["instance"])[1]
+            if not host:
+                log.error("deadline for %s: no host serves it any more", due["instance"])
+                continue
+            request_id = f"deadline:{due.get('request_id', '')}"[:128]
+            app.send_task(contract.UNPAUSE.name, args=[due["instance"]],
+                          kwargs={"request_id": request_id}, queue=queue_for_host(host))
+            log.info("auto-unpause of %s sent to %s (%s)", due["instance"], host, request_id)
+            sent += 1
+    except Exception as exc:  # the next tick tries again; a claimed one was already sent
+        log.warning("deadline check failed: %s", exc)
+    return sent
