@@ -1,4 +1,4 @@
-.PHONY: run test setup lint bench
+.PHONY: run test setup lint bench deploy-test
 
 run:    ## worker + beat + Flower in the foreground (installs what is missing first)
 	scripts/run.sh
@@ -8,6 +8,9 @@ test:   ## the whole test suite, unit and integration (installs and starts servi
 
 setup:  ## install Debian packages and .venv, start redis-server and libvirtd
 	scripts/setup.sh
+
+deploy-test:  ## build the images, run docker-compose.yml for real against this host's libvirtd, check it
+	scripts/deploy-test.sh
 
 lint:
 	.venv/bin/ruff check .

@@ -110,13 +110,22 @@ def test_the_dormant_service_runs_the_console_script():
         assert main.get_command(ctx, name) is not None, argv
 
 
-def test_every_service_runs_a_command_of_the_project_or_a_pinned_image():
+def dockerfile_of(service: dict[str, Any]) -> str:
+    build = service["build"]
+    return "Dockerfile" if isinstance(build, str) else build.get("dockerfile", "Dockerfile")
+
+
+def test_every_service_is_built_here_and_runs_a_command_of_the_project():
+    """No image from a registry but the base: every service builds from this repository."""
     for name, service in SERVICES.items():
         argv = command_of(service)
-        if "build" in service:
+        assert "build" in service, name
+        if dockerfile_of(service) == "Dockerfile":
+            assert service["image"] == "dormant:latest"
             assert argv[0] in {"celery", "dormant"}, (name, argv)
         else:
-            assert service["image"].startswith("redis:") and ":latest" not in service["image"]
+            assert (name, dockerfile_of(service)) == ("redis", "Dockerfile.redis")
+            assert " ".join(argv).startswith("sh -c 'exec redis-server "), argv
 
 
 def test_every_dormant_variable_is_a_setting_and_loads():
@@ -125,7 +134,7 @@ def test_every_dormant_variable_is_a_setting_and_loads():
         env = env_of(service)
         dormant = {k: v for k, v in env.items() if k.startswith("DORMANT_")}
         assert set(dormant) <= names, (name, set(dormant) - names)
-        if "build" in service:
+        if "build" in service and name != "redis":
             loaded = settings_mod.load(dormant)  # types and ranges, as the service will see
             assert loaded.broker_url.startswith(("redis://", "rediss://"))
 
@@ -134,14 +143,14 @@ def test_redis_persists_and_requires_the_password_the_clients_use():
     redis_service = SERVICES["redis"]
     command = " ".join(command_of(redis_service))
     assert "--appendonly yes" in command
-    assert "docker-entrypoint.sh redis-server" in command  # the image drops root only then
+    assert "exec redis-server" in command  # redis-server is the container's process 1
     assert '--requirepass "$REDIS_PASSWORD"' in command
     assert env_of(redis_service)["REDIS_PASSWORD"] == OPERATOR_ENV["REDIS_PASSWORD"]
     assert any(v.endswith(":/data") for v in redis_service["volumes"])
     assert "redis-cli ping" in " ".join(redis_service["healthcheck"]["test"])
     for name, service in SERVICES.items():
         for key in ("DORMANT_BROKER_URL", "DORMANT_RESULT_BACKEND", "DORMANT_STATE_URL"):
-            if "build" in service:
+            if "build" in service and name != "redis":
                 assert f":{OPERATOR_ENV['REDIS_PASSWORD']}@" in env_of(service)[key], name
 
 
@@ -163,7 +172,9 @@ def test_one_threads_worker_per_hypervisor_host_on_its_libvirt_socket():
         assert params["pool"].__module__ == "celery.concurrency.thread"  # metrics need it
         hosts.add(env["DORMANT_HOST"])
         assert env["DORMANT_LIBVIRT_URI"] == "qemu:///system"
-        assert "/var/run/libvirt/libvirt-sock:/var/run/libvirt/libvirt-sock" in service["volumes"]
+        volumes = [interpolate(v) for v in service["volumes"]]
+        assert "/var/run/libvirt/libvirt-sock:/var/run/libvirt/libvirt-sock" in volumes
+        assert "ports" not in service  # Prometheus scrapes it on the compose network
         assert params["hostname"] == f"dormant@{env['DORMANT_HOST']}"
         assert service["healthcheck"]["test"][-3] == params["hostname"]
         assert f"node.hostname == {env['DORMANT_HOST']}" in \
@@ -180,7 +191,13 @@ def test_flower_requires_basic_auth_and_has_a_probe():
     assert env.get("FLOWER_UNAUTHENTICATED_API", "false") == "false"
     assert "/healthcheck" in " ".join(flower["healthcheck"]["test"])
     assert "--port=5555" in command_of(flower)
-    assert any(p.endswith(":5555:5555") for p in flower["ports"])
+    assert [interpolate(p) for p in flower["ports"]] == ["127.0.0.1:5555:5555"]
+
+
+def test_published_ports_are_loopback_by_default():
+    published = {name: [interpolate(p) for p in s["ports"]]
+                 for name, s in SERVICES.items() if "ports" in s}
+    assert published == {"redis": ["127.0.0.1:6379:6379"], "flower": ["127.0.0.1:5555:5555"]}
 
 
 @pytest.mark.parametrize("missing", ["REDIS_PASSWORD", "FLOWER_BASIC_AUTH"])
@@ -202,7 +219,16 @@ def test_the_image_contains_every_package_and_runs_unprivileged():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert not {"worker", "tasks", "celeryconfig.py", "pyproject.toml"} & set(ignored)
     assert {".git", ".venv"} <= set(ignored)
-    assert "FROM python:3.11-slim" in dockerfile
-    assert all(p in dockerfile for p in ("libvirt-dev", "pkg-config", "gcc"))
+    assert all(p in dockerfile for p in ("libvirt-dev", "pkg-config", "gcc", "python3-venv"))
+
+
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.redis"])
+def test_images_build_from_the_base_that_base_images_sh_provides(name):
+    """The same files build against a registry and against scripts/base-images.sh's stand-in."""
+    dockerfile = (ROOT / name).read_text()
+    script = (ROOT / "scripts" / "base-images.sh").read_text()
+    (base,) = re.findall(r"^BASE=(\S+)$", script, re.M)
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", dockerfile, re.M)
+    assert stages and {image for image, _ in stages} == {base}, stages
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in {"root", "0"}

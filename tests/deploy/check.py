@@ -1,0 +1,323 @@
+"""The checks of ``make deploy-test``: the compose stack for real, driven from outside it.
+
+scripts/deploy-test.sh installs and starts Docker, builds the images and sets the environment
+(REDIS_PASSWORD, FLOWER_BASIC_AUTH, LIBVIRT_SOCKET, LIBVIRT_GID, COMPOSE); this brings the
+stack up under its own project name with a worker for this host and checks, each step failing
+when its property is broken: every health check turns healthy; the worker runs non-root;
+exactly one beat; Flower answers 401 without credentials and 200 with them; Redis refuses a
+caller without the password; a caller with only Celery and the password pauses, unpauses,
+suspends and resumes a real KVM guest of this host; transitions queued before Redis is
+SIGKILLed complete afterwards (append-only file); ``docker stop`` of the worker during a
+managed save lets the save finish and the guest is saved exactly once; no container log holds
+a secret; ``down -v`` leaves no container, network or volume.
+
+    python -m tests.deploy.check
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from tests.deploy import client
+from tests.support.guests import GuestFactory, TestGuest, remove_leftovers
+from tests.support.services import free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = os.environ.get("DEPLOY_PROJECT", "dormant-deploy-test")
+COMPOSE = os.environ.get("COMPOSE", "docker-compose").split()
+HOST = "kvm1"  # this machine plays hypervisor host kvm1 of the compose file
+WORKER = f"worker-{HOST}"
+QUEUE = f"dormant.{HOST}"
+NODE = f"dormant@{HOST}"
+SERVICES = ["redis", WORKER, "beat", "flower"]
+REDIS_PASSWORD = os.environ["REDIS_PASSWORD"]
+FLOWER_AUTH = os.environ["FLOWER_BASIC_AUTH"]
+TIMINGS: dict[str, float] = {}
+RUN_OUTPUTS: list[str] = []  # what `compose run` printed: checked for secrets too
+
+
+class CheckFailed(AssertionError):
+    """A deployment property does not hold."""
+
+
+def expect(condition: Any, message: str) -> None:
+    if not condition:
+        raise CheckFailed(message)
+
+
+def run(argv: list[str], *, timeout: float = 300, check: bool = True) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode:
+        raise CheckFailed(f"{' '.join(argv)} exited {done.returncode}: {done.stderr.strip()}")
+    return done.stdout + done.stderr if not check else done.stdout
+
+
+def compose(*args: str, timeout: float = 300) -> str:
+    return run([*COMPOSE, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args],
+               timeout=timeout)
+
+
+def docker(*args: str, timeout: float = 300) -> str:
+    return run(["docker", *args], timeout=timeout)
+
+
+def container(service: str) -> str:
+    cid = compose("ps", "-q", service).strip()
+    expect(cid, f"no container for service {service}")
+    return cid
+
+
+def inspect(cid: str, template: str) -> str:
+    return docker("inspect", "-f", template, cid).strip()
+
+
+def logs(cid: str) -> str:
+    """A container's whole log, stdout and stderr (Celery logs to stderr)."""
+    return run(["docker", "logs", cid], check=False)
+
+
+def health(cid: str) -> str:
+    return inspect(cid, "{{if .State.Health}}{{.State.Health.Status}}{{else}}none{{end}}")
+
+
+def project_objects() -> dict[str, list[str]]:
+    label = f"label=com.docker.compose.project={PROJECT}"
+    return {
+        "containers": docker("ps", "-aq", "--no-trunc", "--filter", label).split(),
+        "networks": docker("network", "ls", "-q", "--filter", label).split(),
+        "volumes": docker("volume", "ls", "-q", "--filter", label).split(),
+    }
+
+
+@contextmanager
+def step(name: str) -> Iterator[None]:
+    start = time.monotonic()
+    print(f"--- {name}", flush=True)
+    yield
+    TIMINGS[name] = time.monotonic() - start
+    print(f"ok  {name} ({TIMINGS[name]:.1f}s)", flush=True)
+
+
+def wait_healthy(services: list[str], timeout: float) -> None:
+    def all_healthy() -> bool:
+        states = {s: health(container(s)) for s in services}
+        unhealthy = [s for s, h in states.items() if h == "unhealthy"]
+        expect(not unhealthy, f"unhealthy: {unhealthy}")
+        return all(h == "healthy" for h in states.values())
+    wait_until(all_healthy, timeout=timeout, interval=1, message=f"{services} healthy")
+
+
+def redis_cli(*args: str) -> str:
+    """redis-cli inside the redis container; the password stays in the container's env."""
+    quoted = " ".join(f"'{a}'" for a in args)
+    return docker("exec", container("redis"), "sh", "-c",
+                  f'REDISCLI_AUTH="$REDIS_PASSWORD" redis-cli {quoted}').strip()
+
+
+def flower(path: str, auth: str | None) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{os.environ['FLOWER_PORT']}{path}")
+    if auth is not None:
+        request.add_header("Authorization",
+                           "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def domain_state(guest: TestGuest) -> tuple[int, int, bool]:
+    state, reason = guest.domain.state()
+    return state, reason, bool(guest.domain.hasManagedSaveImage(0))
+
+
+RUNNING = (libvirt.VIR_DOMAIN_RUNNING,)
+PAUSED = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER, False)
+SAVED = (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SAVED, True)
+
+
+def expect_state(guest: TestGuest, wanted: tuple[Any, ...], what: str) -> None:
+    actual = domain_state(guest)
+    expect(actual[:len(wanted)] == wanted, f"{guest.name} after {what}: libvirt says {actual}")
+
+
+def transition(caller: Any, task: str, guest: TestGuest, wanted: tuple[Any, ...]) -> None:
+    result = client.send(caller, task, guest.uuid, QUEUE).get(timeout=120)
+    expect(result["outcome"] == "changed" and result["instance"] == guest.uuid,
+           f"{task} {guest.name}: {result}")
+    expect_state(guest, wanted, task)
+
+
+def journal(guest: TestGuest) -> list[dict[str, Any]]:
+    """The instance's journal through the deployment's own `dormant` tool (profile tools)."""
+    out = compose("run", "--rm", "-T", "dormant", "history", guest.uuid, "--json",
+                  "--limit", "1000")
+    RUN_OUTPUTS.append(out)
+    return json.loads(out)
+
+
+def main() -> int:
+    os.environ["REDIS_PORT"] = str(free_port())
+    os.environ["FLOWER_PORT"] = str(free_port())
+    os.environ.setdefault("REDIS_BIND", "127.0.0.1")
+    os.environ.setdefault("FLOWER_BIND", "127.0.0.1")
+    port = int(os.environ["REDIS_PORT"])
+    libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors raise; no stderr
+    conn = libvirt.open("qemu:///system")
+    remove_leftovers(conn)
+    guests = GuestFactory(conn)
+    try:
+        with step("compose up: every health check turns healthy"):
+            start = time.monotonic()
+            compose("up", "-d", "--no-build", *SERVICES)
+            wait_healthy(["redis", WORKER, "flower"], timeout=240)
+            TIMINGS["time to a healthy stack"] = time.monotonic() - start
+            published = docker("port", container("redis"))
+            expect(published.strip().startswith("6379/tcp -> 127.0.0.1:"),
+                   f"redis published beyond loopback: {published}")
+
+        with step("worker non-root in the socket's group; exactly one beat"):
+            worker = container(WORKER)
+            ids = docker("exec", worker, "id").strip()
+            expect(ids.startswith("uid=10001(dormant)"), f"worker runs as {ids}")
+            expect(f"{os.environ['LIBVIRT_GID']}" in docker("exec", worker, "id", "-G").split(),
+                   f"worker not in the socket's group: {ids}")
+            beats = 0
+            for cid in project_objects()["containers"]:
+                for line in docker("top", cid, "-eo", "pid,args").splitlines()[1:]:
+                    beats += "celery" in line and " beat" in line
+            expect(beats == 1, f"{beats} beat processes in the stack")
+            # ...and that beat's schedule reaches the worker (expire-pauses every 15 s).
+            wait_until(lambda: "dormant.expire_pauses" in logs(worker),
+                       timeout=60, interval=1, message="a beat-sent task at the worker")
+
+        with step("Flower: 401 without credentials, 200 with them"):
+            user = FLOWER_AUTH.split(":", 1)[0]
+            expect(flower("/api/workers", None) == 401, "Flower API answered without auth")
+            expect(flower("/api/workers", f"{user}:wrong") == 401, "Flower took a wrong password")
+            expect(flower("/", None) == 401, "Flower UI answered without auth")
+            expect(flower("/api/workers", FLOWER_AUTH) == 200, "Flower refused its credentials")
+
+        factory_start = time.monotonic()
+        a, b, c = (guests.create("idle") for _ in range(3))
+        TIMINGS["three KVM guests defined and started"] = time.monotonic() - factory_start
+
+        with step("Redis refuses a caller without the password or with a wrong one"):
+            for password in (None, "wrong-" + uuid.uuid4().hex):
+                try:
+                    # No result backend: the broker itself must refuse the message.
+                    client.send(client.app(port, password, results=False), "pause", a.uuid,
+                                QUEUE)
+                except Exception as exc:  # kombu's OperationalError wrapping redis's error
+                    text = str(exc).lower()
+                    expect("auth" in text or "wrongpass" in text or "password" in text,
+                           f"refused, but not for authentication: {exc!r}")
+                    print(f"    refused: {exc}")
+                else:
+                    raise CheckFailed(f"Redis accepted a caller with password {password!r}")
+            expect_state(a, RUNNING, "refused pause")
+
+        caller = client.app(port, REDIS_PASSWORD)
+        with step("a caller with only Celery: pause, unpause, suspend, resume a KVM guest"):
+            transition(caller, "pause", a, PAUSED)
+            transition(caller, "unpause", a, RUNNING)
+            transition(caller, "suspend", a, SAVED)
+            transition(caller, "resume", a, RUNNING)
+
+        with step("transitions queued before Redis is SIGKILLed complete (append-only file)"):
+            compose("stop", WORKER)
+            # Sent without waiting on the old connections: their results are read afresh below.
+            sender = client.app(port, REDIS_PASSWORD, results=False)
+            queued = [client.send(sender, "pause", a.uuid, QUEUE),
+                      client.send(sender, "suspend", b.uuid, QUEUE)]
+            expect(int(redis_cli("-n", "0", "llen", QUEUE)) >= 2, "transitions not queued")
+            # appendfsync everysec: a write is on disk within a second; a crash loses at most
+            # that second, so the crash comes after it.
+            time.sleep(2)
+            docker("kill", "-s", "KILL", container("redis"))
+            docker("start", container("redis"))
+            wait_healthy(["redis"], timeout=90)
+            compose("start", WORKER)
+            after = client.app(port, REDIS_PASSWORD)  # fresh connections to the new server
+            results = [after.AsyncResult(r.id).get(timeout=180) for r in queued]
+            expect(all(r["outcome"] == "changed" for r in results), f"results: {results}")
+            expect_state(a, PAUSED, "queued pause")
+            expect_state(b, SAVED, "queued suspend")
+            caller = after
+
+        with step("docker stop during a managed save: the save finishes, exactly once"):
+            wait_until(lambda: caller.control.ping(destination=[NODE], timeout=2),
+                       timeout=120, interval=1, message="the worker answering pings")
+            worker = container(WORKER)
+            grace = int(inspect(worker, "{{.Config.StopTimeout}}") or 10)
+            expect(grace >= 60, f"stop grace period {grace}s would cut a save short")
+            pending = client.send(caller, "suspend", c.uuid, QUEUE, request_id="deploy-stop")
+            wait_until(lambda: c.domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE,
+                       timeout=60, interval=0.01, message="the managed save running")
+            stopped_at = time.monotonic()
+            docker("stop", worker, timeout=grace + 30)  # no -t: the container's grace period
+            took = time.monotonic() - stopped_at
+            code = inspect(worker, "{{.State.ExitCode}}")
+            expect(code == "0", f"worker exited {code} (137 = killed at the grace period)")
+            expect(took < grace, f"docker stop took {took:.1f}s of {grace}s")
+            expect_state(c, SAVED, "suspend interrupted by docker stop")
+            result = after.AsyncResult(pending.id).get(timeout=10)
+            expect(result["outcome"] == "changed", f"suspend result: {result}")
+            TIMINGS["docker stop with a save running"] = took
+            docker("start", worker)
+            wait_until(lambda: caller.control.ping(destination=[NODE], timeout=2),
+                       timeout=120, interval=1, message="the worker answering pings")
+            wait_until(lambda: redis_cli("-n", "0", "llen", QUEUE) == "0"
+                       and redis_cli("-n", "0", "hlen", "unacked") == "0",
+                       timeout=60, interval=1, message="nothing queued or unacknowledged")
+            saves = [e for e in journal(c) if e.get("action") == "suspend"]
+            expect(len(saves) == 1 and saves[0].get("outcome") == "changed",
+                   f"journal of {c.name}: {saves}")
+            expect_state(c, SAVED, "worker restart")
+
+        with step("every health check healthy again; no secret in any container log"):
+            wait_healthy(["redis", WORKER, "flower"], timeout=120)
+            secrets = {"REDIS_PASSWORD": REDIS_PASSWORD,
+                       "Flower password": FLOWER_AUTH.split(":", 1)[1]}
+            texts = {cid: logs(cid) for cid in project_objects()["containers"]}
+            texts["compose run dormant"] = "\n".join(RUN_OUTPUTS)
+            for where, text in texts.items():
+                for name, secret in secrets.items():
+                    expect(secret not in text, f"{name} in the log of {where}")
+            json_lines = [line for line in texts[container(WORKER)].splitlines()
+                          if line.startswith("{")]
+            records = [json.loads(line) for line in json_lines]
+            expect(any(r.get("logger") == "dormant.transition" for r in records),
+                   "no JSON transition record in the worker's log")
+    finally:
+        guests.cleanup()
+        conn.close()
+        with step("compose down -v leaves no container, network or volume"):
+            compose("down", "-v", "--remove-orphans", "--timeout", "120")
+            left = {k: v for k, v in project_objects().items() if v}
+            expect(not left, f"left behind: {left}")
+    expect(not {"worker", "tasks"} & set(sys.modules), "the checker imported dormant")
+    print("timings:", ", ".join(f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (CheckFailed, TimeoutError) as exc:
+        print(f"FAILED: {exc}", file=sys.stderr)
+        sys.exit(1)
