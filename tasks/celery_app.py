@@ -6,7 +6,13 @@ import logging
 
 from celery import Celery, bootsteps
 from celery.schedules import crontab
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_ready,
+    worker_shutdown,
+)
 
 from tasks.timers import expire_deadlines_in_background, refresh_registry_in_background
 from worker import contract, logs, metrics
@@ -85,6 +91,36 @@ class DeadlineStep(bootsteps.StartStopStep):
 
 app.steps["worker"].add(RegistryStep)
 app.steps["worker"].add(DeadlineStep)
+
+
+_presence: list[object] = []
+
+
+@worker_init.connect
+def _on_worker_init(sender: object = None, **_: object) -> None:
+    """Before consuming: announce this host's worker, restore a dead incarnation's messages."""
+    from worker import recovery
+    from worker import store as store_mod
+
+    s = settings_mod.get()
+    consumed = set(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
+    if s.host_queue not in consumed:
+        return  # not serving a host (e.g. a control-only worker): nothing of a host to restore
+    try:
+        presence, _restored = recovery.recover(
+            app, store_mod.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
+            queue=s.host_queue, node=str(getattr(sender, "hostname", "") or s.host),
+            ttl=s.host_claim_ttl)
+    except Exception as exc:  # Redis down at start: the visibility timeout still applies
+        logging.getLogger("dormant.recovery").error("start-up recovery skipped: %s", exc)
+        return
+    _presence.append(presence)
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(**_: object) -> None:
+    for presence in _presence:
+        presence.leave()  # type: ignore[attr-defined]
 
 
 @worker_ready.connect

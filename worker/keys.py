@@ -100,3 +100,8 @@ def run_queue(run_id: str) -> str:
 def schedule_claim(slot: str) -> str:
     """Claim of one beat tick (e.g. ``sample:<slot>``) so two beat processes fan out once."""
     return f"{PREFIX}:schedule:{slot}:claim"
+
+
+def host_workers(host: str) -> str:
+    """Sorted set: node name -> when its presence lapses (epoch s), for one host's workers."""
+    return f"{PREFIX}:host:{host}:workers"
