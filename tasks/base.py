@@ -15,6 +15,7 @@ from typing import Any
 from celery import Task
 
 from tasks.context import context, settings
+from tasks.delivery import KeepsMessageOnRetry
 from worker import contract, metrics
 from worker.errors import InvalidInput, PermanentError, TransientError
 from worker.runner import journal_rejection
@@ -23,8 +24,9 @@ log = logging.getLogger("dormant.contract")
 _s = settings()
 
 
-class DormantTask(Task):
-    """Checks the call against :mod:`worker.contract`; retries only transient errors."""
+class DormantTask(KeepsMessageOnRetry, Task):
+    """Checks the call against :mod:`worker.contract`; retries only transient errors (a retry
+    the broker cannot take keeps its message: :mod:`tasks.delivery`)."""
 
     autoretry_for = (TransientError,)
     retry_backoff = _s.retry_backoff

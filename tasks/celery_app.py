@@ -96,12 +96,28 @@ app.steps["worker"].add(DeadlineStep)
 _presence: list[object] = []
 
 
+def _keep_running_messages_on_reconnect() -> None:
+    """Don't push the messages this worker is running back to the queue when its broker
+    connection closes.
+
+    kombu's Redis QoS does that on every channel close (``restore_at_shutdown``), which on a
+    lost connection would run a transition twice at once — and while Redis is down kombu 5.7
+    crashes the whole worker trying (AttributeError in ``_connparams``). Unacked messages stay
+    in Redis instead: acknowledged when their task ends, or restored by this host's next
+    worker at start-up (worker/recovery.py).
+    """
+    from kombu.transport import redis as kombu_redis
+
+    kombu_redis.QoS.restore_at_shutdown = False
+
+
 @worker_init.connect
 def _on_worker_init(sender: object = None, **_: object) -> None:
     """Before consuming: announce this host's worker, restore a dead incarnation's messages."""
     from worker import recovery
     from worker import store as store_mod
 
+    _keep_running_messages_on_reconnect()
     s = settings_mod.get()
     consumed = set(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
     if s.host_queue not in consumed:

@@ -19,6 +19,7 @@ from worker.errors import (
     DormantError,
     InvalidInput,
     StaleLock,
+    StateStoreUnavailable,
     TransientError,
     TransitionNotReached,
     UnknownInstance,
@@ -356,13 +357,13 @@ class _Transition:
             # Bound like a success; a name that never resolved binds nothing.
             record["fingerprint"] = self.fingerprint(instance).key()
         try:
-            self.ctx.store.finish(
+            _patiently(held, lambda: self.ctx.store.finish(
                 held, instance=instance, request_id=self.request_id, entry=entry,
                 record=record, deadline=None, host=self.ctx.host,
                 # Only a real instance's UUID gets a journal of its own.
                 journal_instance=(validation.is_uuid(instance)
                                   and not isinstance(exc, UnknownInstance)),
-            )
+            ), self.ctx.store.lock_ttl_ms / 1000)
         except DormantError as store_exc:  # the store itself is down: say so in the log
             if isinstance(store_exc, StaleLock):  # lost the lock: journal it, record nothing
                 lost = {**entry, "lock_error": str(store_exc)}
@@ -378,6 +379,21 @@ class _Transition:
                                         (self.ctx.clock() - self.base["started_at"]))
         log.warning("%s %s: %s %s", self.req.action, instance, entry["outcome"], exc,
                     extra={"dormant": _log_fields(entry)})
+
+
+def _patiently(held: Held | None, finish: Callable[[], None], patience: float) -> None:
+    """Release a held lock even across a short state-store outage (the retry would otherwise
+    wait for the lock's TTL); without a lock, one try."""
+    deadline = time.monotonic() + (patience if held is not None else 0)
+    pause = 0.1
+    while True:
+        try:
+            return finish()
+        except StateStoreUnavailable:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 class _Release:

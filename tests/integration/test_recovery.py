@@ -6,14 +6,17 @@ Real redis-server, real worker processes (SIGKILLed mid-managedSave), real KVM g
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import wait_for_worker
+from tests.conftest import client_app_for, wait_for_worker
 from tests.support.journal import journal, real_state, record, saving
-from tests.support.services import wait_until
+from tests.support.services import RedisServer, free_port, new_workdir, wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -52,3 +55,63 @@ def test_worker_killed_mid_save_is_finished_by_the_next_worker_with_default_sett
     wait_until(lambda: "is also served by live worker(s)" in third.log(), timeout=30,
                message="the second live worker of a host says so")
     assert second.nodename in third.log()
+
+
+class PersistentRedis(RedisServer):
+    """A private redis-server that keeps its data across a kill (AOF, fsync always)."""
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir),
+                "--databases", "16"]
+        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
+        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self._answers, timeout=10, message=f"redis-server on port {self.port}")
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.kill()
+        self.process.wait()
+
+
+@pytest.fixture
+def persistent_redis() -> Iterator[PersistentRedis]:
+    server = PersistentRedis(port=free_port(), workdir=new_workdir("dormant-aof-"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_a_retry_that_cannot_be_published_runs_once_redis_is_back(
+        start_worker, host_name, guests, persistent_redis):
+    redis_urls = {"DORMANT_BROKER_URL": persistent_redis.url(0),
+                  "DORMANT_RESULT_BACKEND": persistent_redis.url(1),
+                  "DORMANT_STATE_URL": persistent_redis.url(2)}
+    worker = start_worker(pool="threads", concurrency=2, env=redis_urls, wait=False)
+    wait_for_worker(worker, persistent_redis)
+    app = client_app_for(persistent_redis)
+    guest = guests.create("idle")
+    rid = f"outage-{uuid.uuid4().hex[:8]}"
+    sent = app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},
+                         queue=f"dormant.{host_name}")
+    wait_until(lambda: saving(guest.domain), timeout=30, interval=0.01,
+               message="managedSave in progress")
+    persistent_redis.kill()  # kill -9: the save finishes, recording it fails, so does the retry
+    try:
+        wait_until(lambda: "could not publish its retry" in worker.log(), timeout=60,
+                   message="the retry's publish fails while Redis is down")
+        assert real_state(guest.domain) == "suspended"
+    finally:
+        persistent_redis.start()
+    back = time.monotonic()
+    result = sent.get(timeout=60)
+    took = time.monotonic() - back
+    print(f"retried transition finished {took:.1f}s after Redis was back")
+    assert took < 30, took  # not the visibility timeout (3600 s)
+    assert "reject requeue=False" not in worker.log()
+    assert result["outcome"] == "changed" and result["state_after"] == "suspended", result
+    assert real_state(guest.domain) == "suspended"
+    app.close()

@@ -1,0 +1,97 @@
+"""No message is dropped because the broker went away: retries and acknowledgements.
+
+``KeepsMessageOnRetry``: Celery publishes a retry as a new message and, when that publish
+fails (broker down), raises ``Reject(requeue=False)`` — the original message would be
+acknowledged away (or, if the reject cannot reach the broker either, wait for the visibility
+timeout). Instead the task keeps its (unacknowledged) message and publishes again until the
+broker answers, so the retry runs within seconds of the broker coming back; past
+``RETRY_PUBLISH_PATIENCE`` it rejects *with* requeue.
+
+``Request``: acknowledging a message whose broker channel a reconnect has closed.
+
+When the Redis broker connection drops, Celery reconnects with new channels while
+transitions keep running in the pool. Their message still points at the old, closed channel:
+kombu 5.7 then fails the ack or reject with an AttributeError (not a connection error), which
+stops the whole worker, and the message would stay in kombu's ``unacked`` hash to be run
+again after the visibility timeout. This Request settles such a message through a fresh
+connection instead, with kombu's own QoS calls (ack = drop it from the unacked index; reject
+with requeue = ``restore_by_tag`` to the head of its queue).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery.exceptions import Reject
+from celery.worker.request import Request as CeleryRequest
+
+log = logging.getLogger("dormant.delivery")
+
+# How long a task keeps trying to publish its retry while the broker is unreachable, and the
+# longest pause between two tries (seconds).
+RETRY_PUBLISH_PATIENCE = 600.0
+RETRY_PUBLISH_PAUSE_MAX = 2.0
+
+
+class KeepsMessageOnRetry:
+    """A Task mixin: a retry that cannot be published is never dropped (see above)."""
+
+    Request = "tasks.delivery:Request"  # settles messages whose channel a reconnect closed
+
+    def retry(self, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + RETRY_PUBLISH_PATIENCE
+        pause = 0.25
+        while True:
+            try:
+                return super().retry(*args, **kwargs)  # type: ignore[misc]
+            except Reject as exc:
+                if exc.requeue:
+                    raise
+                if time.monotonic() >= deadline:
+                    raise Reject(exc.reason, requeue=True) from None
+                log.warning("%s[%s]: could not publish its retry (%s); trying again in %.1fs",
+                            self.name, self.request.id, exc.reason, pause)  # type: ignore[attr-defined]
+                time.sleep(pause)
+                pause = min(pause * 2, RETRY_PUBLISH_PAUSE_MAX)
+
+
+class Request(CeleryRequest):
+    """Celery's Request, except for messages whose channel is gone (see module docstring)."""
+
+    def _orphaned(self) -> bool:
+        channel = getattr(self.message, "channel", None)
+        return channel is not None and getattr(channel, "connection", None) is None
+
+    def _settle(self, *, requeue: bool | None) -> None:
+        tag = self.message.delivery_tag
+        with self.task.app.connection_for_write() as connection:
+            qos = connection.default_channel.qos
+            if requeue:
+                qos.restore_by_tag(tag, leftmost=True)
+            else:
+                qos.ack(tag)
+        log.info("%s[%s]: %s through a fresh broker connection (its channel closed on "
+                 "reconnect)", self.task_name, self.id,
+                 "requeued" if requeue else "acknowledged")
+
+    def acknowledge(self) -> None:
+        if not self.acknowledged and self._orphaned():
+            try:
+                self._settle(requeue=False)
+            except Exception as exc:  # left unacked: redelivered later, idempotent anyway
+                log.warning("%s[%s]: could not acknowledge: %s", self.task_name, self.id, exc)
+            self.acknowledged = True
+            return
+        super().acknowledge()
+
+    def reject(self, requeue: bool = False) -> None:
+        if not self.acknowledged and self._orphaned():
+            try:
+                self._settle(requeue=requeue)
+            except Exception as exc:
+                log.warning("%s[%s]: could not reject: %s", self.task_name, self.id, exc)
+            self.acknowledged = True
+            return
+        super().reject(requeue=requeue)
