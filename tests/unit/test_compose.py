@@ -91,10 +91,25 @@ def test_every_celery_command_and_healthcheck_parses_with_this_project():
     commands += [[interpolate(a) for a in s["healthcheck"]["test"][1:]]
                  for s in SERVICES.values()
                  if s.get("healthcheck", {}).get("test", [None, None])[1] == "celery"]
-    assert len(commands) >= 6
+    assert len(commands) >= 4
     for argv in commands:
         assert argv[1:3] == ["-A", "tasks"], argv
         parse_celery(argv)
+
+
+def test_worker_health_checks_run_dormant_health_with_valid_options():
+    from worker.cli import main
+
+    checks = [[interpolate(a) for a in s["healthcheck"]["test"][1:]]
+              for name, s in SERVICES.items() if name.startswith("worker-")]
+    assert checks
+    for argv in checks:
+        assert argv[:2] == ["dormant", "health"], argv
+        ctx = main.make_context("dormant", list(argv[1:]))
+        sub = main.get_command(ctx, "health")
+        assert sub is not None
+        params = sub.make_context("health", list(argv[2:]), parent=ctx).params
+        assert params["node"].startswith("dormant@") and params["timeout"] == 5
 
 
 def test_the_dormant_service_runs_the_console_script():

@@ -123,3 +123,23 @@ def test_the_guest_stays_locked_until_the_abandoned_call_returns(
     result = run(ctx, Request(action=Action.PAUSE, instance=uuid, request_id="r1",
                               task_id="t", attempt=3))
     assert result["outcome"] == "changed" and result["steps"] == []
+
+
+def test_dormant_health_fails_when_libvirtd_does_not_answer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from worker.cli import main
+
+    ok = CliRunner().invoke(main, ["health", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert '"ok": true' in ok.output
+
+    def hung(self: Hypervisor) -> int:
+        raise HypervisorUnavailable("hypervisor unavailable: connect to test:///default: "
+                                    "no answer from libvirt after 5s")
+
+    monkeypatch.setattr(Hypervisor, "ping", hung)
+    bad = CliRunner().invoke(main, ["health"])
+    assert bad.exit_code == 3
+    assert "libvirtd: hypervisor unavailable" in bad.output
