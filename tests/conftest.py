@@ -87,7 +87,9 @@ def libvirt_conn():  # type: ignore[no-untyped-def]
 def guests(libvirt_conn):  # type: ignore[no-untyped-def]
     """Factory of tiny real guests, all removed afterwards (also when the test fails)."""
     from tests.support.guests import GuestFactory
+    from tests.support.journal import revive
 
+    revive(libvirt_conn)  # a libvirtd restarted by an earlier test (or a neighbour) broke it
     factory = GuestFactory(libvirt_conn)
     yield factory
     factory.cleanup()
