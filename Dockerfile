@@ -21,11 +21,11 @@ RUN python3 -m venv /opt/dormant \
  && /opt/dormant/bin/pip install --no-cache-dir --upgrade pip
 WORKDIR /src
 # The dependencies first, in their own layer: a change to the code alone reuses it.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml ./
 RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
       > /tmp/requirements.txt \
  && /opt/dormant/bin/pip install --no-cache-dir -r /tmp/requirements.txt
-COPY celeryconfig.py ./
+COPY README.md celeryconfig.py ./
 COPY worker ./worker
 COPY tasks ./tasks
 RUN /opt/dormant/bin/pip install --no-cache-dir --no-deps . \

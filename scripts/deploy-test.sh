@@ -4,16 +4,19 @@
 # builds the images from Dockerfile and Dockerfile.redis, then tests/deploy/check.py brings
 # docker-compose.yml up under its own project name with generated secrets and a worker for this
 # host and checks it (see that file). Everything it started is stopped at the end: the stack
-# (down -v), the libvirt socket proxy, and dockerd when this script started it.
+# (down -v), the libvirt socket proxy or libvirtd's own configuration, and dockerd when this
+# script started it.
 #
 # The libvirt socket: a non-root worker reaches the host's libvirtd as a member of the group
-# that owns the socket, which needs libvirtd to authenticate local clients by the socket's
-# permissions (unix_sock_group, unix_sock_rw_perms = "0770", auth_unix_rw = "none"; see
-# docs/operations.md). The shared libvirtd here is started with the defaults instead: polkit,
-# which needs D-Bus, so it refuses every non-root client. Rather than restart it, this script
-# puts a root-owned proxy socket in front of it, mode 0660 and group `libvirt`, which is what
-# such a libvirtd would listen on, and mounts that one. When the real socket already lets a
-# non-root member of its group in, the worker mounts the real socket.
+# that owns the socket, which needs libvirtd to know uid 10001 and to let that group in by the
+# socket's permissions (README, "The hypervisor host"). libvirtd here runs with its defaults
+# (polkit, which needs D-Bus, so it refuses every non-root client). DORMANT_DEPLOY_LIBVIRT says
+# what to do about it:
+#   direct       the real socket already lets the worker in: mount it (chosen when it does);
+#   reconfigure  add the user and restart libvirtd configured like that, restore it at the end
+#                (the default in CI, where nobody else uses libvirtd);
+#   proxy        leave the shared libvirtd alone and mount a root-owned proxy socket in front
+#                of it, mode 0660, group libvirt (the default on a developer's machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -34,7 +37,17 @@ fi
 scripts/setup.sh >/dev/null   # .venv (the checker's celery + libvirt-python), libvirtd
 
 work=$(mktemp -d /tmp/dormant-deploy-test.XXXXXX)
-started_dockerd="" proxy_pid=""
+started_dockerd="" proxy_pid="" reconfigured="" created=()
+restart_libvirtd() {  # [libvirtd options]: replace the running libvirtd, wait until it answers
+  local pid
+  pid=$(cat /var/run/libvirtd.pid 2>/dev/null || true)
+  if [[ -n $pid ]] && kill "$pid" 2>/dev/null; then
+    for _ in $(seq 150); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  fi
+  libvirtd -d "$@" 9>&-
+  for _ in $(seq 150); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.2; done
+  die "libvirtd did not answer after a restart (see /var/log/libvirt/libvirtd.log)"
+}
 cleanup() {
   local status=$?
   set +e
@@ -42,6 +55,18 @@ cleanup() {
   # that died before it could.
   [[ -n ${COMPOSE:-} ]] && $COMPOSE -p "$DEPLOY_PROJECT" down -v --remove-orphans >/dev/null 2>&1
   if [[ -n $proxy_pid ]]; then kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null; fi
+  if [[ -n $reconfigured ]]; then
+    say "restoring libvirtd's own configuration"
+    kill -CONT "$(cat /var/run/libvirtd.pid)" 2>/dev/null
+    (restart_libvirtd)
+  fi
+  for ((i = ${#created[@]} - 1; i >= 0; i--)); do  # what this run added to the host, newest first
+    case ${created[i]} in
+      user:*) userdel "${created[i]#user:}" ;;
+      group:*) ! getent group "${created[i]#group:}" >/dev/null || groupdel "${created[i]#group:}" ;;
+    esac
+  done
+  exec 9>&-
   if [[ -n $started_dockerd ]]; then
     say "stopping the dockerd this test started"
     kill "$started_dockerd"; wait "$started_dockerd"
@@ -80,21 +105,58 @@ for image in dormant:latest dormant-redis:latest debian:bookworm-slim; do
   say "image $image: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
 done
 
-# The libvirt socket the worker mounts, and the group it joins (see the header).
-getent group libvirt >/dev/null || groupadd --system libvirt
+# The libvirt socket the worker mounts, and the group it joins (see the header). On a shared
+# machine libvirtd is everyone's: hold its lock while the stack depends on it (tests that
+# restart or stop libvirtd take the same lock). Nothing started from here may inherit fd 9.
+exec 9>/tmp/dormant-libvirtd.lock
+flock -w 900 9 || die "another test has held /tmp/dormant-libvirtd.lock for 15 minutes"
+getent group libvirt >/dev/null || { groupadd --system libvirt; created+=(group:libvirt); }
 export LIBVIRT_GID LIBVIRT_SOCKET=/var/run/libvirt/libvirt-sock
 LIBVIRT_GID=$(stat -c %g "$LIBVIRT_SOCKET")
-if ! docker run --rm --group-add "$LIBVIRT_GID" -v "$LIBVIRT_SOCKET:/var/run/libvirt/libvirt-sock" \
-     dormant:latest python -c 'import libvirt; libvirt.open("qemu:///system")' >/dev/null 2>&1; then
-  LIBVIRT_GID=$(getent group libvirt | cut -d: -f3)
-  LIBVIRT_SOCKET=$work/libvirt-sock
-  say "libvirtd refuses non-root clients here (polkit without D-Bus): the worker gets a proxy socket, group libvirt, mode 0660"
-  socat "UNIX-LISTEN:$LIBVIRT_SOCKET,fork,unlink-early,mode=660,user=root,group=$LIBVIRT_GID" \
-        UNIX-CONNECT:/var/run/libvirt/libvirt-sock &
-  proxy_pid=$!
-  for _ in $(seq 50); do [[ -S $LIBVIRT_SOCKET ]] && break; sleep 0.1; done
-  chmod 755 "$work"
+worker_can_connect() {  # the worker image, uid 10001, in group LIBVIRT_GID, on LIBVIRT_SOCKET
+  docker run --rm --group-add "$LIBVIRT_GID" -v "$LIBVIRT_SOCKET:/var/run/libvirt/libvirt-sock" \
+    dormant:latest python -c 'import libvirt; libvirt.open("qemu:///system")' >/dev/null 2>&1
+}
+# direct: the socket already lets the worker in; reconfigure (CI: nobody else uses libvirtd):
+# restart libvirtd configured as README "The hypervisor host" says, restored at the end;
+# proxy (a shared developer machine): the proxy socket of the header.
+mode=${DORMANT_DEPLOY_LIBVIRT:-}
+if [[ -z $mode ]]; then
+  if worker_can_connect; then mode=direct
+  elif [[ ${CI:-} == true ]]; then mode=reconfigure
+  else mode=proxy; fi
 fi
+case $mode in
+  direct)
+    say "the worker mounts the host's libvirt socket (group $LIBVIRT_GID)" ;;
+  reconfigure)
+    say "configuring libvirtd for a non-root worker (user dormant 10001, unix_sock_group libvirt, auth_unix_rw none); restored at the end"
+    getent group 10001 >/dev/null || { groupadd --system --gid 10001 dormant; created+=(group:dormant); }
+    getent passwd 10001 >/dev/null || {
+      useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin dormant
+      created+=(user:dormant); }
+    { cat /etc/libvirt/libvirtd.conf 2>/dev/null || true
+      printf '%s\n' 'unix_sock_group = "libvirt"' 'unix_sock_rw_perms = "0770"' 'auth_unix_rw = "none"'
+    } >"$work/libvirtd.conf"
+    reconfigured=1
+    restart_libvirtd -f "$work/libvirtd.conf"
+    LIBVIRT_GID=$(getent group libvirt | cut -d: -f3)
+    worker_can_connect || die "the worker still cannot reach the reconfigured libvirtd"
+    hang_pid=$(cat /var/run/libvirtd.pid) ;;
+  proxy)
+    LIBVIRT_GID=$(getent group libvirt | cut -d: -f3)
+    LIBVIRT_SOCKET=$work/libvirt-sock
+    say "libvirtd refuses non-root clients here (polkit without D-Bus): the worker gets a proxy socket, group libvirt, mode 0660"
+    socat "UNIX-LISTEN:$LIBVIRT_SOCKET,fork,unlink-early,mode=660,user=root,group=$LIBVIRT_GID" \
+          UNIX-CONNECT:/var/run/libvirt/libvirt-sock 9>&- &
+    proxy_pid=$!
+    hang_pid=$proxy_pid
+    for _ in $(seq 50); do [[ -S $LIBVIRT_SOCKET ]] && break; sleep 0.1; done
+    chmod 755 "$work" ;;
+  *) die "DORMANT_DEPLOY_LIBVIRT must be direct, reconfigure or proxy" ;;
+esac
+# The checker SIGSTOPs this process for a moment: libvirt calls hang as with a hung libvirtd.
+export DEPLOY_HANG_PID=${hang_pid:-}
 
 export REDIS_PASSWORD FLOWER_BASIC_AUTH
 REDIS_PASSWORD=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')

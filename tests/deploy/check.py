@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,12 @@ def container(service: str) -> str:
     cid = compose("ps", "-q", service).strip()
     expect(cid, f"no container for service {service}")
     return cid
+
+
+def exec_in(cid: str, argv: list[str]) -> tuple[int, str]:
+    done = subprocess.run(["docker", "exec", cid, *argv], capture_output=True, text=True,
+                          timeout=120)
+    return done.returncode, done.stdout + done.stderr
 
 
 def inspect(cid: str, template: str) -> str:
@@ -196,14 +203,39 @@ def main() -> int:
             expect(ids.startswith("uid=10001(dormant)"), f"worker runs as {ids}")
             expect(f"{os.environ['LIBVIRT_GID']}" in docker("exec", worker, "id", "-G").split(),
                    f"worker not in the socket's group: {ids}")
+            # The group is what lets it in: the same image without it is refused.
+            refused = subprocess.run(
+                ["docker", "run", "--rm", "-v",
+                 f"{os.environ['LIBVIRT_SOCKET']}:/var/run/libvirt/libvirt-sock",
+                 inspect(worker, "{{.Config.Image}}"), "python", "-c",
+                 "import libvirt; libvirt.open('qemu:///system')"],
+                capture_output=True, text=True, timeout=120)
+            expect(refused.returncode != 0 and "Permission denied" in refused.stderr,
+                   f"libvirt socket open to a worker without its group: {refused.stderr}")
             beats = 0
             for cid in project_objects()["containers"]:
                 for line in docker("top", cid, "-eo", "pid,args").splitlines()[1:]:
                     beats += "celery" in line and " beat" in line
             expect(beats == 1, f"{beats} beat processes in the stack")
-            # ...and that beat's schedule reaches the worker (expire-pauses every 15 s).
-            wait_until(lambda: "dormant.expire_pauses" in logs(worker),
-                       timeout=60, interval=1, message="a beat-sent task at the worker")
+            wait_until(lambda: "beat: Starting" in logs(container("beat")),
+                       timeout=60, interval=1, message="beat started")
+
+        hang = int(os.environ.get("DEPLOY_HANG_PID") or 0)  # libvirtd, or the proxy before it
+        with step("the worker's health check fails while libvirtd hangs, passes when it answers"):
+            test = json.loads(inspect(worker, "{{json .Config.Healthcheck.Test}}"))
+            expect(test[0] == "CMD", f"health check {test}")
+            code, out = exec_in(worker, test[1:])
+            expect(code == 0, f"health check failed on a healthy stack: {out}")
+            if hang:  # stopped, it accepts connections and never answers: a hung libvirtd
+                os.kill(hang, signal.SIGSTOP)
+                try:
+                    code, out = exec_in(worker, test[1:])
+                finally:
+                    os.kill(hang, signal.SIGCONT)
+                expect(code != 0 and "libvirtd" in out, f"healthy while libvirtd hangs: {out}")
+                print(f"    while libvirtd hangs: exit {code}, {out.strip().splitlines()[-1]}")
+            else:
+                print("    (not hanging a libvirtd that this test did not start)")
 
         with step("Flower: 401 without credentials, 200 with them"):
             user = FLOWER_AUTH.split(":", 1)[0]

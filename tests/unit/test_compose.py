@@ -86,11 +86,13 @@ def parse_celery(argv: list[str]) -> tuple[str, dict[str, Any]]:
     return name, sub.make_context(name, list(rest), parent=ctx).params
 
 
+def healthchecks(program: str) -> list[list[str]]:
+    return [[interpolate(a) for a in s["healthcheck"]["test"][1:]] for s in SERVICES.values()
+            if s.get("healthcheck", {}).get("test", [None, None])[1] == program]
+
+
 def test_every_celery_command_and_healthcheck_parses_with_this_project():
-    commands = list(celery_services().values())
-    commands += [[interpolate(a) for a in s["healthcheck"]["test"][1:]]
-                 for s in SERVICES.values()
-                 if s.get("healthcheck", {}).get("test", [None, None])[1] == "celery"]
+    commands = list(celery_services().values()) + healthchecks("celery")
     assert len(commands) >= 4
     for argv in commands:
         assert argv[1:3] == ["-A", "tasks"], argv
@@ -118,11 +120,14 @@ def test_the_dormant_service_runs_the_console_script():
     scripts = PYPROJECT["project"]["scripts"]
     assert scripts["dormant"] == "worker.cli:main"
     tools = [cmd for cmd in (command_of(s) for s in SERVICES.values()) if cmd[:1] == ["dormant"]]
-    assert tools
+    tools += healthchecks("dormant")
+    assert len(tools) >= 3
     for argv in tools:
         ctx = main.make_context("dormant", list(argv[1:]), resilient_parsing=False)
-        name = [*getattr(ctx, "_protected_args", []), *ctx.args][0]
-        assert main.get_command(ctx, name) is not None, argv
+        name, *rest = [*getattr(ctx, "_protected_args", []), *ctx.args]
+        sub = main.get_command(ctx, name)
+        assert sub is not None, argv
+        sub.make_context(name, rest, parent=ctx)  # an unknown option raises here
 
 
 def dockerfile_of(service: dict[str, Any]) -> str:
@@ -191,7 +196,10 @@ def test_one_threads_worker_per_hypervisor_host_on_its_libvirt_socket():
         assert "/var/run/libvirt/libvirt-sock:/var/run/libvirt/libvirt-sock" in volumes
         assert "ports" not in service  # Prometheus scrapes it on the compose network
         assert params["hostname"] == f"dormant@{env['DORMANT_HOST']}"
-        assert service["healthcheck"]["test"][-3] == params["hostname"]
+        # The health check asks libvirtd and pings this very worker (dormant health).
+        check = service["healthcheck"]["test"]
+        assert check[:3] == ["CMD", "dormant", "health"]
+        assert check[check.index("--node") + 1] == params["hostname"]
         assert f"node.hostname == {env['DORMANT_HOST']}" in \
             service["deploy"]["placement"]["constraints"]
         assert service["stop_grace_period"] == "2m"  # warm shutdown finishes a managed save
