@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 from celery import Celery, bootsteps
 from celery.schedules import crontab
 from celery.signals import (
     after_setup_logger,
     after_setup_task_logger,
+    celeryd_after_setup,
     worker_init,
     worker_ready,
     worker_shutdown,
@@ -137,6 +139,20 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
 def _on_worker_shutdown(**_: object) -> None:
     for presence in _presence:
         presence.leave()  # type: ignore[attr-defined]
+
+
+@celeryd_after_setup.connect
+def _announce(sender: object = None, **_: object) -> None:
+    """Say which hypervisor this worker drives, whatever the log level (next to Celery's
+    banner), and warn when it is libvirt's fake test driver."""
+    s = settings_mod.get()
+    line = f"dormant: host {s.host} drives libvirt {s.libvirt_uri} (queue {s.host_queue})"
+    print(line, file=sys.__stdout__, flush=True)
+    log = logging.getLogger("dormant.worker")
+    if s.libvirt_uri.startswith("test:"):
+        log.warning("%s: libvirt's fake test driver, not real guests", line)
+    else:
+        log.info(line)
 
 
 @worker_ready.connect

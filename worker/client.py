@@ -13,11 +13,13 @@ from typing import Any
 
 import redis
 from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from worker import registry, validation
+from worker import contract, registry, runs, validation
 from worker import settings as settings_mod
-from worker.errors import UnknownInstance
+from worker.contract import quote
+from worker.errors import DormantError, InvalidInput, TaskFailed, UnknownInstance, WorkerTimeout
 from worker.registry import TTL_INTERVALS
 from worker.settings import CONTROL_QUEUE, Settings, queue_for_host, redis_tls
 from worker.store import Store, connect
@@ -103,6 +105,28 @@ class Client:
         max_age = self.settings.registry_interval * TTL_INTERVALS
         return sorted(registry.hosts(self.state, max_age=max_age))
 
+    def live_host(self, host: str) -> str:
+        """``host`` when a live worker serves it; InvalidInput naming the live hosts if not
+        (so nothing is queued for a worker that may never exist)."""
+        live = self.hosts()
+        if host not in live:
+            known = ", ".join(live) if live else "none (is any worker running?)"
+            raise InvalidInput(f"unknown host {quote(host)}: no live worker serves it; "
+                               f"live hosts: {known}")
+        return host
+
+    def published(self, instance: str, *, host: str | None = None) -> str:
+        """The UUID of an instance some worker (of ``host``) has published, or
+        UnknownInstance."""
+        uuid, where = self.locate(instance)
+        if uuid is None or where is None:
+            raise UnknownInstance(f"unknown instance {quote(instance)}: no worker has "
+                                  "published it")
+        if host is not None and where != host:
+            raise UnknownInstance(f"instance {quote(instance)} is on host {where}, "
+                                  f"not {host}")
+        return uuid
+
     def _send(self, name: str, instance: str, kwargs: Mapping[str, Any],
               queue: str | None = None) -> AsyncResult:
         instance = validation.instance(instance)
@@ -112,25 +136,25 @@ class Client:
     # -- the task contract ----------------------------------------------------------------------
     def pause(self, instance: str, request_id: str | None = None,
               max_seconds: float | None = None) -> AsyncResult:
-        return self._send("dormant.pause", instance, {
+        return self._send(contract.PAUSE.name, instance, {
             "request_id": validation.request_id(request_id),
             "max_seconds": validation.max_seconds(max_seconds),
         })
 
     def unpause(self, instance: str, request_id: str | None = None) -> AsyncResult:
-        return self._send("dormant.unpause", instance,
+        return self._send(contract.UNPAUSE.name, instance,
                           {"request_id": validation.request_id(request_id)})
 
     def suspend(self, instance: str, request_id: str | None = None) -> AsyncResult:
-        return self._send("dormant.suspend", instance,
+        return self._send(contract.SUSPEND.name, instance,
                           {"request_id": validation.request_id(request_id)})
 
     def resume(self, instance: str, request_id: str | None = None) -> AsyncResult:
-        return self._send("dormant.resume", instance,
+        return self._send(contract.RESUME.name, instance,
                           {"request_id": validation.request_id(request_id)})
 
     def ensure(self, instance: str, target: str, request_id: str | None = None) -> AsyncResult:
-        return self._send("dormant.ensure", instance, {
+        return self._send(contract.ENSURE.name, instance, {
             "target": str(validation.target(target)),
             "request_id": validation.request_id(request_id),
         })
@@ -140,18 +164,69 @@ class Client:
         worker takes it from the control queue)."""
         if instance is None:
             queue = queue_for_host(host) if host else CONTROL_QUEUE
-            return self.app.send_task("dormant.status", args=[], queue=queue)
-        return self._send("dormant.status", instance, {},
+            return self.app.send_task(contract.STATUS.name, args=[], queue=queue)
+        return self._send(contract.STATUS.name, instance, {},
                           queue=queue_for_host(host) if host else None)
 
     def status_fleet(self) -> dict[str, AsyncResult]:
         """``dormant.status`` for every host in the registry, sent to each host's queue."""
         return {host: self.status(host=host) for host in self.hosts()}
 
+    # -- reclamation ------------------------------------------------------------------------------
+    def sample(self, host: str) -> AsyncResult:
+        """One activity sample of every guest of a live ``host``."""
+        return self.app.send_task(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)))
+
+    def reclaim(self, host: str, *, run_id: str, dry_run: bool = False) -> AsyncResult:
+        """A reclamation run of a live ``host`` now."""
+        return self.app.send_task(
+            contract.RECLAIM.name, queue=queue_for_host(self.live_host(host)),
+            kwargs={"run_id": runs.run_id(run_id), "dry_run": bool(dry_run)})
+
+    def drain(self, host: str, *, run_id: str,
+              instances: list[str] | None = None) -> AsyncResult:
+        """Suspend every running guest of a live ``host`` (or only ``instances``, each one
+        published by that host)."""
+        self.live_host(host)
+        kwargs: dict[str, Any] = {"run_id": runs.run_id(run_id)}
+        if instances:
+            kwargs["instances"] = [self.published(validation.instance(i), host=host)
+                                   for i in instances]
+        return self.app.send_task(contract.DRAIN.name, queue=queue_for_host(host),
+                                  kwargs=kwargs)
+
+    def restore(self, run_id: str, *, restore_id: str) -> AsyncResult:
+        """Resume what run ``run_id`` suspended, on the host that ran it."""
+        source = self.report(run_id)
+        return self.app.send_task(
+            contract.RESTORE.name, queue=queue_for_host(source["host"]),
+            kwargs={"run_id": source["run_id"], "restore_id": runs.run_id(restore_id)})
+
+    def report(self, run_id: str) -> dict[str, Any]:
+        """A run's report, or InvalidInput for an unknown run id."""
+        rid = runs.run_id(run_id)
+        found = runs.load(self.state, rid)
+        if found is None:
+            raise InvalidInput(f"unknown run id {quote(rid)}: no report (reports are kept "
+                               f"{self.settings.reclaim_report_ttl // 86400} days)")
+        return found
+
     # -- reading results --------------------------------------------------------------------------
-    def wait(self, result: AsyncResult, timeout: float | None = 60.0) -> Any:
-        """The task's JSON result; raises the task's error, or Celery's TimeoutError."""
-        return result.get(timeout=timeout, propagate=True, interval=0.05)
+    def wait(self, result: AsyncResult, timeout: float | None = 60.0, what: str = "") -> Any:
+        """The task's JSON result; raises the task's error (dormant's own class, or
+        TaskFailed for any other), or WorkerTimeout."""
+        try:
+            return result.get(timeout=timeout, propagate=True, interval=0.05)
+        except CeleryTimeout:
+            raise WorkerTimeout(
+                f"no worker answered {what or result.id} within {timeout:g}s (task "
+                f"{result.id} stays queued and may still run)") from None
+        except DormantError:
+            raise
+        except Exception as exc:
+            if _infrastructure(exc):
+                raise
+            raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
 
     def journal(self, instance: str, *, limit: int = 50) -> list[dict[str, Any]]:
         """Journal entries of one instance, oldest first (a name is resolved to its UUID).
@@ -160,12 +235,19 @@ class Client:
         unresolved name reads that stream instead.
         """
         key = validation.instance(instance)
-        uuid, _host = registry.resolve(self.state, key)
+        uuid, host = registry.resolve(self.state, key)
         store = Store(self.state, lock_ttl=self.settings.lock_ttl,
                       result_ttl=self.settings.result_ttl)
         entries = store.journal(uuid or key, count=limit)
-        if not entries and uuid is None:
+        if not entries and host is None:
             raise UnknownInstance(
-                f"unknown instance {instance!r}: no worker serves it and it has no journal"
+                f"unknown instance {quote(instance)}: no worker serves it and it has no journal"
             )
         return entries
+
+
+def _infrastructure(exc: BaseException) -> bool:
+    """A broker/backend/state-store failure (not an error the task raised)."""
+    from kombu.exceptions import OperationalError
+
+    return isinstance(exc, OperationalError | redis.RedisError | OSError | RuntimeError)

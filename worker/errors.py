@@ -44,6 +44,10 @@ class StaleLock(PermanentError):
     """The per-instance lock expired while held; a newer holder owns the instance now."""
 
 
+class TaskFailed(PermanentError):
+    """A task failed with an error that is not dormant's own (e.g. from an older worker)."""
+
+
 class TransientError(DormantError):
     """A failure that may pass by itself; retried with backoff."""
 
@@ -62,3 +66,11 @@ class InstanceBusy(TransientError):
 
 class StateStoreUnavailable(TransientError):
     """The Redis state store cannot be reached."""
+
+
+class BrokerUnavailable(TransientError):
+    """The Celery broker or result backend cannot be reached."""
+
+
+class WorkerTimeout(TransientError):
+    """No worker answered within the caller's timeout (the task may still run later)."""

@@ -27,7 +27,9 @@ class Settings:
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
     state_url: str = "redis://127.0.0.1:6379/2"
-    libvirt_uri: str = "test:///default"
+    # What virsh uses as root. Only the demo and the tests choose libvirt's fake test:///
+    # driver, explicitly: a worker never drives a fake hypervisor by default.
+    libvirt_uri: str = "qemu:///system"
     host: str = ""
     # PEM bundle of the CA that signs the Redis server certificate, for rediss:// URLs
     # (certificates are always verified; empty = the system's CAs).

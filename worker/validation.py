@@ -1,4 +1,9 @@
-"""Input checks for everything a caller can send; each failure names what was wrong."""
+"""Input checks for everything a caller can send; each failure names what was wrong.
+
+Each check takes the ``name`` to use in its message: the task argument (``max_seconds``) for
+task callers, the flag (``--max-seconds``) for the CLI. A caller's value is quoted to at most
+~80 characters.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import re
 import uuid
 from typing import Any
 
+from worker.contract import quote
 from worker.errors import InvalidInput
 from worker.states import Target
 
@@ -25,16 +31,17 @@ def is_uuid(value: str) -> bool:
         return False
 
 
-def instance(value: Any) -> str:
+def instance(value: Any, name: str = "instance") -> str:
     """A canonical (lower-case) UUID, or a domain name."""
     if not isinstance(value, str) or not value:
-        raise InvalidInput(f"instance must be a domain UUID or name, got {value!r}")
+        raise InvalidInput(f"{name} must be a domain UUID or name, got {quote(value)}")
     if is_uuid(value):
         return value.lower()
     if _looks_like_broken_uuid(value) or not _NAME.fullmatch(value):
         raise InvalidInput(
-            f"malformed instance {value!r}: expected a UUID like "
-            "'4dea22b3-1d52-d8f3-2516-782e98ab3fa0' or a domain name of letters, digits and ._+:@-"
+            f"malformed {name} {quote(value)}: expected a UUID like "
+            "'4dea22b3-1d52-d8f3-2516-782e98ab3fa0' or a domain name of 1-128 letters, digits "
+            "and ._+:@-"
         )
     return value
 
@@ -50,30 +57,33 @@ def _looks_like_broken_uuid(value: str) -> bool:
     return bool(re.fullmatch(r"[0-9a-fA-F-]{30,40}", value)) and value.count("-") >= 3
 
 
-def request_id(value: Any) -> str | None:
+def request_id(value: Any, name: str = "request_id") -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
+        got = f" ({len(value)} characters)" if isinstance(value, str) else ""
         raise InvalidInput(
-            f"malformed request_id {value!r}: 1-{MAX_REQUEST_ID} characters of letters, digits "
-            "and ._:@/+=-"
+            f"malformed {name} {quote(value)}{got}: at most {MAX_REQUEST_ID} characters "
+            "(at least 1) of letters, digits and ._:@/+=-"
         )
     return value
 
 
-def target(value: Any) -> Target:
+def target(value: Any, name: str = "target") -> Target:
     try:
         return Target(value)
     except ValueError:
         allowed = ", ".join(t.value for t in Target)
-        raise InvalidInput(f"unknown target {value!r}: expected one of {allowed}") from None
+        raise InvalidInput(f"unknown {name} {quote(value)}: expected one of {allowed}") from None
 
 
-def max_seconds(value: Any) -> float | None:
+def max_seconds(value: Any, name: str = "max_seconds") -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidInput(f"max_seconds must be a number of seconds, got {value!r}")
-    if not 0 < value <= MAX_PAUSE_SECONDS:
-        raise InvalidInput(f"max_seconds must be between 0 and {MAX_PAUSE_SECONDS}, got {value}")
+        raise InvalidInput(f"{name} must be a number of seconds, got {quote(value)}")
+    if not 0 < value <= MAX_PAUSE_SECONDS:  # also refuses NaN
+        raise InvalidInput(
+            f"{name} must be more than 0 and at most {MAX_PAUSE_SECONDS} seconds (7 days), "
+            f"got {quote(value)}")
     return float(value)

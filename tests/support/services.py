@@ -162,8 +162,10 @@ class WorkerProcess:
             self.process.wait()
 
 
-def test_env(redis_server: RedisServer, host: str, **overrides: str) -> dict[str, str]:
-    """Environment for a dormant process talking to the private Redis and local libvirtd."""
+def test_env(redis_server: RedisServer, host: str,
+             **overrides: str | None) -> dict[str, str]:
+    """Environment for a dormant process talking to the private Redis and local libvirtd
+    (an override of None leaves that variable unset)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("DORMANT_")}
     env.update(
         DORMANT_BROKER_URL=redis_server.url(0),
@@ -175,7 +177,7 @@ def test_env(redis_server: RedisServer, host: str, **overrides: str) -> dict[str
         PYTHONUNBUFFERED="1",
     )
     env.update(overrides)
-    return env
+    return {k: v for k, v in env.items() if v is not None}  # None: leave the variable unset
 
 
 test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test

@@ -38,6 +38,11 @@ class FakeResult:
     id: str
     outcome: Any  # the JSON answer, or an exception the task "raised"
 
+    def get(self, **_: Any) -> Any:
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
 
 @dataclass
 class ScriptedClient:
@@ -83,11 +88,10 @@ class ScriptedClient:
     def status_fleet(self) -> dict[str, FakeResult]:
         return {h: self.status(host=h) for h in self.hosts}
 
-    def wait(self, result: FakeResult, timeout: float | None = 60) -> Any:
+    def wait(self, result: FakeResult, timeout: float | None = 60, what: str = "") -> Any:
+        """The real client's wait: its translation of timeouts and foreign errors."""
         self.waits.append(timeout)
-        if isinstance(result.outcome, BaseException):
-            raise result.outcome
-        return result.outcome
+        return Client.wait(self, result, timeout, what)  # type: ignore[arg-type]
 
     def journal(self, instance: str, *, limit: int = 50) -> list[dict[str, Any]]:
         if not self.journal_entries:
@@ -146,12 +150,15 @@ def test_pause_passes_max_seconds_and_ensure_its_target(scripted: ScriptedClient
 
 
 @pytest.mark.parametrize(("error", "code", "text"), [
-    (UnknownInstance("unknown instance 'vm1' on host h1"), 1, "UnknownInstance: unknown"),
-    (InvalidTransition("cannot resume an instance that is running"), 1, "cannot resume"),
+    (UnknownInstance("unknown instance 'vm1' on host h1"), 2,
+     "error: UnknownInstance: unknown instance 'vm1'"),
+    (InvalidTransition("cannot resume an instance that is running"), 1,
+     "error: InvalidTransition: cannot resume"),
     (create_exception_cls("OddError", "celery.exceptions")("rebuilt by celery"), 1,
-     "OddError: rebuilt by celery"),
-    (HypervisorUnavailable("libvirtd is down"), 3, "libvirtd is down"),
-    (CeleryTimeout("timed out"), 3, "no worker answered pause vm1 within 120s"),
+     "error: TaskFailed: OddError: rebuilt by celery"),
+    (HypervisorUnavailable("libvirtd is down"), 3, "error: HypervisorUnavailable: libvirtd"),
+    (CeleryTimeout("timed out"), 3, "error: WorkerTimeout: no worker answered pause vm1 "
+                                    "within 120s"),
 ])
 def test_task_errors_map_to_exit_codes(scripted: ScriptedClient, error: Exception, code: int,
                                        text: str) -> None:
@@ -181,7 +188,7 @@ def _backend_gave_up() -> RuntimeError:
 def test_unreachable_services_exit_3(scripted: ScriptedClient, error: Exception) -> None:
     scripted.send_error = error
     run = invoke("suspend", "vm1", "--wait")
-    assert run.exit_code == 3 and "error:" in run.stderr
+    assert run.exit_code == 3 and "error: BrokerUnavailable: " in run.stderr
 
 
 def test_unexpected_errors_are_not_swallowed(scripted: ScriptedClient) -> None:
@@ -207,6 +214,29 @@ def test_bad_input_exits_2_before_sending(scripted: ScriptedClient, args: list[s
     assert run.exit_code == 2, run.output
     assert scripted.sent == []
     assert run.stdout == ""
+    [line] = run.stderr.splitlines()
+    assert line.startswith("error: InvalidInput: "), line
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["pause", "vm1", "--max-seconds", "0"], "--max-seconds must be more than 0 and at most "
+                                             "604800 seconds (7 days), got 0.0"),
+    (["pause", "vm1", "--max-seconds", "many"], "'--max-seconds'"),
+    (["suspend", "vm1", "--request-id", "r" * 5000], "malformed --request-id 'rrr"),
+    (["suspend", "vm1", "--request-id", "r" * 5000], "at most 128 characters"),
+    (["ensure", "vm1", "sideways"], "unknown TARGET 'sideways'"),
+    (["pause", "x" * 5000], "malformed INSTANCE"),
+])
+def test_messages_name_the_flag_state_the_limit_and_quote_briefly(
+        scripted: ScriptedClient, args: list[str], words: str) -> None:
+    run = invoke(*args)
+    assert run.exit_code == 2 and words in run.stderr, run.stderr
+    assert len(run.stderr) < 400  # a 5,000-character argument is not echoed back
+
+
+def test_version() -> None:
+    run = invoke("--version")
+    assert run.exit_code == 0 and run.stdout.startswith("dormant ")
 
 
 def test_bad_configuration_exits_2(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -236,9 +266,9 @@ def test_status_of_instances_reports_each_failure_and_exits_non_zero(
         scripted: ScriptedClient) -> None:
     scripted.answers.update(vm1=_state("vm1"), vm2=UnknownInstance("unknown instance 'vm2'"))
     run = invoke("status", "vm1", "vm2", "--json")
-    assert run.exit_code == 1
+    assert run.exit_code == 2  # an unknown instance is bad input
     assert json.loads(run.stdout) == [_state("vm1")]
-    assert "unknown instance 'vm2'" in run.stderr
+    assert "error: UnknownInstance: unknown instance 'vm2'" in run.stderr
 
 
 def test_status_timeout_exits_3(scripted: ScriptedClient) -> None:
@@ -287,9 +317,9 @@ def test_history_json_and_table(scripted: ScriptedClient) -> None:
     assert "first" not in table
 
 
-def test_history_of_an_unknown_instance_exits_1(scripted: ScriptedClient) -> None:
+def test_history_of_an_unknown_instance_exits_2(scripted: ScriptedClient) -> None:
     run = invoke("history", "vm9")
-    assert run.exit_code == 1 and "vm9" in run.stderr
+    assert run.exit_code == 2 and "error: UnknownInstance: " in run.stderr and "vm9" in run.stderr
 
 
 # -- the client: routing and the journal, on fakeredis ---------------------------------------------

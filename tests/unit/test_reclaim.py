@@ -347,16 +347,16 @@ def cli(fake_redis, monkeypatch):
 
     import worker.cli.reclaim as cr
     from worker.cli import main
+    from worker.client import Client
     from worker.settings import Settings
 
-    class FakeClient:
-        state = fake_redis
-        settings = Settings(host="h")
+    class FakeClient(Client):
+        """The real client's reads on fakeredis; no broker."""
 
-        def __enter__(self):
-            return self
+        def __init__(self):
+            super().__init__(None, fake_redis, Settings(host="h"))  # type: ignore[arg-type]
 
-        def __exit__(self, *_):
+        def close(self):
             pass
 
     monkeypatch.setattr(cr, "make_client", FakeClient)
@@ -382,9 +382,15 @@ def test_report_prints_the_newest_run_as_a_table_and_json(cli, fake_redis):
 
 
 def test_report_exit_codes(cli, fake_redis):
-    assert cli("reclaim", "report").exit_code == 1  # nothing recorded yet
-    assert cli("reclaim", "report", "no:such").exit_code == 2
+    assert cli("reclaim", "report").exit_code == 2  # nothing recorded yet
+    unknown = cli("reclaim", "report", "no:such")
+    assert unknown.exit_code == 2
+    assert "error: InvalidInput: unknown run id 'no:such'" in unknown.output
     assert cli("reclaim", "report", "bad id").exit_code == 2
+    # An instance no worker published cannot be exempted (exit 2, nothing written).
+    ghost = cli("exempt", "4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
+    assert ghost.exit_code == 2 and "error: UnknownInstance:" in ghost.output
+    assert runs.exempted(fake_redis) == set()
     _a_report(fake_redis, outcome="failed")
     failed = cli("reclaim", "report", "h:2026-11-27")
     assert failed.exit_code == 1 and "boom" in failed.output

@@ -15,7 +15,7 @@ def test_defaults_match_the_contract() -> None:
     assert s.broker_url == "redis://127.0.0.1:6379/0"
     assert s.result_backend == "redis://127.0.0.1:6379/1"
     assert s.state_url == "redis://127.0.0.1:6379/2"
-    assert s.libvirt_uri == "test:///default"
+    assert s.libvirt_uri == "qemu:///system"  # never the fake test driver by default
     assert s.host == socket.gethostname()
     assert s.host_queue == f"dormant.{socket.gethostname()}"
     assert (s.visibility_timeout, s.max_retries, s.retry_backoff, s.retry_backoff_max) == (

@@ -1,8 +1,14 @@
 """What every ``dormant`` command shares: the root group, output (table or ``--json``),
-exit codes, and the Celery client used to reach workers.
+the one error grammar and exit codes, and the client used to reach workers.
 
-Exit codes: 0 done; 1 the action failed or was refused (reason on stderr); 2 bad usage or
-input; 3 infrastructure unavailable (broker, state store, no worker answered in time).
+Every error is one line on stderr, ``error: <ErrorType>: <message>``, and the exit code is
+the same for every command (docs/cli.md):
+
+* 0 done;
+* 1 tried and failed, or refused (``InvalidTransition``, ``HypervisorRefused``, ...);
+* 2 bad input: a malformed argument, an unknown instance, host or run id (``InvalidInput``,
+  ``UnknownInstance``, ``ConfigurationError``), checked before anything is queued;
+* 3 unavailable or timed out (broker, state store, libvirtd, no worker answered in time).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import json
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from functools import wraps
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -18,14 +25,48 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from worker.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    DormantError,
+    InvalidInput,
+    PermanentError,
+    TransientError,
+    UnknownInstance,
+)
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 TABLE_WIDTH_UNBOUNDED = 1000  # columns when stdout is not a terminal
+BAD_INPUT = (InvalidInput, UnknownInstance, ConfigurationError)
 
 F = TypeVar("F", bound=Callable[..., Any])
 stderr = Console(stderr=True, highlight=False)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _version() -> str:
+    try:
+        return version("dormant")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+class DormantGroup(click.Group):
+    """click's own usage errors follow the same grammar: ``error: InvalidInput: ...``, 2."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["standalone_mode"] = False
+        try:
+            code = super().main(*args, **kwargs)
+        except click.exceptions.Abort:
+            fail_with("Aborted", "interrupted", EXIT_FAILED)
+        except click.ClickException as exc:
+            fail_with("InvalidInput", exc.format_message(), EXIT_USAGE)
+        sys.exit(code if isinstance(code, int) else EXIT_OK)
+
+
+@click.group(cls=DormantGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", "-V", prog_name="dormant",
+                      message="%(prog)s %(version)s")
 def main() -> None:
     """dormant: pause, suspend and resume KVM guests through Celery workers."""
 
@@ -36,10 +77,54 @@ def json_option(fn: F) -> F:
                         help="Print one JSON document on stdout instead of a table.")(fn)
 
 
-def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
-    """Print ``error: message`` on stderr (one unwrapped line, no markup) and exit."""
-    warn_error(message)
+def fail(message: str, code: int = EXIT_FAILED, error_type: str | None = None) -> NoReturn:
+    """Print ``error: <ErrorType>: message`` on stderr (one unwrapped line) and exit."""
+    fail_with(error_type or _TYPE_FOR_CODE[code], message, code)
+
+
+def fail_with(error_type: str, message: str, code: int) -> NoReturn:
+    warn_error(f"{error_type}: {message}")
     sys.exit(code)
+
+
+def fail_error(exc: BaseException) -> NoReturn:
+    """Exit with the code and line for an error (see the module docstring)."""
+    code, error_type, message = classify(exc)
+    fail_with(error_type, message, code)
+
+
+_TYPE_FOR_CODE = {EXIT_FAILED: "Failed", EXIT_USAGE: "InvalidInput",
+                  EXIT_UNAVAILABLE: "Unavailable"}
+
+
+def classify(exc: BaseException) -> tuple[int, str, str]:
+    """(exit code, error type, message) for ``exc``; raises it again when it is a bug."""
+    if isinstance(exc, BAD_INPUT):
+        return EXIT_USAGE, type(exc).__name__, str(exc)
+    if isinstance(exc, TransientError):
+        return EXIT_UNAVAILABLE, type(exc).__name__, str(exc)
+    if isinstance(exc, PermanentError | DormantError):
+        return EXIT_FAILED, type(exc).__name__, str(exc)
+    unavailable = _unavailable(exc)
+    if unavailable is not None:
+        return EXIT_UNAVAILABLE, type(unavailable).__name__, str(unavailable)
+    raise exc
+
+
+def _unavailable(exc: BaseException) -> DormantError | None:
+    """Broker, backend or state store errors from kombu, redis-py or Celery, translated."""
+    from kombu.exceptions import OperationalError
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    if isinstance(exc, OperationalError | RedisConnectionError | RedisTimeout | OSError):
+        return BrokerUnavailable(f"broker or state store unavailable: {exc}")
+    # Celery's result consumer gives up on a dead backend with a bare RuntimeError whose
+    # cause is the connection error.
+    if (isinstance(exc, RuntimeError) and exc.__cause__ is not None
+            and _unavailable(exc.__cause__) is not None):
+        return BrokerUnavailable(f"result backend unavailable: {exc.__cause__}")
+    return None
 
 
 def warn_error(message: str) -> None:
@@ -72,43 +157,13 @@ def emit(data: Any, *, as_json: bool, columns: Sequence[str] | None = None,
 
 
 def handles_errors(fn: F) -> F:
-    """Turn dormant's and Celery's errors into a message on stderr and a meaningful exit code."""
+    """Turn every error into its ``error: <ErrorType>: <message>`` line and exit code."""
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from celery.exceptions import TimeoutError as CeleryTimeout
-        from kombu.exceptions import OperationalError
-        from redis.exceptions import ConnectionError as RedisConnectionError
-        from redis.exceptions import TimeoutError as RedisTimeout
-
-        from worker.errors import (
-            ConfigurationError,
-            InvalidInput,
-            PermanentError,
-            TransientError,
-        )
-
-        unavailable = (CeleryTimeout, OperationalError, RedisConnectionError, RedisTimeout,
-                       TransientError)
         try:
             return fn(*args, **kwargs)
-        except (InvalidInput, ConfigurationError) as exc:
-            fail(str(exc), EXIT_USAGE)
-        except unavailable as exc:
-            fail(f"{type(exc).__name__}: {exc}", EXIT_UNAVAILABLE)
-        except PermanentError as exc:
-            fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
-        except RuntimeError as exc:
-            # Celery's result consumer gives up on a dead backend with a bare RuntimeError
-            # whose cause is the connection error.
-            if isinstance(exc.__cause__, (*unavailable, OSError)):
-                fail(f"result backend unavailable: {exc.__cause__}", EXIT_UNAVAILABLE)
-            raise
-        except Exception as exc:  # a task error re-raised by Celery under its own class name
-            # Celery rebuilds an error class it cannot import in celery.exceptions.
-            if type(exc).__module__ in {"celery.backends.base", "celery.exceptions",
-                                        "worker.errors"}:
-                fail(f"{type(exc).__name__}: {exc}", EXIT_FAILED)
-            raise
+        except Exception as exc:
+            fail_error(exc)
 
     return wrapper  # type: ignore[return-value]

@@ -3,17 +3,19 @@
 Runs are carried out by the host's worker (``dormant.reclaim``, ``dormant.drain``,
 ``dormant.restore``); these commands start one, follow its report in the state Redis until it
 is finished, and print it. Progress goes to stderr, so ``--json`` output stays one document.
-Exit codes: 0 done; 1 some action failed (see the report); 2 bad input; 3 no worker answered.
+Exit codes as for every command (docs/cli.md): 0 done; 1 some action failed (see the
+report); 2 bad input, an unknown instance, host or run id (checked before anything is
+queued); 3 unavailable or no worker answered in time.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import getpass
 import time
 from typing import Any
 
 import click
-from celery.exceptions import TimeoutError as CeleryTimeout
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from worker import idle, registry, runs, sampling, validation
@@ -29,7 +31,6 @@ from worker.cli.common import (
     stderr,
 )
 from worker.client import Client
-from worker.settings import queue_for_host
 
 DEFAULT_TIMEOUT = 600.0  # seconds to follow a run (a capped batch of saves, a few s each)
 ENTRY_COLUMNS = ("host", "name", "instance", "verdict", "outcome", "reason")
@@ -48,11 +49,14 @@ def _timeout_option(fn: Any) -> Any:
 
 
 def _wait_task(client: Client, result: Any, timeout: float, what: str) -> Any:
-    try:
-        return client.wait(result, timeout)
-    except CeleryTimeout:
-        fail(f"no worker answered {what} within {timeout:g}s (task {result.id} stays queued)",
-             EXIT_UNAVAILABLE)
+    """The task's answer; WorkerTimeout (exit 3) when no worker answered in time."""
+    return client.wait(result, timeout, what=what)
+
+
+def _when(epoch: Any) -> str:
+    if not isinstance(epoch, int | float):
+        return ""
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _finished(report: dict[str, Any] | None) -> bool:
@@ -71,7 +75,7 @@ def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | N
             return report
         if time.monotonic() >= deadline:
             fail(f"run {rid} is still going; see `dormant reclaim report {rid}`",
-                 EXIT_UNAVAILABLE)
+                 EXIT_UNAVAILABLE, "WorkerTimeout")
         time.sleep(0.2)
 
 
@@ -92,13 +96,16 @@ def _show(reports: list[dict[str, Any]], as_json: bool) -> None:
     failed = [e for r in reports for e in r.get("entries", []) if e.get("outcome") == "failed"]
     if failed:
         fail(f"{len(failed)} action(s) failed: " + "; ".join(
-            f"{e.get('name') or e['instance']}: {e.get('error')}" for e in failed), EXIT_FAILED)
+            f"{e.get('name') or e['instance']}: {e.get('error')}" for e in failed), EXIT_FAILED,
+            "RunFailed")
 
 
 def _hosts(client: Client, hosts: tuple[str, ...]) -> list[str]:
-    chosen = list(hosts) or client.hosts()
+    """The hosts asked for, each one served by a live worker (else exit 2), or all live."""
+    chosen = [client.live_host(h) for h in hosts] or client.hosts()
     if not chosen:
-        fail("no host has published to the registry; is a worker running?", EXIT_UNAVAILABLE)
+        fail("no host has published to the registry; is a worker running?", EXIT_UNAVAILABLE,
+             "NoWorker")
     return chosen
 
 
@@ -117,10 +124,9 @@ def reclaim(ctx: click.Context, dry_run: bool, hosts: tuple[str, ...], timeout: 
     deadline = time.monotonic() + timeout
     with make_client() as client:
         now = time.time()
-        sent = {h: client.app.send_task(
-            "dormant.reclaim", queue=queue_for_host(h),
-            kwargs={"run_id": runs.manual_id(h, now, dry_run=dry_run), "dry_run": dry_run})
-            for h in _hosts(client, hosts)}
+        sent = {h: client.reclaim(h, run_id=runs.manual_id(h, now, dry_run=dry_run),
+                                  dry_run=dry_run)
+                for h in _hosts(client, hosts)}
         reports = []
         for host, result in sent.items():
             planned = _wait_task(client, result, max(deadline - time.monotonic(), 1),
@@ -142,21 +148,15 @@ def report(run_id: str | None, as_json: bool) -> None:
         if run_id is None:
             newest = runs.latest(client.state)
             if not newest:
-                fail("no run has been recorded yet")
+                fail("no run has been recorded yet: nothing to show", EXIT_USAGE)
             run_id = newest[0]
-        found = runs.load(client.state, runs.run_id(run_id))
-    if found is None:
-        fail(f"no report for run {run_id!r}", EXIT_USAGE)
+        found = client.report(run_id)
     _show([found], as_json)
 
 
 def _uuid(client: Client, instance: str) -> str:
-    key = validation.instance(instance)
-    uuid, _host = registry.resolve(client.state, key)
-    if uuid is None:
-        fail(f"unknown instance {instance!r}: no worker has published it (use its UUID)",
-             EXIT_USAGE)
-    return uuid
+    """The UUID of an instance some worker has published (else UnknownInstance, exit 2)."""
+    return client.published(validation.instance(instance, "INSTANCE"))
 
 
 @main.command("idle")
@@ -195,9 +195,10 @@ def idle_cmd(instance: str | None, as_json: bool) -> None:
 def sample(hosts: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """Take one activity sample on each host now."""
     with make_client() as client:
-        sent = {h: client.app.send_task("dormant.sample", queue=queue_for_host(h))
-                for h in _hosts(client, hosts)}
+        sent = {h: client.sample(h) for h in _hosts(client, hosts)}
         rows = [_wait_task(client, r, timeout, f"the sample of {h}") for h, r in sent.items()]
+    if not as_json:  # a table shows a readable time; JSON keeps the epoch seconds
+        rows = [{**r, "at": _when(r.get("at"))} for r in rows]
     emit(rows, as_json=as_json, columns=("host", "stored", "at"))
 
 
@@ -243,10 +244,9 @@ def kill_switch(action: str, as_json: bool) -> None:
          as_json=as_json, columns=("reclamation", "reason"))
 
 
-def _run_with_progress(client: Client, task: str, queue: str, kwargs: dict[str, Any],
-                       label: str, timeout: float, as_json: bool) -> None:
+def _run_with_progress(client: Client, result: Any, label: str, timeout: float,
+                       as_json: bool) -> None:
     deadline = time.monotonic() + timeout
-    result = client.app.send_task(task, queue=queue, kwargs=kwargs)
     planned = _wait_task(client, result, timeout, label)
     rid = (planned.get("report") or planned)["run_id"]
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -265,13 +265,15 @@ def _run_with_progress(client: Client, task: str, queue: str, kwargs: dict[str, 
 @json_option
 @handles_errors
 def drain(host: str, instances: tuple[str, ...], timeout: float, as_json: bool) -> None:
-    """Suspend every running guest of HOST (maintenance); `dormant restore RUN_ID` undoes it."""
-    kwargs: dict[str, Any] = {"run_id": runs.drain_id(host, time.time())}
-    if instances:
-        kwargs["instances"] = [validation.instance(i) for i in instances]
+    """Suspend every running guest of HOST (maintenance); `dormant restore RUN_ID` undoes it.
+
+    HOST must be served by a live worker and each --instance published by it: otherwise
+    exit 2 at once (naming the live hosts) and nothing is queued."""
+    wanted = [validation.instance(i, "--instance") for i in instances]
     with make_client() as client:
-        _run_with_progress(client, "dormant.drain", queue_for_host(host), kwargs,
-                           f"draining {host}", timeout, as_json)
+        result = client.drain(host, run_id=runs.drain_id(host, time.time()),
+                              instances=wanted or None)
+        _run_with_progress(client, result, f"draining {host}", timeout, as_json)
 
 
 @main.command()
@@ -283,9 +285,5 @@ def restore(run_id: str, timeout: float, as_json: bool) -> None:
     """Resume exactly what run RUN_ID suspended; skip what is running or gone."""
     rid = runs.run_id(run_id)
     with make_client() as client:
-        source = runs.meta(client.state, rid)
-        if source is None:
-            fail(f"no report for run {rid!r}", EXIT_USAGE)
-        kwargs = {"run_id": rid, "restore_id": runs.restore_id(rid, time.time())}
-        _run_with_progress(client, "dormant.restore", queue_for_host(source["host"]), kwargs,
-                           f"restoring {rid}", timeout, as_json)
+        result = client.restore(rid, restore_id=runs.restore_id(rid, time.time()))
+        _run_with_progress(client, result, f"restoring {rid}", timeout, as_json)

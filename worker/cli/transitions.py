@@ -12,13 +12,12 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import click
-from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
 from worker import validation
 from worker.cli.common import (
-    EXIT_FAILED,
     EXIT_UNAVAILABLE,
+    classify,
     emit,
     fail,
     handles_errors,
@@ -33,7 +32,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEFAULT_WAIT = 120.0  # seconds: a managed save takes ~2 s, a busy instance's lock up to 60 s
 DEFAULT_STATUS_WAIT = 15.0
 RESULT_COLUMNS = ("name", "instance", "action", "outcome", "state_before", "state_after",
-                  "host", "request_id", "duration_ms")
+                  "reason_after", "host", "request_id", "duration_ms")
 STATUS_COLUMNS = ("name", "instance", "host", "state", "reason")
 HISTORY_COLUMNS = ("time", "action", "outcome", "state_before", "state_after", "request_id",
                    "attempts", "duration_ms", "error")
@@ -44,17 +43,9 @@ def make_client() -> Client:
     return Client.from_settings()
 
 
-def _timeout_message(what: str, timeout: float, task_id: str) -> str:
-    return (f"no worker answered {what} within {timeout:g}s (task {task_id} stays queued "
-            "and may still run)")
-
-
 def wait_for(client: Client, result: AsyncResult, timeout: float, what: str) -> Any:
-    """The task's result, or exit 3 when no worker answered in time."""
-    try:
-        return client.wait(result, timeout)
-    except CeleryTimeout:
-        fail(_timeout_message(what, timeout, result.id), EXIT_UNAVAILABLE)
+    """The task's result; WorkerTimeout (exit 3) when no worker answered in time."""
+    return client.wait(result, timeout, what=what)
 
 
 def transition_options(fn: F) -> F:
@@ -63,7 +54,8 @@ def transition_options(fn: F) -> F:
         click.option("--wait/--no-wait", default=False, show_default=True,
                      help="Wait for the result (otherwise print the task id and exit 0)."),
         click.option("--request-id", default=None,
-                     help="Idempotency key: the same id is carried out at most once."),
+                     help="Idempotency key (at most 128 characters): the same id is carried "
+                          "out at most once, and only for this action on this instance."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
                      default=DEFAULT_WAIT, show_default=True,
                      help="Seconds to wait for a worker's answer (exit 3 after)."),
@@ -93,8 +85,8 @@ def _verb(name: str, doc: str) -> None:
     @handles_errors
     def command(instance: str, wait: bool, request_id: str | None, timeout: float,
                 as_json: bool) -> None:
-        instance = validation.instance(instance)
-        request_id = validation.request_id(request_id)
+        instance = validation.instance(instance, "INSTANCE")
+        request_id = validation.request_id(request_id, "--request-id")
         with make_client() as client:
             result = getattr(client, name)(instance, request_id=request_id)
             _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
@@ -109,15 +101,16 @@ _verb("resume", "Restore a suspended INSTANCE from its managed-save image.")
 @main.command()
 @click.argument("instance")
 @click.option("--max-seconds", type=float, default=None,
-              help="Unpause automatically after this many seconds.")
+              help="Unpause automatically after this many seconds (more than 0, at most "
+                   "604800 = 7 days).")
 @transition_options
 @handles_errors
 def pause(instance: str, max_seconds: float | None, wait: bool, request_id: str | None,
           timeout: float, as_json: bool) -> None:
     """Stop INSTANCE's vCPUs, keeping it in RAM."""
-    instance = validation.instance(instance)
-    request_id = validation.request_id(request_id)
-    max_seconds = validation.max_seconds(max_seconds)
+    instance = validation.instance(instance, "INSTANCE")
+    request_id = validation.request_id(request_id, "--request-id")
+    max_seconds = validation.max_seconds(max_seconds, "--max-seconds")
     with make_client() as client:
         result = client.pause(instance, request_id=request_id, max_seconds=max_seconds)
         _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
@@ -132,9 +125,9 @@ def pause(instance: str, max_seconds: float | None, wait: bool, request_id: str 
 def ensure(instance: str, target: str, wait: bool, request_id: str | None, timeout: float,
            as_json: bool) -> None:
     """Make INSTANCE running, paused or suspended (TARGET), whatever it is now."""
-    instance = validation.instance(instance)
-    target = str(validation.target(target))
-    request_id = validation.request_id(request_id)
+    instance = validation.instance(instance, "INSTANCE")
+    target = str(validation.target(target, "TARGET"))
+    request_id = validation.request_id(request_id, "--request-id")
     with make_client() as client:
         result = client.ensure(instance, target, request_id=request_id)
         _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
@@ -150,7 +143,7 @@ def ensure(instance: str, target: str, wait: bool, request_id: str | None, timeo
 @handles_errors
 def status(instances: Sequence[str], timeout: float, as_json: bool) -> None:
     """The real state of INSTANCES, or of every guest of every host in the registry."""
-    instances = [validation.instance(i) for i in instances]
+    instances = [validation.instance(i, "INSTANCE") for i in instances]
     with make_client() as client:
         if instances:
             rows, code = _status_of(client, instances, timeout)
@@ -169,43 +162,28 @@ def _status_of(client: Client, instances: list[str],
     code = 0
     for instance, result in pending:
         try:
-            rows.append(client.wait(result, timeout))
-        except CeleryTimeout:
-            warn_error(_timeout_message(f"status {instance}", timeout, result.id))
-            code = max(code, EXIT_UNAVAILABLE)
+            rows.append(client.wait(result, timeout, what=f"status {instance}"))
         except Exception as exc:
-            failed = task_error_code(exc)
-            if failed is None:
-                raise
-            warn_error(f"{type(exc).__name__}: {exc}")
+            failed, error_type, message = classify(exc)
+            warn_error(f"{error_type}: {message}")
             code = max(code, failed)
     return rows, code
-
-
-def task_error_code(exc: Exception) -> int | None:
-    """Exit code for an error a task raised (3 transient, 1 permanent), None for others."""
-    from worker.errors import TransientError
-
-    if isinstance(exc, TransientError):
-        return EXIT_UNAVAILABLE
-    if type(exc).__module__ in {"worker.errors", "celery.exceptions", "celery.backends.base"}:
-        return EXIT_FAILED
-    return None
 
 
 def _status_of_fleet(client: Client, timeout: float) -> tuple[list[dict[str, Any]], int]:
     pending = client.status_fleet()
     if not pending:
         fail("no worker has published to the registry: is any worker running?",
-             EXIT_UNAVAILABLE)
+             EXIT_UNAVAILABLE, "NoWorker")
     rows: list[dict[str, Any]] = []
     code = 0
     for host, result in pending.items():
         try:
-            rows.extend(client.wait(result, timeout))
-        except CeleryTimeout:
-            warn_error(_timeout_message(f"status of host {host}", timeout, result.id))
-            code = EXIT_UNAVAILABLE
+            rows.extend(client.wait(result, timeout, what=f"status of host {host}"))
+        except Exception as exc:
+            failed, error_type, message = classify(exc)
+            warn_error(f"{error_type}: {message}")
+            code = max(code, failed)
     rows.sort(key=lambda r: (r.get("host") or "", r.get("name") or ""))
     return rows, code
 
@@ -218,7 +196,7 @@ def _status_of_fleet(client: Client, timeout: float) -> tuple[list[dict[str, Any
 @handles_errors
 def history(instance: str, limit: int, as_json: bool) -> None:
     """INSTANCE's journal, oldest first: every transition, refusal and failure."""
-    instance = validation.instance(instance)
+    instance = validation.instance(instance, "INSTANCE")
     with make_client() as client:
         entries = client.journal(instance, limit=limit)
     if as_json:
