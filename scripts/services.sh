@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start redis-server, virtlogd and libvirtd when they are not running (no systemd needed).
 # Follows the recipe in ENVIRONMENT.md: the QEMU driver needs a libvirt-qemu user and a kvm
-# group, and runs guests as root without a security driver on these machines.
+# group, and runs guests as root without a security driver on these machines -- settings it
+# writes only where libvirt was not configured before it (scripts/qemu-conf.sh): a libvirtd
+# that merely stopped on a real hypervisor host is never weakened.
 set -euo pipefail
 say() { printf '\033[1m[services]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[services] %s\033[0m\n' "$*" >&2; exit 1; }
@@ -26,14 +28,8 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 for group in kvm libvirt-qemu; do getent group "$group" >/dev/null || groupadd --system "$group"; done
 getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home -g kvm libvirt-qemu
-conf=/etc/libvirt/qemu.conf
-touch "$conf"
-set_conf() {
-  if grep -qE "^$1 *=" "$conf"; then sed -i "s|^$1 *=.*|$1 = $2|" "$conf"; else echo "$1 = $2" >>"$conf"; fi
-}
-set_conf user '"root"'
-set_conf group '"root"'
-set_conf security_driver '"none"'
+# qemu.conf is written only where libvirt was not configured before (see qemu-conf.sh).
+"$(dirname "$0")/qemu-conf.sh" || die "not starting libvirtd: see the settings above"
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu/save
 pgrep -x virtlogd >/dev/null || virtlogd -d
 pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }

@@ -27,6 +27,8 @@ if ((${#missing[@]})); then
   say "installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  # libvirt is new on this machine: services.sh may configure it (nothing was there before).
+  [[ " ${missing[*]} " == *" libvirt-daemon-driver-qemu "* ]] && export SERVICES_FRESH_LIBVIRT=1
 fi
 
 # The project's virtualenv (re-used when pyproject.toml has not changed since the last install).

@@ -237,8 +237,8 @@ class Store:
         """Store the result (``record``), journal ``entry``, set/clear the deadline, unlock.
 
         A recorded result also refreshes the registry entry saying which host serves it.
-        ``journal_instance=False`` journals in the fleet journal only (an unknown instance
-        gets no journal of its own).
+        ``journal_instance=False`` journals in the fleet journal only and leaves the registry
+        alone (an unknown instance gets no journal and no registry entry of its own).
 
         With a held lock and a record to store, refuse (StaleLock) when the lock was lost:
         a newer holder may already have changed the instance.
@@ -270,7 +270,7 @@ class Store:
                     instance,
                     request_id,
                     host,
-                    self.registry_ttl,
+                    self.registry_ttl if journal_instance else 0,  # never for an unknown one
                     "1" if journal_instance else "0",
                 ],
             )

@@ -93,8 +93,9 @@ def test_unknown_instance_and_no_wait(start_worker, dormant_env, redis_clean):
     start_worker(pool="threads", concurrency=1)
 
     proc = dormant(dormant_env, "pause", "dormant-test-no-such-guest", "--wait")
-    assert proc.returncode == 1, proc.stderr
-    assert "UnknownInstance" in proc.stderr and "dormant-test-no-such-guest" in proc.stderr
+    assert proc.returncode == 2, proc.stderr  # an unknown instance is bad input
+    assert proc.stderr.startswith("error: UnknownInstance: ")
+    assert "dormant-test-no-such-guest" in proc.stderr
     assert proc.stdout == ""
 
     sent = _ok(dormant(dormant_env, "suspend", "dormant-test-no-such-guest"))
@@ -154,3 +155,103 @@ def test_no_worker_answering_exits_3_after_the_timeout(dormant_env):
     assert time.monotonic() - started < 10
     proc = dormant(dormant_env, "status")  # nothing published to the registry
     assert proc.returncode == 3 and "registry" in proc.stderr
+
+
+def _code(env: dict[str, str], *args: str) -> tuple[int, str]:
+    proc = dormant(env, *args, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    if proc.returncode:
+        assert lines and lines[-1].startswith("error: "), (args, proc.stderr)
+        assert len(lines[-1].split(": ", 2)) == 3, lines[-1]  # error: <ErrorType>: <message>
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.slow
+def test_every_command_has_the_same_exit_codes(start_worker, guests, dormant_env, redis_clean,
+                                               host_name):
+    """Unknown instance, host or run id and malformed input exit 2 before anything is queued;
+    a refusal exits 1; a worker that does not answer exits 3."""
+    guest, saved = guests.create("idle"), guests.create("idle")
+    saved.domain.managedSave(0)
+    # A registry that outlives the test: a stopped worker's host stays "live" for it, so the
+    # last part sees work queued for a host whose worker does not answer.
+    slow_registry = {"DORMANT_REGISTRY_INTERVAL": "300"}
+    dormant_env = {**dormant_env, **slow_registry}
+    worker = start_worker(pool="threads", concurrency=2, env=slow_registry)
+    ghost = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+    broker, state = redis_clean.client(0), redis_clean.client(2)
+    wait_until(lambda: state.get(f"dormant:name:{guest.name}"), timeout=30,
+               message="registry knows the guest")
+
+    table = [
+        # unknown instance
+        (2, ["pause", "nosuch-guest", "--wait"], "UnknownInstance"),
+        (2, ["unpause", ghost, "--wait"], "UnknownInstance"),
+        (2, ["suspend", "nosuch-guest", "--wait"], "UnknownInstance"),
+        (2, ["resume", ghost, "--wait"], "UnknownInstance"),
+        (2, ["ensure", "nosuch-guest", "running", "--wait"], "UnknownInstance"),
+        (2, ["status", "nosuch-guest"], "UnknownInstance"),
+        (2, ["history", "nosuch-guest"], "UnknownInstance"),
+        (2, ["history", ghost], "UnknownInstance"),
+        (2, ["idle", "nosuch-guest"], "UnknownInstance"),
+        (2, ["exempt", ghost], "UnknownInstance"),
+        (2, ["unexempt", "nosuch-guest"], "UnknownInstance"),
+        (2, ["drain", host_name, "--instance", "nosuch-guest"], "UnknownInstance"),
+        # unknown host
+        (2, ["drain", "nosuchhost"], "InvalidInput"),
+        (2, ["sample", "--host", "nosuchhost"], "InvalidInput"),
+        (2, ["reclaim", "--dry-run", "--host", "nosuchhost"], "InvalidInput"),
+        # unknown run id
+        (2, ["restore", "no:such:run"], "InvalidInput"),
+        (2, ["reclaim", "report", "no:such:run"], "InvalidInput"),
+        # malformed input
+        (2, ["pause", guest.name, "--max-seconds", "-1"], "InvalidInput"),
+        (2, ["unpause", guest.name, "--request-id", "x" * 200], "InvalidInput"),
+        (2, ["ensure", guest.name, "asleep"], "InvalidInput"),
+        (2, ["status", "../etc"], "InvalidInput"),
+        (2, ["history", guest.name, "--limit", "0"], "InvalidInput"),
+        (2, ["idle", "a/b"], "InvalidInput"),
+        (2, ["exempt", "a/b"], "InvalidInput"),
+        (2, ["drain", host_name, "--instance", "a/b"], "InvalidInput"),
+        (2, ["restore", "bad id!"], "InvalidInput"),
+        (2, ["kill-switch", "maybe"], "InvalidInput"),
+        (2, ["reclaim", "--timeout", "0"], "InvalidInput"),
+        (2, ["sample", "--nosuchflag"], "InvalidInput"),
+        # refused: tried and failed
+        (1, ["unpause", saved.name, "--wait"], "InvalidTransition"),
+    ]
+    for expected, args, error_type in table:
+        code, err = _code(dormant_env, *args)
+        assert code == expected, (args, err)
+        assert f"error: {error_type}: " in err, (args, err)
+    assert "live hosts: " + host_name in _code(dormant_env, "drain", "nosuchhost")[1]
+
+    # Nothing was queued for a host no worker serves, and unknown instances got no journal.
+    assert not broker.exists("dormant.nosuchhost")
+    assert set(state.keys("dormant:journal:*")) == {f"dormant:journal:{saved.uuid}"}
+    assert not state.exists("dormant:reclaim:exempt")
+    assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
+
+    # A host whose worker stopped answering: the work is queued and the CLI exits 3.
+    worker.stop()
+    for args in (["pause", guest.name, "--wait", "--timeout", "1"],
+                 ["status", guest.name, "--timeout", "1"],
+                 ["sample", "--host", host_name, "--timeout", "1"],
+                 ["reclaim", "--dry-run", "--host", host_name, "--timeout", "1"],
+                 ["drain", host_name, "--timeout", "1"]):
+        code, err = _code(dormant_env, *args)
+        assert code == 3 and "error: WorkerTimeout: " in err, (args, err)
+
+
+def test_drain_of_an_unknown_host_fails_fast_and_queues_nothing(start_worker, dormant_env,
+                                                                redis_clean, host_name):
+    start_worker(pool="threads", concurrency=1)
+    started = time.monotonic()
+    proc = dormant(dormant_env, "drain", "nosuchhost")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: InvalidInput: unknown host 'nosuchhost'")
+    assert host_name in proc.stderr  # names the live hosts
+    assert elapsed < 10, elapsed
+    assert not redis_clean.client(0).exists("dormant.nosuchhost")
+    assert not redis_clean.client(2).keys("dormant:run:drain:nosuchhost*")

@@ -191,7 +191,7 @@ def test_unknown_instance_by_uuid(ctx: Context, store: Store) -> None:
         run(ctx, Request(action=Action.SUSPEND, instance=missing, request_id="u1"))
     [entry] = store.journal()  # the fleet journal only: no journal for a guest that is not
     assert (entry["outcome"], entry["error_type"]) == ("failed", "UnknownInstance")
-    assert not store.redis.exists(keys.journal(missing))
+    assert not store.redis.exists(keys.journal(missing), keys.where(missing))
     assert store.redis.get(keys.lock(missing)) is None
     assert store.request("u1")["status"] == "failed"
 
