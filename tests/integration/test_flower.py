@@ -85,7 +85,7 @@ def _seen_by_flower(flower: Flower, task_id: str, state: str) -> dict[str, Any] 
 
 
 def test_flower_shows_transitions_with_credentials_and_refuses_without(
-        flower, start_worker, client_app, host_name):
+        flower, start_worker, client_app, host_name, redis_clean):
     start_worker(pool="threads", concurrency=4,
                  env={"DORMANT_LIBVIRT_URI": "test:///default"})
     # A second host whose libvirtd is unreachable: its transitions are retried, then fail.
@@ -132,6 +132,18 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
     assert gave_up["name"] == "dormant.resume"
     assert gave_up["retries"] == 1  # the retried delivery was seen, then the final failure
     assert "HypervisorUnavailable" in gave_up["exception"]
+
+    # A task sent by dormant's own client (the CLI's) shows up as queued at once: here to a
+    # host queue no worker consumes, so only the task-sent event can tell Flower about it.
+    from worker import settings as settings_mod
+    from worker.client import Client
+
+    own = settings_mod.load(dormant_environment(redis_clean, host_name))
+    with Client.from_settings(own) as client:
+        waiting = client.app.send_task("dormant.ping", queue="dormant.nobody-consumes-this")
+    queued = wait_until(lambda: _seen_by_flower(flower, waiting.id, "PENDING"), timeout=20,
+                        message="client-sent task queued in flower")
+    assert queued["name"] == "dormant.ping" and queued["sent"]
 
     status, listing = flower.get("/api/tasks?taskname=dormant.pause")
     assert status == 200
