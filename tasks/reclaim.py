@@ -28,7 +28,18 @@ from tasks.base import DormantTask
 from tasks.celery_app import app
 from tasks.context import context, settings
 from tasks.transitions import TransitionTask
-from worker import contract, idle, notify, registry, runs, sampling
+from worker import (
+    contract,
+    exemptions,
+    idle,
+    killswitch,
+    marks,
+    notify,
+    registry,
+    runs,
+    sampling,
+    ticks,
+)
 from worker import reclaim as rc
 from worker.errors import InvalidInput, PermanentError, TransientError
 from worker.registry import TTL_INTERVALS
@@ -61,7 +72,7 @@ def sample_fleet() -> int:
     """Beat: ask every registered host for a sample (once per tick, however many beats)."""
     s = settings()
     slot = int(time.time() // s.sample_interval)
-    if not runs.claim_tick(context().store.redis, f"sample:{slot}", ttl=s.sample_interval):
+    if not ticks.claim(context().store.redis, f"sample:{slot}", ttl=s.sample_interval):
         return 0
     hosts = _hosts(s)
     for host in hosts:
@@ -102,14 +113,14 @@ def _candidates(ctx: Context, s: Settings, now: float) -> list[rc.Candidate]:
     policy = idle.IdlePolicy.from_settings(s)
     history = sampling.load(client, uuids, since=now - s.idle_window)
     first = sampling.first_seen(client, uuids)
-    exempt = runs.exempted(client)
-    marks = runs.marks(client, uuids)
+    exempt = exemptions.members(client)
+    marked = marks.load(client, uuids)
     return [
         rc.Candidate(
             uuid=u, name=n, state=smp.state,
             decision=idle.decide(u, history.get(u, []), policy, now=now),
             exempt_metadata=smp.state == "running" and _metadata_exempt(ctx, u),
-            exempt_cli=u in exempt, first_seen=first.get(u), mark=marks.get(u),
+            exempt_cli=u in exempt, first_seen=first.get(u), mark=marked.get(u),
         )
         for u, n, smp in seen
     ]
@@ -125,11 +136,11 @@ def _apply_marks(ctx: Context, s: Settings, rid: str, plan: rc.Plan, candidates:
             entries[e.instance]["outcome"] = "still marked"
             continue
         ttl = int(s.reclaim_grace_period + 7 * 86400)
-        if runs.set_mark(client, e.instance, rid=rid, now=now, ttl=ttl):
+        if marks.put(client, e.instance, rid=rid, now=now, ttl=ttl):
             notice = rc_notice(ctx, s, rid, e, now)
             entries[e.instance].update(outcome="marked", notice=notice)
     for e in plan.to_unmark:
-        runs.clear_mark(client, e.instance)
+        marks.clear(client, e.instance)
         entries[e.instance]["outcome"] = "unmarked"
 
 
@@ -173,7 +184,7 @@ def reclaim(self: Task, run_id: Any = None, dry_run: Any = False) -> dict[str, A
         return answer
     client = ctx.store.redis
     candidates = _candidates(ctx, s, now)
-    disabled = runs.disabled_reason(client, enabled_setting=s.reclaim_enabled)
+    disabled = killswitch.disabled_reason(client, enabled_setting=s.reclaim_enabled)
     safety = rc.Safety(min_age=s.reclaim_min_age, disabled_reason=disabled,
                        grace=s.reclaim_grace, grace_period=s.reclaim_grace_period)
     plan = rc.select(candidates, safety, now=now, run_id=rid)
@@ -229,8 +240,8 @@ def _precheck(kind: str, uuid: str) -> tuple[dict[str, Any] | None, dict[str, An
     if kind == "drain":
         return None, {}
     client = ctx.store.redis
-    disabled = runs.disabled_reason(client, enabled_setting=s.reclaim_enabled)
-    exempt = "dormant exempt" if runs.is_exempted(client, uuid) else \
+    disabled = killswitch.disabled_reason(client, enabled_setting=s.reclaim_enabled)
+    exempt = "dormant exempt" if exemptions.contains(client, uuid) else \
         "domain metadata" if _metadata_exempt(ctx, uuid) else ""
     before = after = None
     if not disabled and not exempt:

@@ -1,5 +1,8 @@
-"""Runs in Redis: ids, the once-only claim, reports, manifests, the work queue, and the small
-pieces of reclamation state (kill switch, CLI exemptions, grace marks).
+"""Runs in Redis: ids, the once-only claim, reports, manifests and the work queue.
+
+The other pieces of reclamation state have their own modules: the kill switch
+(:mod:`worker.killswitch`), CLI exemptions (:mod:`worker.exemptions`), grace marks
+(:mod:`worker.marks`) and beat tick claims (:mod:`worker.ticks`).
 
 A run (nightly reclamation, drain or restore) is one hash ``run:<id>``: ``meta`` (JSON), one
 ``i:<uuid>`` field per instance (JSON: verdict, reason, numbers, outcome), and the counters
@@ -21,7 +24,6 @@ import redis
 
 from worker import keys
 from worker.errors import InvalidInput
-from worker.reclaim import Mark
 
 ENTRY = "i:"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,100}$")
@@ -170,81 +172,3 @@ def manifest(client: redis.Redis, rid: str) -> set[str]:
 def latest(client: redis.Redis, *, count: int = 1) -> list[str]:
     """The newest run ids, newest first."""
     return list(client.zrevrange(keys.RUNS, 0, count - 1))
-
-
-# -- kill switch, exemptions, marks ------------------------------------------------------------
-def kill_switch(client: redis.Redis) -> dict[str, Any] | None:
-    """Who turned reclamation off and when, or None when it is on."""
-    raw = client.get(keys.KILL_SWITCH)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except ValueError:
-        return {"by": "unknown", "value": raw}
-
-
-def set_kill_switch(client: redis.Redis, on: bool, *, by: str, now: float) -> None:
-    """``on=True`` stops reclamation (the switch is *on*); False lets it run again."""
-    if on:
-        client.set(keys.KILL_SWITCH, json.dumps({"by": by, "at": now}))
-    else:
-        client.delete(keys.KILL_SWITCH)
-
-
-def disabled_reason(client: redis.Redis, *, enabled_setting: bool) -> str:
-    """Why reclamation is off, or "" when it may act."""
-    if not enabled_setting:
-        return "kill switch on: DORMANT_RECLAIM_ENABLED=false"
-    switch = kill_switch(client)
-    if switch is not None:
-        at = switch.get("at")
-        when = f" at {stamp(float(at))}" if isinstance(at, int | float) else ""
-        return f"kill switch on: set by {switch.get('by', 'unknown')}{when} (dormant kill-switch)"
-    return ""
-
-
-def exempt(client: redis.Redis, instance_uuid: str) -> bool:
-    return bool(client.sadd(keys.EXEMPT, instance_uuid))
-
-
-def unexempt(client: redis.Redis, instance_uuid: str) -> bool:
-    return bool(client.srem(keys.EXEMPT, instance_uuid))
-
-
-def exempted(client: redis.Redis) -> set[str]:
-    return set(client.smembers(keys.EXEMPT))
-
-
-def is_exempted(client: redis.Redis, instance_uuid: str) -> bool:
-    return bool(client.sismember(keys.EXEMPT, instance_uuid))
-
-
-def marks(client: redis.Redis, uuids: list[str]) -> dict[str, Mark | None]:
-    if not uuids:
-        return {}
-    values = client.mget([keys.mark(u) for u in uuids])
-    out: dict[str, Mark | None] = {}
-    for u, raw in zip(uuids, values, strict=True):
-        if raw is None:
-            out[u] = None
-            continue
-        data = json.loads(raw)
-        out[u] = Mark(run_id=data["run_id"], at=float(data["at"]))
-    return out
-
-
-def set_mark(client: redis.Redis, instance_uuid: str, *, rid: str, now: float,
-             ttl: int) -> bool:
-    """Mark an instance; True only for the caller that created the mark (who notifies)."""
-    body = json.dumps({"run_id": rid, "at": now})
-    return bool(client.set(keys.mark(instance_uuid), body, nx=True, ex=ttl))
-
-
-def clear_mark(client: redis.Redis, instance_uuid: str) -> bool:
-    return bool(client.delete(keys.mark(instance_uuid)))
-
-
-def claim_tick(client: redis.Redis, slot: str, *, ttl: int) -> bool:
-    """One fan-out per beat tick even with two beat processes."""
-    return bool(client.set(keys.schedule_claim(slot), "1", nx=True, ex=max(1, ttl)))

@@ -23,7 +23,7 @@ from tests.support import services
 from tests.support.guests import NAME_PREFIX, boot_sector
 from tests.support.services import ROOT, wait_until
 from tests.support.webhook import WebhookReceiver
-from worker import runs
+from worker import killswitch, runs
 
 pytestmark = pytest.mark.integration
 
@@ -203,7 +203,7 @@ def test_kill_switch_makes_a_run_suspend_nothing(guests, start_worker, client_ap
     assert state_of(libvirt_conn, guest) == "running"
 
     assert scene.cli("kill-switch", "off").returncode == 0
-    assert runs.disabled_reason(scene.state, enabled_setting=True) == ""
+    assert killswitch.disabled_reason(scene.state, enabled_setting=True) == ""
 
 
 @pytest.mark.slow

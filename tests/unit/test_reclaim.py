@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.support.webhook import WebhookReceiver
-from worker import keys, notify, runs
+from worker import exemptions, keys, killswitch, marks, notify, runs, ticks
 from worker import reclaim as rc
 from worker.errors import InvalidInput
 from worker.idle import Decision, IdlePolicy
@@ -234,28 +234,29 @@ def test_report_queue_record_and_manifest(fake_redis):
 
 
 def test_kill_switch_from_redis_or_settings(fake_redis):
-    assert runs.disabled_reason(fake_redis, enabled_setting=True) == ""
-    assert "DORMANT_RECLAIM_ENABLED" in runs.disabled_reason(fake_redis, enabled_setting=False)
-    runs.set_kill_switch(fake_redis, True, by="ops", now=NOW)
-    assert "set by ops" in runs.disabled_reason(fake_redis, enabled_setting=True)
-    runs.set_kill_switch(fake_redis, False, by="ops", now=NOW)
-    assert runs.kill_switch(fake_redis) is None
+    assert killswitch.disabled_reason(fake_redis, enabled_setting=True) == ""
+    off = killswitch.disabled_reason(fake_redis, enabled_setting=False)
+    assert "DORMANT_RECLAIM_ENABLED" in off
+    killswitch.turn(fake_redis, True, by="ops", now=NOW)
+    assert "set by ops" in killswitch.disabled_reason(fake_redis, enabled_setting=True)
+    killswitch.turn(fake_redis, False, by="ops", now=NOW)
+    assert killswitch.read(fake_redis) is None
 
 
 def test_marks_are_created_once(fake_redis):
-    assert runs.set_mark(fake_redis, "u1", rid="r1", now=NOW, ttl=60)
-    assert not runs.set_mark(fake_redis, "u1", rid="r2", now=NOW + 5, ttl=60)
-    assert runs.marks(fake_redis, ["u1", "u2"]) == {"u1": Mark("r1", NOW), "u2": None}
-    assert runs.clear_mark(fake_redis, "u1")
-    assert runs.marks(fake_redis, ["u1"]) == {"u1": None}
+    assert marks.put(fake_redis, "u1", rid="r1", now=NOW, ttl=60)
+    assert not marks.put(fake_redis, "u1", rid="r2", now=NOW + 5, ttl=60)
+    assert marks.load(fake_redis, ["u1", "u2"]) == {"u1": Mark("r1", NOW), "u2": None}
+    assert marks.clear(fake_redis, "u1")
+    assert marks.load(fake_redis, ["u1"]) == {"u1": None}
 
 
 def test_exemptions_and_tick_claims(fake_redis):
-    assert runs.exempt(fake_redis, "u1") and not runs.exempt(fake_redis, "u1")
-    assert runs.is_exempted(fake_redis, "u1") and runs.exempted(fake_redis) == {"u1"}
-    assert runs.unexempt(fake_redis, "u1") and not runs.is_exempted(fake_redis, "u1")
-    assert runs.claim_tick(fake_redis, "sample:1", ttl=5)
-    assert not runs.claim_tick(fake_redis, "sample:1", ttl=5)
+    assert exemptions.add(fake_redis, "u1") and not exemptions.add(fake_redis, "u1")
+    assert exemptions.contains(fake_redis, "u1") and exemptions.members(fake_redis) == {"u1"}
+    assert exemptions.remove(fake_redis, "u1") and not exemptions.contains(fake_redis, "u1")
+    assert ticks.claim(fake_redis, "sample:1", ttl=5)
+    assert not ticks.claim(fake_redis, "sample:1", ttl=5)
 
 
 @pytest.mark.parametrize("bad", ["", "a b", "x" * 101, None, "semi;colon"])
@@ -390,7 +391,7 @@ def test_report_exit_codes(cli, fake_redis):
     # An instance no worker published cannot be exempted (exit 2, nothing written).
     ghost = cli("exempt", "4dea22b3-1d52-d8f3-2516-782e98ab3fa0")
     assert ghost.exit_code == 2 and "error: UnknownInstance:" in ghost.output
-    assert runs.exempted(fake_redis) == set()
+    assert exemptions.members(fake_redis) == set()
     _a_report(fake_redis, outcome="failed")
     failed = cli("reclaim", "report", "h:2026-11-27")
     assert failed.exit_code == 1 and "boom" in failed.output
@@ -398,7 +399,7 @@ def test_report_exit_codes(cli, fake_redis):
 
 def test_kill_switch_commands(cli, fake_redis):
     assert json.loads(cli("kill-switch", "on", "--json").output)["reclamation"] == "disabled"
-    assert runs.kill_switch(fake_redis) is not None
+    assert killswitch.read(fake_redis) is not None
     status = json.loads(cli("kill-switch", "status", "--json").output)
     assert status["reclamation"] == "disabled" and "kill switch on" in status["reason"]
     assert json.loads(cli("kill-switch", "off", "--json").output)["reclamation"] == "enabled"

@@ -18,7 +18,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker import idle, registry, runs, sampling, validation
+from worker import exemptions, idle, killswitch, registry, runs, sampling, validation
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
@@ -176,7 +176,7 @@ def idle_cmd(instance: str | None, as_json: bool) -> None:
         now = time.time()
         policy = idle.IdlePolicy.from_settings(s)
         history = sampling.load(client.state, names, since=now - s.idle_window)
-        exempt = runs.exempted(client.state)
+        exempt = exemptions.members(client.state)
     rows = []
     for uuid, (name, host) in sorted(names.items(), key=lambda kv: kv[1]):
         d = idle.decide(uuid, history.get(uuid, []), policy, now=now)
@@ -210,7 +210,7 @@ def exempt(instance: str, as_json: bool) -> None:
     """Never reclaim INSTANCE (until `dormant unexempt`)."""
     with make_client() as client:
         uuid = _uuid(client, instance)
-        added = runs.exempt(client.state, uuid)
+        added = exemptions.add(client.state, uuid)
     emit({"instance": uuid, "exempt": True, "changed": added}, as_json=as_json)
 
 
@@ -222,7 +222,7 @@ def unexempt(instance: str, as_json: bool) -> None:
     """Let reclamation consider INSTANCE again."""
     with make_client() as client:
         uuid = _uuid(client, instance)
-        removed = runs.unexempt(client.state, uuid)
+        removed = exemptions.remove(client.state, uuid)
     emit({"instance": uuid, "exempt": False, "changed": removed}, as_json=as_json)
 
 
@@ -234,11 +234,11 @@ def kill_switch(action: str, as_json: bool) -> None:
     """Stop every reclamation (on), allow it again (off), or show the switch (status)."""
     with make_client() as client:
         if action != "status":
-            runs.set_kill_switch(client.state, action == "on", by=getpass.getuser(),
+            killswitch.turn(client.state, action == "on", by=getpass.getuser(),
                                  now=time.time())
-        reason = runs.disabled_reason(client.state,
+        reason = killswitch.disabled_reason(client.state,
                                       enabled_setting=client.settings.reclaim_enabled)
-        switch = runs.kill_switch(client.state)
+        switch = killswitch.read(client.state)
     emit({"reclamation": "disabled" if reason else "enabled", "reason": reason,
           "redis": switch, "setting_enabled": client.settings.reclaim_enabled},
          as_json=as_json, columns=("reclamation", "reason"))
