@@ -1,0 +1,217 @@
+"""Reclamation runs without Celery: libvirt's test driver, a fakeredis Store and the real
+transition runner. Queued actions are collected instead of sent, then carried out one by one
+the way ``dormant.run_item`` would, and the guests' states are read through libvirt directly.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import libvirt
+import pytest
+
+from tests.unit.conftest import DomainFactory
+from worker import exemptions, killswitch, runs
+from worker.errors import HypervisorUnavailable, InvalidInput
+from worker.hypervisor import Hypervisor
+from worker.reclaimer import Precheck, Reclaimer, closing, outcome_of, run_status
+from worker.runner import Context, Request, run
+from worker.settings import Settings
+from worker.store import Store
+from worker.transitions import Action
+
+RUNNING, PAUSED, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, \
+    libvirt.VIR_DOMAIN_SHUTOFF
+
+
+# -- pure pieces -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("queued", "dry", "disabled", "expected"), [
+    (2, False, "", ("acting", "suspending 2")),
+    (0, False, "", ("done", "nothing to suspend")),
+    (0, True, "", ("dry_run", "dry run: nothing was changed")),
+    (0, False, "kill switch on: x", ("disabled", "kill switch on: x")),
+    (0, True, "kill switch on: x", ("dry_run", "kill switch on: x")),
+])
+def test_run_status(queued: int, dry: bool, disabled: str, expected: tuple[str, str]) -> None:
+    assert run_status(queued=queued, dry=dry, disabled=disabled) == expected
+
+
+@pytest.mark.parametrize(("action", "result", "expected"), [
+    (Action.SUSPEND, {"outcome": "changed"}, ("suspended", True)),
+    (Action.SUSPEND, {"outcome": "already"}, ("already suspended", False)),
+    (Action.SUSPEND, {"outcome": "duplicate", "steps": ["save"]}, ("suspended", True)),
+    (Action.SUSPEND, {"outcome": "duplicate", "steps": []}, ("already suspended", False)),
+    (Action.RESUME, {"outcome": "changed"}, ("resumed", False)),
+    (Action.RESUME, {"outcome": "already"}, ("already running", False)),
+])
+def test_outcome_names(action: Action, result: dict[str, Any],
+                       expected: tuple[str, bool]) -> None:
+    assert outcome_of(action, result) == expected
+
+
+def test_closing_counts_finished_outcomes_only() -> None:
+    entries = [{"outcome": "suspended", "finished": True}, {"outcome": "suspended",
+               "finished": True}, {"outcome": "skipped", "finished": True},
+               {"outcome": "pending"}]
+    assert closing(entries, 3) == {"status": "done",
+                                   "outcomes": {"suspended": 2, "skipped": 1},
+                                   "reason": "3 action(s) finished: 1 skipped, 2 suspended"}
+
+
+def test_precheck_records_the_skip_and_the_recheck_numbers() -> None:
+    assert Precheck("running").recorded() == {}
+    assert Precheck("running", recheck={"n": 1}).recorded() == {"recheck": {"n": 1}}
+    assert Precheck("paused", "skipped: no").recorded() == {"reason": "skipped: no",
+                                                            "state": "paused"}
+
+
+# -- runs over the test driver -----------------------------------------------------------------
+class Scene:
+    """A reclaimer whose sent actions are kept in ``sent`` and carried out by :meth:`work`."""
+
+    def __init__(self, hypervisor: Hypervisor, store: Store, **settings: Any) -> None:
+        self.prefix = f"rcl-{uuid.uuid4().hex[:8]}"
+        self.settings = Settings(host="hv1", reclaim_scope=f"{self.prefix}-*",
+                                 reclaim_recheck_seconds=0, **settings)
+        self.ctx = Context(hypervisor=hypervisor, store=store, host="hv1", lock_wait=0.2,
+                           verify_timeout=2.0)
+        self.sent: list[tuple[str, str]] = []
+        self.reclaimer = Reclaimer(self.ctx, self.settings,
+                                   lambda rid, inst: self.sent.append((rid, inst)),
+                                   sleep=lambda _s: None)
+
+    def transition(self, instance: str) -> Any:
+        def call(action: Action, request_id: str) -> dict[str, Any]:
+            return run(self.ctx, Request(action=action, instance=instance,
+                                         request_id=request_id, task_id="t"))
+        return call
+
+    def work(self) -> list[dict[str, Any]]:
+        """Carry out every sent action (and those they send) like the run_item task."""
+        results = []
+        while self.sent:
+            rid, instance = self.sent.pop(0)
+            results.append(self.reclaimer.run_item(rid, instance, final=True,
+                                                   transition=self.transition(instance)))
+        return results
+
+
+@pytest.fixture
+def scene(hypervisor: Hypervisor, store: Store) -> Scene:
+    return Scene(hypervisor, store, reclaim_host_cap=1)
+
+
+def test_drain_then_restore_round_trip_one_action_at_a_time(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    a, b = make_domain(prefix=scene.prefix), make_domain(prefix=scene.prefix)
+    idle = make_domain(prefix=scene.prefix)
+    idle.suspend()
+    make_domain(prefix="other")  # out of scope: never touched
+
+    report = scene.reclaimer.drain("drain:t1", owner="task-1")
+    assert report["status"] == "acting" and report["todo"] == 2
+    assert len(scene.sent) == 1  # the host cap: the next is sent when this one finishes
+    by_name = {e["name"]: e for e in report["entries"]}
+    assert by_name[idle.name()]["verdict"] == "not_running"
+    assert scene.work()[0]["outcome"] == "changed"
+    assert {a.state()[0], b.state()[0]} == {SHUTOFF}
+    assert a.hasManagedSaveImage() and b.hasManagedSaveImage()
+    done = runs.load(scene.ctx.store.redis, "drain:t1")
+    assert done["status"] == "done" and done["outcomes"] == {"suspended": 2}
+    assert done["manifest"] == sorted([a.UUIDString(), b.UUIDString()])
+
+    restored = scene.reclaimer.restore("drain:t1", "restore:t1", owner="task-2")
+    assert restored["kind"] == "restore" and restored["of_run"] == "drain:t1"
+    scene.work()
+    assert {a.state()[0], b.state()[0]} == {RUNNING}
+    back = runs.load(scene.ctx.store.redis, "restore:t1")
+    assert back["status"] == "done" and back["outcomes"] == {"resumed": 2}
+
+
+def test_a_second_trigger_of_a_run_is_a_duplicate(scene: Scene,
+                                                  make_domain: DomainFactory) -> None:
+    make_domain(prefix=scene.prefix)
+    scene.reclaimer.drain("drain:t2", owner="task-1")
+    again = scene.reclaimer.drain("drain:t2", owner="task-2")
+    assert again["status"] == "duplicate" and again["report"]["run_id"] == "drain:t2"
+    redelivered = scene.reclaimer.drain("drain:t2", owner="task-1")  # same task: its report
+    assert redelivered["run_id"] == "drain:t2" and redelivered["kind"] == "drain"
+
+
+def test_an_instance_gone_before_its_turn_is_skipped_and_closes_the_run(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    gone = make_domain(prefix=scene.prefix)
+    scene.reclaimer.drain("drain:t3", owner="task-1")
+    gone.destroy()
+    gone.undefine()
+    [result] = scene.work()
+    assert result["outcome"] == "skipped"
+    assert result["reason"] == "skipped: the instance no longer exists"
+    report = runs.load(scene.ctx.store.redis, "drain:t3")
+    assert report["status"] == "done" and report["outcomes"] == {"skipped": 1}
+    assert report["manifest"] == []
+
+
+def test_restore_skips_what_is_no_longer_suspended(scene: Scene,
+                                                   make_domain: DomainFactory) -> None:
+    dom = make_domain(prefix=scene.prefix)
+    scene.reclaimer.drain("drain:t4", owner="task-1")
+    scene.work()
+    dom.create()  # started by someone else (from its managed-save image)
+    scene.reclaimer.restore("drain:t4", "restore:t4", owner="task-2")
+    [result] = scene.work()
+    assert result["reason"] == "skipped: already running (resumed by someone else)"
+
+
+def test_a_transient_failure_is_left_pending_until_the_final_attempt(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    make_domain(prefix=scene.prefix)
+    scene.reclaimer.drain("drain:t5", owner="task-1")
+    [(rid, instance)] = scene.sent
+
+    def down(_action: Action, _request_id: str) -> dict[str, Any]:
+        raise HypervisorUnavailable("libvirtd went away")
+
+    with pytest.raises(HypervisorUnavailable):
+        scene.reclaimer.run_item(rid, instance, transition=down, final=False)
+    assert runs.load(scene.ctx.store.redis, rid)["done"] == 0  # retried, not recorded
+    with pytest.raises(HypervisorUnavailable):
+        scene.reclaimer.run_item(rid, instance, transition=down, final=True)
+    report = runs.load(scene.ctx.store.redis, rid)
+    assert report["status"] == "done" and report["outcomes"] == {"failed": 1}
+    assert report["entries"][0]["error_type"] == "HypervisorUnavailable"
+
+
+def test_unknown_run_and_foreign_run_are_bad_input(scene: Scene) -> None:
+    with pytest.raises(InvalidInput, match="unknown run"):
+        scene.reclaimer.run_item("no:such", "u", transition=scene.transition("u"), final=True)
+    with pytest.raises(InvalidInput, match="unknown run"):
+        scene.reclaimer.restore("no:such")
+    runs.create(scene.ctx.store.redis, "elsewhere:1", {"run_id": "elsewhere:1",
+                "kind": "drain", "host": "hv2"}, [], queue=[], ttl=60)
+    with pytest.raises(InvalidInput, match="belongs to host hv2"):
+        scene.reclaimer.restore("elsewhere:1")
+
+
+def test_reclaim_with_the_kill_switch_on_suspends_nothing(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    make_domain(prefix=scene.prefix)
+    killswitch.turn(scene.ctx.store.redis, True, by="ops", now=0)
+    report = scene.reclaimer.reclaim("hv1:2026-12-01", owner="task-1")
+    assert report["status"] == "disabled" and "set by ops" in report["reason"]
+    assert scene.sent == [] and report["todo"] == 0
+    dry = scene.reclaimer.reclaim(dry_run=True)
+    assert dry["status"] == "dry_run" and dry["dry_run"] and dry["run_id"].endswith(":dry")
+
+
+def test_reclaim_precheck_stops_at_an_exemption(scene: Scene,
+                                                make_domain: DomainFactory) -> None:
+    dom = make_domain(prefix=scene.prefix)
+    exemptions.add(scene.ctx.store.redis, dom.UUIDString())
+    check = scene.reclaimer.precheck("reclaim", dom.UUIDString())
+    assert not check.go and check.skip == "not suspended: exempt by dormant exempt"
+    assert check.recorded()["state"] == "running"
+    dom.suspend()
+    paused = scene.reclaimer.precheck("drain", dom.UUIDString())
+    assert paused.skip == "skipped: no longer running (paused(user))"
