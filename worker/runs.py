@@ -17,10 +17,13 @@ import datetime as dt
 import json
 import re
 import time
+import weakref
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import redis
+from redis.commands.core import Script
 
 from worker import keys
 from worker.errors import InvalidInput
@@ -28,24 +31,16 @@ from worker.errors import InvalidInput
 ENTRY = "i:"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,100}$")
 
-# Store one entry's result; count it once even if a redelivered task records it again.
-_RECORD = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-local first = 1
-if old then
-  local ok, decoded = pcall(cjson.decode, old)
-  if ok and decoded['finished'] then first = 0 end
-end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-if ARGV[3] == '1' then
-  redis.call('SADD', KEYS[2], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-end
-local done = tonumber(redis.call('HGET', KEYS[1], 'done') or '0')
-if first == 1 then done = redis.call('HINCRBY', KEYS[1], 'done', 1) end
-local todo = tonumber(redis.call('HGET', KEYS[1], 'todo') or '0')
-return {first, done, todo}
-"""
+# Finish one entry (see the header of worker/lua/run_record.lua); registered once per client.
+_RECORD = (Path(__file__).parent / "lua" / "run_record.lua").read_text()
+_scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
+
+
+def _record_script(client: redis.Redis) -> Script:
+    script = _scripts.get(client)
+    if script is None:
+        script = _scripts[client] = client.register_script(_RECORD)
+    return script
 
 
 def run_id(value: Any) -> str:
@@ -128,8 +123,7 @@ def record(client: redis.Redis, rid: str, instance: str, changes: dict[str, Any]
     closes the run."""
     current = entry(client, rid, instance) or {"instance": instance}
     current.update(changes, finished=True)
-    script = client.register_script(_RECORD)
-    first, done, todo = script(
+    first, done, todo = _record_script(client)(
         keys=[keys.run(rid), keys.run_manifest(rid)],
         args=[ENTRY + instance, json.dumps(current, sort_keys=True),
               "1" if suspended else "0", ttl, instance],

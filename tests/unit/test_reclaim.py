@@ -231,6 +231,7 @@ def test_report_queue_record_and_manifest(fake_redis):
     assert by["b"]["error"] == "boom" and by["b"]["name"] == "vm-b"
     assert by["c"]["outcome"] == "pending"
     assert runs.latest(fake_redis) == ["r1"]
+    assert runs._record_script(fake_redis) is runs._record_script(fake_redis)  # registered once
 
 
 def test_kill_switch_from_redis_or_settings(fake_redis):
