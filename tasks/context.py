@@ -10,6 +10,7 @@ import os
 import threading
 
 from worker import settings as settings_mod
+from worker import state_redis
 from worker import store as store_mod
 from worker.hypervisor import Hypervisor, shared
 from worker.registry import TTL_INTERVALS
@@ -32,7 +33,7 @@ def context() -> Context:
             ctx = _cached.get(pid)
             if ctx is None:
                 s = settings()
-                client = store_mod.connect(s.state_url, tls_ca=s.tls_ca)
+                client = state_redis.connect(s.state_url, tls_ca=s.tls_ca)
                 ctx = Context(
                     hypervisor=shared(
                         s.libvirt_uri, timeout=s.libvirt_timeout,

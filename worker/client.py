@@ -22,7 +22,8 @@ from worker.contract import quote
 from worker.errors import DormantError, InvalidInput, TaskFailed, UnknownInstance, WorkerTimeout
 from worker.registry import TTL_INTERVALS
 from worker.settings import CONTROL_QUEUE, Settings, queue_for_host, redis_tls
-from worker.store import Store, connect
+from worker.state_redis import connect
+from worker.store import Store
 
 # Fail fast when the broker is down: a caller (or the CLI) wants "unavailable" in about a
 # second, not after Celery's default publish retries and connection timeouts.

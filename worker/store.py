@@ -23,18 +23,15 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 from worker import keys
 from worker.errors import InstanceBusy, StaleLock, StateStoreUnavailable
+from worker.state_redis import translated
 
 log = logging.getLogger(__name__)
 
@@ -50,38 +47,6 @@ def _script(name: str) -> str:
 
 
 _BEGIN, _INTENT, _FINISH, _RENEW = (_script(n) for n in ("begin", "intent", "finish", "renew"))
-
-
-def connect(url: str, *, tls_ca: str = "") -> redis.Redis:
-    """A Redis client for the state store that retries brief connection blips itself.
-
-    A ``rediss://`` URL verifies the server's certificate and host name (against ``tls_ca``
-    when given, else the system's CAs).
-    """
-    tls: dict[str, object] = {}
-    if url.startswith("rediss://"):
-        tls = {"ssl_cert_reqs": "required", "ssl_check_hostname": True}
-        if tls_ca:
-            tls["ssl_ca_certs"] = tls_ca
-    return redis.Redis.from_url(
-        url,
-        **tls,
-        decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
-
-
-@contextmanager
-def translated() -> Iterator[None]:
-    """Redis outages become StateStoreUnavailable, a transient (retried) error."""
-    try:
-        yield
-    except (redis.ConnectionError, redis.TimeoutError) as exc:
-        raise StateStoreUnavailable(f"state store unavailable: {exc}") from None
 
 
 @dataclass
@@ -146,7 +111,7 @@ class _Keeper:
             for (_, key), (store, value) in held:
                 try:
                     store.renew(key, value)
-                except redis.RedisError as exc:
+                except (redis.RedisError, StateStoreUnavailable) as exc:
                     log.warning("could not renew %s: %s", key, exc)
             self._wake.wait(self._interval)
             self._wake.clear()

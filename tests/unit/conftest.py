@@ -15,15 +15,24 @@ import libvirt
 import pytest
 
 from worker.hypervisor import Hypervisor
+from worker.state_redis import Boundary
 from worker.store import Store
 
 TEST_URI = "test:///default"
 
 
+class FakeStateRedis(Boundary, fakeredis.FakeRedis):
+    """fakeredis behind dormant's Redis error boundary, like the workers' real client."""
+
+
 @pytest.fixture
-def fake_redis() -> fakeredis.FakeRedis:
-    """A private in-memory Redis (Lua scripts work) for one test."""
-    return fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+def fake_redis() -> FakeStateRedis:
+    """A private in-memory Redis (Lua scripts work) for one test; ``fake_redis.server``
+    toggles ``connected`` to simulate an outage."""
+    server = fakeredis.FakeServer()
+    client = FakeStateRedis(server=server, decode_responses=True)
+    client.server = server
+    return client
 
 
 @pytest.fixture

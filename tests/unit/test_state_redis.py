@@ -1,0 +1,72 @@
+"""The one Redis error boundary: every module's commands, pipelines and scripts turn an outage
+into the transient StateStoreUnavailable; other Redis errors stay bugs."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import redis
+
+from tests.unit.conftest import FakeStateRedis
+from worker import exemptions, killswitch, marks, registry, runs, sampling, ticks
+from worker.errors import StateStoreUnavailable
+from worker.sampling import Sample
+from worker.state_redis import StateRedis, connect
+
+SAMPLE = Sample(t=100.0, state="running", cpu_ns=1, vcpus=1, rx=0, tx=0, rd=0, wr=0)
+
+CALLS: dict[str, Callable[[Any], Any]] = {
+    "runs.load (command)": lambda c: runs.load(c, "r1"),
+    "runs.create (transaction)": lambda c: runs.create(c, "r1", {"run_id": "r1"}, [],
+                                                       queue=["a"], ttl=60),
+    "runs.record (Lua script)": lambda c: runs.record(c, "r1", "a", {}, suspended=True,
+                                                      ttl=60),
+    "sampling.store (pipeline)": lambda c: sampling.store(c, "h", [("u", "n", SAMPLE)],
+                                                          window=600, now=100.0),
+    "sampling.load (pipeline)": lambda c: sampling.load(c, ["u"], since=0),
+    "registry.hosts": lambda c: registry.hosts(c),
+    "registry.resolve": lambda c: registry.resolve(c, "web-1"),
+    "killswitch.disabled_reason": lambda c: killswitch.disabled_reason(c, enabled_setting=True),
+    "exemptions.add": lambda c: exemptions.add(c, "u"),
+    "marks.load": lambda c: marks.load(c, ["u"]),
+    "ticks.claim": lambda c: ticks.claim(c, "s:1", ttl=5),
+}
+
+
+@pytest.mark.parametrize("call", CALLS.values(), ids=CALLS.keys())
+def test_an_outage_is_the_transient_state_store_error_everywhere(
+        fake_redis: FakeStateRedis, call: Callable[[Any], Any]) -> None:
+    call(fake_redis)  # works while Redis is up
+    fake_redis.server.connected = False
+    with pytest.raises(StateStoreUnavailable, match="state store unavailable"):
+        call(fake_redis)
+    fake_redis.server.connected = True
+    call(fake_redis)  # and again once it is back: nothing was left broken
+
+
+def test_other_redis_errors_are_not_outages(fake_redis: FakeStateRedis) -> None:
+    fake_redis.set("dormant:exempt", "not a set")
+    with pytest.raises(redis.ResponseError):
+        fake_redis.sadd("dormant:exempt", "u")
+
+
+def test_connect_gives_the_boundary_client_with_verified_tls() -> None:
+    plain = connect("redis://127.0.0.1:1/2")
+    assert isinstance(plain, StateRedis)
+    assert "ssl_cert_reqs" not in plain.connection_pool.connection_kwargs
+    secure = connect("rediss://redis.example:6380/2", tls_ca="/etc/ca.pem")
+    options = secure.connection_pool.connection_kwargs
+    assert options["ssl_cert_reqs"] == ssl.CERT_REQUIRED and options["ssl_check_hostname"]
+    assert options["ssl_ca_certs"] == "/etc/ca.pem"
+
+
+def test_a_refused_connection_is_unavailable_after_redis_py_retries() -> None:
+    client = connect("redis://127.0.0.1:1/2")  # nothing listens on port 1
+    with pytest.raises(StateStoreUnavailable):
+        client.get("x")
+    with pytest.raises(StateStoreUnavailable), client.pipeline() as pipe:
+        pipe.get("x")
+        pipe.execute()
