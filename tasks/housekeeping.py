@@ -23,7 +23,7 @@ def _describe(guest: Any, observed: Any, host: str) -> dict[str, Any]:
     }
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.STATUS.name, max_retries=3)
+@app.task(base=TransitionTask, bind=True, name=contract.STATUS.name)
 def status(self: TransitionTask, instance: Any = None) -> dict[str, Any] | list[dict[str, Any]]:
     """One instance's real state, or every instance of this host when none is given."""
     ctx = context()

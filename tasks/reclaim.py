@@ -12,7 +12,7 @@
   running guest of the host.
 
 The bodies are one call into :class:`worker.reclaimer.Reclaimer`; what stays here is Celery:
-how a queued action is sent, and the retry policy around it.
+how a queued action is sent. Every task retries with the settings' one policy (DormantTask).
 """
 
 from __future__ import annotations
@@ -29,14 +29,10 @@ from tasks.celery_app import app
 from tasks.context import context, settings
 from tasks.transitions import TransitionTask
 from worker import contract, registry, runs, ticks
-from worker.errors import TransientError
 from worker.reclaimer import Reclaimer
 from worker.registry import TTL_INTERVALS
 from worker.settings import Settings, queue_for_host
 from worker.transitions import Action
-
-RETRY = {"autoretry_for": (TransientError,), "retry_backoff": True, "max_retries": 3,
-         "acks_late": True, "typing": False}
 
 
 def reclaimer() -> Reclaimer:
@@ -50,7 +46,7 @@ def reclaimer() -> Reclaimer:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-@app.task(base=DormantTask, name=contract.SAMPLE.name, **RETRY)
+@app.task(base=DormantTask, name=contract.SAMPLE.name)
 def sample() -> dict[str, Any]:
     """Take one sample of every guest of this host now."""
     return reclaimer().sample()
@@ -90,7 +86,7 @@ def reclaim_fleet() -> list[str]:
 
 
 # -- runs --------------------------------------------------------------------------------------
-@app.task(base=DormantTask, bind=True, name=contract.RECLAIM.name, **RETRY)
+@app.task(base=DormantTask, bind=True, name=contract.RECLAIM.name)
 def reclaim(self: Task, run_id: Any = None, dry_run: Any = False) -> dict[str, Any]:
     """Decide every guest of this host, write the report, start the capped suspends."""
     return reclaimer().reclaim(run_id, dry_run, owner=self.request.id or "")
@@ -107,14 +103,14 @@ def run_item(self: TransitionTask, run_id: Any, instance: Any) -> dict[str, Any]
     return reclaimer().run_item(run_id, instance, transition=transition, final=final)
 
 
-@app.task(base=DormantTask, bind=True, name=contract.RESTORE.name, **RETRY)
+@app.task(base=DormantTask, bind=True, name=contract.RESTORE.name)
 def restore(self: Task, run_id: Any, restore_id: Any = None) -> dict[str, Any]:
     """Resume exactly what run ``run_id`` suspended (its manifest); skip what is running or
     gone. Each call is its own restore run, reported like any other."""
     return reclaimer().restore(run_id, restore_id, owner=self.request.id or "")
 
 
-@app.task(base=DormantTask, bind=True, name=contract.DRAIN.name, **RETRY)
+@app.task(base=DormantTask, bind=True, name=contract.DRAIN.name)
 def drain(self: Task, run_id: Any = None, instances: Any = None) -> dict[str, Any]:
     """Maintenance: suspend every running guest of this host (or only ``instances``, names or
     UUIDs), capped, with a manifest for ``dormant restore``."""
