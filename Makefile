@@ -1,4 +1,4 @@
-.PHONY: run test setup lint bench deploy-test
+.PHONY: run test setup lint bench faults deploy-test
 
 run:    ## worker + beat + Flower in the foreground (installs what is missing first)
 	scripts/run.sh
@@ -20,3 +20,7 @@ bench:  ## the benchmarks (see bench/README.md); record results in bench/RESULTS
 	.venv/bin/python -m bench.transitions -P threads -c 8
 	.venv/bin/python -m bench.bulk_suspend
 	.venv/bin/python -m bench.plan_fleet
+
+faults:  ## the fault suite on real parts (bench/faults.py, table in bench/RESULTS.md); FAULTS_QUICK=1: the reduced CI version
+	scripts/setup.sh
+	FAULTS_QUICK=$(FAULTS_QUICK) .venv/bin/python -m bench.faults

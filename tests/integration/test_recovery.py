@@ -6,8 +6,6 @@ Real redis-server, real worker processes (SIGKILLed mid-managedSave), real KVM g
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -57,29 +55,9 @@ def test_worker_killed_mid_save_is_finished_by_the_next_worker_with_default_sett
     assert second.nodename in third.log()
 
 
-class PersistentRedis(RedisServer):
-    """A private redis-server that keeps its data across a kill (AOF, fsync always)."""
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir),
-                "--databases", "16"]
-        log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._answers, timeout=10, message=f"redis-server on port {self.port}")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-        self.process.wait()
-
-
 @pytest.fixture
-def persistent_redis() -> Iterator[PersistentRedis]:
-    server = PersistentRedis(port=free_port(), workdir=new_workdir("dormant-aof-"))
+def persistent_redis() -> Iterator[RedisServer]:
+    server = RedisServer(port=free_port(), workdir=new_workdir("dormant-aof-"), persist=True)
     server.start()
     yield server
     server.stop()

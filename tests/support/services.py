@@ -62,6 +62,7 @@ class RedisServer:
     workdir: Path
     process: subprocess.Popen[bytes] | None = None
     password: str | None = None
+    persist: bool = False  # append-only file, fsync always: the data survives a kill -9
 
     def url(self, db: int) -> str:
         auth = f":{self.password}@" if self.password else ""
@@ -74,8 +75,9 @@ class RedisServer:
         binary = shutil.which("redis-server")
         if binary is None:
             raise FileNotFoundError("redis-server is not installed (scripts/setup.sh installs it)")
+        aof = ["yes", "--appendfsync", "always"] if self.persist else ["no"]
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.workdir), "--databases", "16"]
+                "--appendonly", *aof, "--dir", str(self.workdir), "--databases", "16"]
         if self.password:
             args += ["--requirepass", self.password]
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
@@ -91,6 +93,12 @@ class RedisServer:
     def stop(self) -> None:
         if self.process:
             stop_process(self.process)
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9): what a crash does; with ``persist`` nothing written is lost."""
+        if self.process and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
 
     def restart(self) -> None:
         self.stop()

@@ -1,0 +1,560 @@
+"""The fault suite: each scenario on real parts, one table of figures (bench/RESULTS.md, "Faults").
+
+Real parts: a private redis-server (append-only file, so a kill -9 loses nothing written),
+``celery -A tasks worker`` processes with default settings (only the URLs and the host name
+set), tiny KVM guests on the local libvirtd (``qemu:///system``), which two scenarios kill or
+stop — those take ``/tmp/dormant-libvirtd.lock`` themselves (do not wrap this in ``flock``).
+
+Run: ``make faults`` (full) or ``make faults FAULTS_QUICK=1`` (the reduced CI version), or
+``.venv/bin/python -m bench.faults [--quick] [--only NAME ...]``. Exit 1 when a scenario's
+verdict is not ok.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import libvirt
+from celery import Celery
+
+from tests.support.guests import GuestFactory, TestGuest, remove_leftovers
+from tests.support.journal import (
+    libvirtd_pid,
+    real_state,
+    revive,
+    saving,
+    start_libvirtd,
+)
+from tests.support.services import (
+    ROOT,
+    RedisServer,
+    WorkerProcess,
+    free_port,
+    new_workdir,
+    test_env,
+    unique,
+    wait_until,
+)
+from worker import keys
+
+URI = "qemu:///system"
+LIBVIRTD_LOCK = "/tmp/dormant-libvirtd.lock"
+STATE_DB = 2
+
+
+@dataclass
+class Row:
+    scenario: str
+    runs: int
+    ok: bool
+    figures: str
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def libvirtd_lock() -> Iterator[None]:
+    """Only one process at a time restarts or stops the shared libvirtd."""
+    with open(LIBVIRTD_LOCK, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class Suite:
+    """A private Redis, a guest factory and the worker processes of one scenario at a time."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.redis = RedisServer(port=free_port(), workdir=new_workdir("dormant-faults-"),
+                                 persist=True)
+        self.redis.start()
+        libvirt.registerErrorHandler(lambda _c, _e: None, None)
+        self.conn = libvirt.open(URI)
+        remove_leftovers(self.conn)
+        self.guests = GuestFactory(self.conn)
+        self.workers: list[WorkerProcess] = []
+
+    def client(self) -> Celery:
+        app = Celery("faults", broker=self.redis.url(0), backend=self.redis.url(1))
+        app.conf.update(task_serializer="json", result_serializer="json",
+                        accept_content=["json"], result_accept_content=["json"],
+                        broker_connection_retry_on_startup=True)
+        return app
+
+    def worker(self, host: str, *, pool: str = "threads", concurrency: int = 4,
+               env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:
+        name = unique("f")
+        worker = WorkerProcess(name=name, env=test_env(self.redis, host, **(env or {})),
+                               log_path=self.workdir / f"{name}.log",
+                               args=["-P", pool, "-c", str(concurrency)])
+        worker.start()
+        self.workers.append(worker)
+        if wait:
+            self.wait_ping(worker)
+        return worker
+
+    def wait_ping(self, worker: WorkerProcess, timeout: float = 90) -> None:
+        app = self.client()
+        try:
+            wait_until(lambda: worker.alive() and app.control.ping(
+                destination=[worker.nodename], timeout=0.5), timeout=timeout, interval=0.2,
+                message=f"{worker.nodename} answers ping")
+        finally:
+            app.close()
+
+    def stop_workers(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        self.workers.clear()
+
+    def state(self) -> Any:
+        return self.redis.client(STATE_DB)
+
+    def journal(self, instance: str) -> list[dict[str, Any]]:
+        return [json.loads(f["entry"]) for _id, f in self.state().xrange(keys.journal(instance))]
+
+    def results(self, ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Finished results by task id, read from the result backend's keys directly."""
+        client = self.redis.client(1)
+        out = {}
+        for task_id, raw in zip(ids, client.mget([f"celery-task-meta-{i}" for i in ids]),
+                                strict=True):
+            if raw:
+                meta = json.loads(raw)
+                if meta.get("status") in {"SUCCESS", "FAILURE"}:
+                    out[task_id] = meta
+        return out
+
+    def wait_results(self, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.results(ids)
+            if len(got) == len(ids) or time.monotonic() > deadline:
+                return got
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self.stop_workers()
+        revive(self.conn)
+        self.guests.cleanup()
+        self.redis.stop()
+
+
+def _suspended_once(suite: Suite, guest: TestGuest, rid: str) -> bool:
+    changed = [e for e in suite.journal(guest.uuid)
+               if e.get("request_id") == rid and e["outcome"] == "changed"]
+    return real_state(guest.domain) == "suspended" and len(changed) == 1
+
+
+# -- scenarios --------------------------------------------------------------------------------
+def kill_threads_worker(suite: Suite, rounds: int) -> Row:
+    """SIGKILL a whole threads worker mid-managedSave; a new worker for the host finishes it."""
+    host = unique("faults-kt-")
+    worker = suite.worker(host)
+    app = suite.client()
+    after_up, after_kill, good = [], [], 0
+    for _ in range(rounds):
+        guest = suite.guests.create("idle")
+        rid = unique("kill-")
+        sent = app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},
+                             queue=f"dormant.{host}")
+        wait_until(lambda g=guest: saving(g.domain), timeout=30, interval=0.01)
+        killed = time.monotonic()
+        worker.kill()
+        worker = suite.worker(host)
+        up = time.monotonic()
+        got = suite.wait_results([sent.id], timeout=180)
+        done = time.monotonic()
+        after_up.append(done - up)
+        after_kill.append(done - killed)
+        good += bool(got) and _suspended_once(suite, guest, rid)
+    app.close()
+    suite.stop_workers()
+    return Row("SIGKILL threads worker mid-managedSave (defaults)", rounds, good == rounds,
+               f"{good}/{rounds} suspended once; done {statistics.median(after_up):.1f} s "
+               f"(max {max(after_up):.1f}) after the new worker was up, "
+               f"{statistics.median(after_kill):.1f} s after the kill")
+
+
+def kill_prefork_child(suite: Suite, rounds: int) -> Row:
+    """SIGKILL the prefork child running a managedSave; the same worker redoes it."""
+    host = unique("faults-kp-")
+    worker = suite.worker(host, pool="prefork", concurrency=1)
+    app = suite.client()
+    after_kill, good = [], 0
+    for _ in range(rounds):
+        guest = suite.guests.create("idle")
+        rid = unique("kill-")
+        wait_until(lambda: worker.children(), timeout=30)
+        [child] = worker.children()
+        sent = app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},
+                             queue=f"dormant.{host}")
+        wait_until(lambda g=guest: saving(g.domain), timeout=30, interval=0.01)
+        killed = time.monotonic()
+        os.kill(child, signal.SIGKILL)
+        got = suite.wait_results([sent.id], timeout=180)
+        after_kill.append(time.monotonic() - killed)
+        good += bool(got) and _suspended_once(suite, guest, rid)
+    app.close()
+    suite.stop_workers()
+    return Row("SIGKILL prefork child mid-managedSave (defaults)", rounds, good == rounds,
+               f"{good}/{rounds} suspended once; done {statistics.median(after_kill):.1f} s "
+               f"(max {max(after_kill):.1f}) after the kill")
+
+
+def redis_kill(suite: Suite, count: int) -> Row:
+    """kill -9 of Redis (AOF) half-way through a run of transitions; restarted 2 s later."""
+    host = unique("faults-rk-")
+    suite.worker(host, concurrency=8)
+    fleet = [suite.guests.create("idle") for _ in range(10)]
+    app = suite.client()
+    sent: dict[str, str] = {}  # task id -> request id
+    started = time.monotonic()
+    for i in range(count):
+        guest = fleet[i % len(fleet)]
+        target = ("paused", "running")[(i // len(fleet)) % 2]
+        rid = f"rk-{i}-{uuid.uuid4().hex[:6]}"
+        sent[app.send_task("dormant.ensure", args=[guest.uuid, target],
+                           kwargs={"request_id": rid}, queue=f"dormant.{host}").id] = rid
+    app.close()
+    ids = list(sent)
+    wait_until(lambda: len(suite.results(ids)) >= count // 2, timeout=120, interval=0.05)
+    suite.redis.kill()
+    time.sleep(2)  # the outage
+    suite.redis.start()
+    got = suite.wait_results(ids, timeout=300)
+    took = time.monotonic() - started
+    lost = count - len(got)
+    failed = sum(1 for m in got.values() if m["status"] != "SUCCESS")
+    doubled = retried = 0
+    by_rid: Counter[str] = Counter()
+    for guest in fleet:
+        for entry in suite.journal(guest.uuid):
+            if entry["outcome"] in {"changed", "already"}:
+                by_rid[entry["request_id"]] += 1
+            retried += entry["outcome"] == "retrying"
+    doubled = sum(1 for n in by_rid.values() if n > 1)
+    suite.stop_workers()
+    ok = lost == 0 and doubled == 0 and failed == 0
+    return Row("Redis kill -9 mid-run", count, ok,
+               f"{len(got)}/{count} results, {lost} lost, {doubled} executed twice, "
+               f"{failed} failed, {retried} retried attempts; {took:.1f} s in all")
+
+
+def libvirtd_kill_bulk(suite: Suite, guests: int) -> Row:
+    """SIGKILL libvirtd 1 s into a bulk suspend of 6 guests; start it again 3 s later."""
+    host = unique("faults-lk-")
+    suite.worker(host, concurrency=8)
+    fleet = [suite.guests.create("idle") for _ in range(guests)]
+    app = suite.client()
+    ids = [app.send_task("dormant.suspend", args=[g.uuid], queue=f"dormant.{host}").id
+           for g in fleet]
+    app.close()
+    with libvirtd_lock():
+        time.sleep(1)
+        os.kill(libvirtd_pid(), signal.SIGKILL)
+        time.sleep(3)
+        start_libvirtd()
+        back = time.monotonic()
+    revive(suite.conn)
+    got = suite.wait_results(ids, timeout=300)
+    took = time.monotonic() - back
+    states = Counter(real_state(g.domain) for g in fleet)
+    outcomes = Counter(m["result"]["outcome"] if m["status"] == "SUCCESS" else m["status"]
+                       for m in got.values())
+    suite.stop_workers()
+    ok = states.get("suspended", 0) == guests and len(got) == guests
+    return Row("libvirtd SIGKILL 1 s into a bulk suspend, back 3 s later", guests, ok,
+               f"{states.get('suspended', 0)}/{guests} suspended; outcomes {dict(outcomes)}; "
+               f"all done {took:.1f} s after libvirtd was back")
+
+
+def _pause_unpause_latency(app: Celery, a: TestGuest, b: TestGuest, queue: str) -> list[float]:
+    times = []
+    for _round in range(5):
+        for task in ("dormant.pause", "dormant.unpause"):
+            for guest in (a, b):
+                started = time.monotonic()
+                result = app.send_task(task, args=[guest.uuid], queue=queue).get(timeout=60)
+                assert result["outcome"] == "changed", result
+                times.append(time.monotonic() - started)
+    return times
+
+
+def stuck_domain(suite: Suite) -> Row:
+    """One guest's QEMU SIGSTOPped while 20 pause/unpause run on two other guests."""
+    host = unique("faults-sd-")
+    queue = f"dormant.{host}"
+    suite.worker(host, concurrency=4)
+    stuck, a, b = (suite.guests.create("idle") for _ in range(3))
+    app = suite.client()
+    _pause_unpause_latency(app, a, b, queue)  # warm-up
+    alone = _pause_unpause_latency(app, a, b, queue)
+    qemu = int(Path(f"/run/libvirt/qemu/{stuck.name}.pid").read_text())
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        sent = time.monotonic()
+        blocked = app.send_task("dormant.pause", args=[stuck.uuid], queue=queue)
+        beside = _pause_unpause_latency(app, a, b, queue)
+
+        def abandoned() -> dict[str, Any] | None:
+            return next((e for e in suite.journal(stuck.uuid)
+                         if e.get("error_type") == "HypervisorBusy"), None)
+
+        entry = wait_until(abandoned, timeout=120, interval=0.2)
+        busy_after = time.monotonic() - sent
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+    final = blocked.get(timeout=300)
+    app.close()
+    suite.stop_workers()
+    ratio = statistics.median(beside) / statistics.median(alone)
+    ok = ratio < 3 and max(beside) < 5 and final["outcome"] == "changed"
+    return Row("one stuck domain (QEMU SIGSTOP) beside 20 transitions", 20, ok,
+               f"median {statistics.median(alone) * 1000:.0f} ms alone vs "
+               f"{statistics.median(beside) * 1000:.0f} ms beside it (x{ratio:.2f}, max "
+               f"{max(beside) * 1000:.0f} ms); stuck pause: HypervisorBusy after "
+               f"{busy_after:.1f} s ({entry.get('lock')}), then {final['outcome']} after SIGCONT")
+
+
+def _scrape(port: int, name: str) -> float | None:
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return None
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def _health(suite: Suite, host: str) -> int:
+    env = test_env(suite.redis, host)
+    done = subprocess.run([str(ROOT / ".venv/bin/dormant"), "health", "--timeout", "5"],
+                          env=env, capture_output=True, check=False, timeout=60)
+    return done.returncode
+
+
+def libvirtd_sigstop(suite: Suite, seconds: float = 20) -> Row:
+    """libvirtd SIGSTOPped for 20 s while transitions are sent: visible, then all finish."""
+    host = unique("faults-ls-")
+    port = free_port()
+    suite.worker(host, concurrency=4, env={"DORMANT_METRICS_PORT": str(port)})
+    fleet = [suite.guests.create("idle") for _ in range(4)]
+    app = suite.client()
+    healthy_before = _health(suite, host)
+    with libvirtd_lock():
+        pid = libvirtd_pid()
+        os.kill(pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        try:
+            ids = [app.send_task("dormant.pause", args=[g.uuid], queue=f"dormant.{host}").id
+                   for g in fleet]
+            time.sleep(seconds / 2)
+            health_during = _health(suite, host)
+            in_flight = _scrape(port, "dormant_libvirt_calls_in_flight")
+            oldest = _scrape(port, "dormant_libvirt_oldest_call_seconds")
+            time.sleep(max(0.0, seconds - (time.monotonic() - stopped)))
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        back = time.monotonic()
+    suite.wait_results(ids, timeout=300)
+    took = time.monotonic() - back
+    paused = sum(real_state(g.domain) == "paused(user)" for g in fleet)
+    app.close()
+    suite.stop_workers()
+    ok = healthy_before == 0 and health_during != 0 and paused == len(fleet)
+    return Row(f"libvirtd SIGSTOPped {seconds:g} s", len(fleet), ok,
+               f"health exit {healthy_before} before, {health_during} during; in flight "
+               f"{in_flight:g}, oldest {oldest:.1f} s at {seconds / 2:g} s; {paused}/"
+               f"{len(fleet)} paused, all done {took:.1f} s after SIGCONT"
+               if in_flight is not None and oldest is not None else "metrics unavailable")
+
+
+def duplicate_sends(suite: Suite, count: int) -> Row:
+    """The same request id sent many times: one save, one journal entry, the rest duplicates."""
+    host = unique("faults-dup-")
+    suite.worker(host, concurrency=8)
+    guest = suite.guests.create("idle")
+    app = suite.client()
+    rid = unique("dup-")
+    ids = [app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},
+                         queue=f"dormant.{host}").id for _ in range(count)]
+    app.close()
+    got = suite.wait_results(ids, timeout=600)
+    outcomes = Counter(m["result"]["outcome"] if m["status"] == "SUCCESS" else m["status"]
+                       for m in got.values())
+    entries = [e for e in suite.journal(guest.uuid) if e["outcome"] in {"changed", "already"}]
+    suite.stop_workers()
+    ok = outcomes.get("changed") == 1 and outcomes.get("duplicate") == count - 1 \
+        and len(entries) == 1 and real_state(guest.domain) == "suspended"
+    return Row("duplicate sends of one request id", count, ok,
+               f"{dict(outcomes)}; {len(entries)} journal entry, 1 save")
+
+
+def _fuzz_call(rng: random.Random, guest: TestGuest) -> tuple[str, list[Any], dict[str, Any]]:
+    junk: list[Any] = [None, 0, -1, 1e308, True, [], {}, [guest.uuid], {"a": 1}, "",
+                       " " * 3, "x" * 10_000, "../../etc/passwd", "名前", "\x00", "'; DROP",
+                       str(uuid.uuid4()), guest.uuid.upper() + "0", guest.name + "\n",
+                       "-1", "nan", "inf"]
+    task = rng.choice(["dormant.pause", "dormant.unpause", "dormant.suspend",
+                       "dormant.resume", "dormant.ensure", "dormant.status"])
+    instance = rng.choice(junk)
+    kwargs: dict[str, Any] = {}
+    if rng.random() < 0.5:
+        kwargs["request_id"] = rng.choice(junk)
+    if rng.random() < 0.3:
+        kwargs[rng.choice(["max_seconds", "target", "bogus", "instance"])] = rng.choice(junk)
+    if rng.random() < 0.2:  # a real guest with a bad argument: must change nothing either
+        instance = guest.uuid
+        kwargs["max_seconds" if task == "dormant.pause" else "surprise"] = rng.choice(
+            ["-5", -5, "soon", [], 1e308, float("nan")])
+    args: list[Any] = [instance] + ([rng.choice(junk)] if rng.random() < 0.3 else [])
+    if task == "dormant.ensure" and rng.random() < 0.5:
+        args = [instance, rng.choice([*junk, "running ", "PAUSED"])]
+    return task, args, kwargs
+
+
+def fuzzed_calls(suite: Suite, count: int) -> Row:
+    """Malformed calls by name: every one refused with a typed error, nothing changes."""
+    host = unique("faults-fz-")
+    suite.worker(host, concurrency=8)
+    guest = suite.guests.create("idle")
+    before = real_state(guest.domain)
+    app = suite.client()
+    rng = random.Random(9)
+    ids = []
+    for _ in range(count):
+        task, args, kwargs = _fuzz_call(rng, guest)
+        with contextlib.suppress(ValueError, TypeError):  # not even JSON (nan): never sent
+            ids.append(app.send_task(task, args=args, kwargs=kwargs,
+                                     queue=f"dormant.{host}").id)
+    app.close()
+    got = suite.wait_results(ids, timeout=300)
+    errors = Counter(m["result"]["exc_type"] if m["status"] == "FAILURE" else "ok"
+                     for m in got.values())
+    retried = sum(e["outcome"] == "retrying" for e in suite.journal(guest.uuid))
+    after = real_state(guest.domain)
+    changed = sum(e["outcome"] == "changed" for e in suite.journal(guest.uuid))
+    suite.stop_workers()
+    ok = before == after and changed == 0 and retried == 0 and len(got) == len(ids)
+    return Row("fuzzed calls", len(ids), ok,
+               f"{len(got)}/{len(ids)} answered; {changed} state changes, {retried} retries; "
+               + ", ".join(f"{k} {v}" for k, v in errors.most_common()))
+
+
+def pickled_message(suite: Suite) -> Row:
+    """A pickle-serialised message is refused before any code runs."""
+    host = unique("faults-pk-")
+    worker = suite.worker(host, concurrency=2)
+    guest = suite.guests.create("idle")
+    evil = Celery("evil", broker=suite.redis.url(0), backend=suite.redis.url(1))
+    evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"],
+                     broker_connection_retry_on_startup=True)
+    sent = evil.send_task("dormant.pause", args=[guest.uuid], queue=f"dormant.{host}",
+                          serializer="pickle")
+    evil.close()
+    refused = bool(wait_until(lambda: "Refusing to deserialize untrusted content of type "
+                              "pickle" in worker.log(), timeout=30))
+    ran = f"dormant.pause[{sent.id}] received" in worker.log()
+    state = real_state(guest.domain)
+    suite.stop_workers()
+    ok = refused and not ran and state == "running"
+    return Row("a pickled message", 1, ok,
+               f"refused: {refused}; ran: {ran}; guest {state}; journal "
+               f"{len(suite.journal(guest.uuid))} entries")
+
+
+def call_overhead(suite: Suite, calls: int) -> Row:
+    """What the deadline costs per libvirt call: direct ``state()`` vs through its thread."""
+    from worker.hypervisor import Hypervisor
+
+    guest = suite.guests.create("idle")
+    hv = Hypervisor(URI)
+    handle = hv.guest(guest.uuid)
+    direct_dom = suite.conn.lookupByUUIDString(guest.uuid)
+    runs: dict[str, list[float]] = {"direct": [], "deadline": []}
+    for _block in range(4):
+        for name, fn in (("direct", direct_dom.state), ("deadline", handle.observe)):
+            started = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            runs[name].append((time.perf_counter() - started) / calls * 1e6)
+    hv.close()
+    direct, through = statistics.median(runs["direct"]), statistics.median(runs["deadline"])
+    return Row("deadline overhead per libvirt call", calls * 4, True,
+               f"virDomainGetState {direct:.0f} µs direct, {through:.0f} µs through the "
+               f"connection's thread (+{through - direct:.0f} µs per call)")
+
+
+SCENARIOS: dict[str, Callable[[Suite, bool], Row]] = {
+    "overhead": lambda s, q: call_overhead(s, 200 if q else 2000),
+    "kill-threads": lambda s, q: kill_threads_worker(s, 1 if q else 10),
+    "kill-prefork": lambda s, q: kill_prefork_child(s, 1 if q else 10),
+    "redis-kill": lambda s, q: redis_kill(s, 40 if q else 200),
+    "libvirtd-kill": lambda s, q: libvirtd_kill_bulk(s, 6),
+    "stuck-domain": lambda s, q: stuck_domain(s),
+    "libvirtd-stop": lambda s, q: libvirtd_sigstop(s, 20),
+    "duplicates": lambda s, q: duplicate_sends(s, 100 if q else 1000),
+    "fuzz": lambda s, q: fuzzed_calls(s, 60 if q else 600),
+    "pickle": lambda s, q: pickled_message(s),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        default=os.environ.get("FAULTS_QUICK", "") not in {"", "0"},
+                        help="fewer repetitions (the CI version)")
+    parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
+    opts = parser.parse_args(argv)
+    workdir = new_workdir("dormant-faults-logs-")
+    suite = Suite(workdir)
+    rows: list[Row] = []
+    started = time.time()
+    try:
+        for name in opts.only or list(SCENARIOS):
+            print(f"-- {name} ...", file=sys.stderr, flush=True)
+            try:
+                revive(suite.conn)  # another libvirtd user may have restarted it
+                row = SCENARIOS[name](suite, opts.quick)
+            except Exception as exc:  # one broken scenario still reports the others
+                suite.stop_workers()
+                row = Row(name, 0, False, f"error: {type(exc).__name__}: {exc}")
+            print(f"   {'ok' if row.ok else 'FAILED'}: {row.figures}", file=sys.stderr,
+                  flush=True)
+            rows.append(row)
+    finally:
+        suite.close()
+    load = os.getloadavg()
+    print(f"\nFaults ({'quick' if opts.quick else 'full'}), "
+          f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, "
+          f"{(time.time() - started) / 60:.1f} min, load {load[0]:.1f}; worker logs in {workdir}")
+    print("\n| scenario | runs | verdict | figures |\n|---|---|---|---|")
+    for row in rows:
+        print(f"| {row.scenario} | {row.runs} | {'ok' if row.ok else '**FAILED**'} | "
+              f"{row.figures} |")
+    return 0 if all(r.ok for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
