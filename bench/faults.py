@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import libvirt
+import redis
 from celery import Celery
 
 from tests.support.guests import GuestFactory, TestGuest, remove_leftovers
@@ -121,6 +122,10 @@ class Suite:
         finally:
             app.close()
 
+    def state_of(self, guest: TestGuest) -> str:
+        """The guest's real state through a fresh handle (libvirtd may have restarted)."""
+        return real_state(self.conn.lookupByUUIDString(guest.uuid))
+
     def stop_workers(self) -> None:
         for worker in self.workers:
             worker.stop()
@@ -162,7 +167,7 @@ class Suite:
 def _suspended_once(suite: Suite, guest: TestGuest, rid: str) -> bool:
     changed = [e for e in suite.journal(guest.uuid)
                if e.get("request_id") == rid and e["outcome"] == "changed"]
-    return real_state(guest.domain) == "suspended" and len(changed) == 1
+    return suite.state_of(guest) == "suspended" and len(changed) == 1
 
 
 # -- scenarios --------------------------------------------------------------------------------
@@ -278,7 +283,7 @@ def libvirtd_kill_bulk(suite: Suite, guests: int) -> Row:
     revive(suite.conn)
     got = suite.wait_results(ids, timeout=300)
     took = time.monotonic() - back
-    states = Counter(real_state(g.domain) for g in fleet)
+    states = Counter(suite.state_of(g) for g in fleet)
     outcomes = Counter(m["result"]["outcome"] if m["status"] == "SUCCESS" else m["status"]
                        for m in got.values())
     suite.stop_workers()
@@ -307,7 +312,12 @@ def stuck_domain(suite: Suite) -> Row:
     suite.worker(host, concurrency=4)
     stuck, a, b = (suite.guests.create("idle") for _ in range(3))
     app = suite.client()
-    _pause_unpause_latency(app, a, b, queue)  # warm-up
+    try:  # warm-up; a client pool may still hold a connection from before a Redis restart
+        _pause_unpause_latency(app, a, b, queue)
+    except redis.ConnectionError:
+        app.close()
+        app = suite.client()
+        _pause_unpause_latency(app, a, b, queue)
     alone = _pause_unpause_latency(app, a, b, queue)
     qemu = int(Path(f"/run/libvirt/qemu/{stuck.name}.pid").read_text())
     os.kill(qemu, signal.SIGSTOP)
@@ -373,19 +383,20 @@ def libvirtd_sigstop(suite: Suite, seconds: float = 20) -> Row:
             health_during = _health(suite, host)
             in_flight = _scrape(port, "dormant_libvirt_calls_in_flight")
             oldest = _scrape(port, "dormant_libvirt_oldest_call_seconds")
+            scraped_at = time.monotonic() - stopped
             time.sleep(max(0.0, seconds - (time.monotonic() - stopped)))
         finally:
             os.kill(pid, signal.SIGCONT)
         back = time.monotonic()
     suite.wait_results(ids, timeout=300)
     took = time.monotonic() - back
-    paused = sum(real_state(g.domain) == "paused(user)" for g in fleet)
+    paused = sum(suite.state_of(g) == "paused(user)" for g in fleet)
     app.close()
     suite.stop_workers()
     ok = healthy_before == 0 and health_during != 0 and paused == len(fleet)
     return Row(f"libvirtd SIGSTOPped {seconds:g} s", len(fleet), ok,
                f"health exit {healthy_before} before, {health_during} during; in flight "
-               f"{in_flight:g}, oldest {oldest:.1f} s at {seconds / 2:g} s; {paused}/"
+               f"{in_flight:g}, oldest {oldest:.1f} s, {scraped_at:.0f} s into the stop; {paused}/"
                f"{len(fleet)} paused, all done {took:.1f} s after SIGCONT"
                if in_flight is not None and oldest is not None else "metrics unavailable")
 
@@ -406,7 +417,7 @@ def duplicate_sends(suite: Suite, count: int) -> Row:
     entries = [e for e in suite.journal(guest.uuid) if e["outcome"] in {"changed", "already"}]
     suite.stop_workers()
     ok = outcomes.get("changed") == 1 and outcomes.get("duplicate") == count - 1 \
-        and len(entries) == 1 and real_state(guest.domain) == "suspended"
+        and len(entries) == 1 and suite.state_of(guest) == "suspended"
     return Row("duplicate sends of one request id", count, ok,
                f"{dict(outcomes)}; {len(entries)} journal entry, 1 save")
 
@@ -439,7 +450,7 @@ def fuzzed_calls(suite: Suite, count: int) -> Row:
     host = unique("faults-fz-")
     suite.worker(host, concurrency=8)
     guest = suite.guests.create("idle")
-    before = real_state(guest.domain)
+    before = suite.state_of(guest)
     app = suite.client()
     rng = random.Random(9)
     ids = []
@@ -453,7 +464,7 @@ def fuzzed_calls(suite: Suite, count: int) -> Row:
     errors = Counter(m["result"]["exc_type"] if m["status"] == "FAILURE" else "ok"
                      for m in got.values())
     retried = sum(e["outcome"] == "retrying" for e in suite.journal(guest.uuid))
-    after = real_state(guest.domain)
+    after = suite.state_of(guest)
     changed = sum(e["outcome"] == "changed" for e in suite.journal(guest.uuid))
     suite.stop_workers()
     ok = before == after and changed == 0 and retried == 0 and len(got) == len(ids)
@@ -476,7 +487,7 @@ def pickled_message(suite: Suite) -> Row:
     refused = bool(wait_until(lambda: "Refusing to deserialize untrusted content of type "
                               "pickle" in worker.log(), timeout=30))
     ran = f"dormant.pause[{sent.id}] received" in worker.log()
-    state = real_state(guest.domain)
+    state = suite.state_of(guest)
     suite.stop_workers()
     ok = refused and not ran and state == "running"
     return Row("a pickled message", 1, ok,
@@ -527,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="fewer repetitions (the CI version)")
     parser.add_argument("--only", nargs="*", choices=sorted(SCENARIOS), default=None)
     opts = parser.parse_args(argv)
+    # SIGTERM (make interrupted, a CI timeout): still stop the workers and remove the guests.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     workdir = new_workdir("dormant-faults-logs-")
     suite = Suite(workdir)
     rows: list[Row] = []

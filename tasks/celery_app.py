@@ -135,6 +135,35 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
     _presence.append(presence)
 
 
+class ReconnectRecoveryStep(bootsteps.StartStopStep):
+    """On every consumer restart after the first (a lost broker connection came back), restore
+    this host's messages that the old connection delivered and nothing here will finish."""
+
+    requires = {"celery.worker.consumer.connection:Connection"}
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.starts = 0
+
+    def start(self, parent: object) -> None:
+        self.starts += 1
+        if self.starts == 1 or not _presence:
+            return  # the first start: worker_init already recovered
+        from celery.worker.state import active_requests, reserved_requests
+
+        from worker import recovery
+
+        keep = frozenset(r.id for r in (*active_requests, *reserved_requests))
+        try:
+            recovery.recover_after_reconnect(app, _presence[0],  # type: ignore[arg-type]
+                                             queue=settings_mod.get().host_queue, keep=keep)
+        except Exception as exc:  # the visibility timeout still applies
+            logging.getLogger("dormant.recovery").error("recovery after reconnect: %s", exc)
+
+
+app.steps["consumer"].add(ReconnectRecoveryStep)
+
+
 @worker_shutdown.connect
 def _on_worker_shutdown(**_: object) -> None:
     for presence in _presence:

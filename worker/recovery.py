@@ -18,6 +18,10 @@ a worker announces itself, waits (at most one TTL) for other entries to lapse, t
   naming the other node) and restores nothing, since those messages may be the other
   worker's; they come back through the visibility timeout as before.
 
+The same holds after the worker's broker connection drops and comes back (a Redis restart):
+messages the old connection delivered that the worker no longer runs or holds would never be
+acknowledged, so the sole worker of a host restores them too (:func:`recover_after_reconnect`).
+
 Messages of ``dormant.control`` are never touched: they may belong to any live worker.
 """
 
@@ -109,8 +113,10 @@ def wait_alone(presence: Presence, *, poll: float = 0.25) -> dict[str, float]:
     return {**alive, **pending}
 
 
-def restore_unacked(connection: Any, queue: str, *, delivered_before: float) -> list[str]:
-    """Put back every unacked message routed to ``queue`` delivered before the given time.
+def restore_unacked(connection: Any, queue: str, *, delivered_before: float,
+                    keep: frozenset[str] = frozenset()) -> list[str]:
+    """Put back every unacked message routed to ``queue`` delivered before the given time,
+    except those of the task ids in ``keep`` (the ones this worker still runs or holds).
 
     ``connection`` is a kombu Connection to the Redis broker. Returns the restored task ids.
     """
@@ -124,6 +130,8 @@ def restore_unacked(connection: Any, queue: str, *, delivered_before: float) -> 
         except (TypeError, ValueError):
             continue
         if routing_key != queue:
+            continue
+        if payload.get("headers", {}).get("id") in keep:
             continue
         delivered = client.zscore(channel.unacked_index_key, tag)
         if delivered is not None and delivered >= delivered_before:
@@ -151,3 +159,24 @@ def recover(app: Any, client: redis.Redis, *, host: str, queue: str, node: str,
         log.warning("host %s: restored %d interrupted transition(s) of a previous worker: %s",
                     host, len(restored), ", ".join(restored))
     return presence, restored
+
+
+def recover_after_reconnect(app: Any, presence: Presence, *, queue: str,
+                            keep: frozenset[str]) -> list[str]:
+    """After the broker connection dropped and came back: restore what the old connection had
+    delivered and this worker will never acknowledge (a message it held but had not started
+    when the connection died, or one whose task ended while the broker was down) — never one
+    it still runs or holds (``keep``). Only a host's sole worker may do this.
+    """
+    started = time.time()
+    others = presence.others()
+    if others:
+        log.error("not restoring after reconnect: host %s is also served by %s", presence.host,
+                  ", ".join(sorted(others)))
+        return []
+    with app.connection_for_write() as connection:
+        restored = restore_unacked(connection, queue, delivered_before=started, keep=keep)
+    if restored:
+        log.warning("host %s: restored %d message(s) the lost broker connection had delivered: "
+                    "%s", presence.host, len(restored), ", ".join(restored))
+    return restored

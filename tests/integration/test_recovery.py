@@ -46,7 +46,8 @@ def test_worker_killed_mid_save_is_finished_by_the_next_worker_with_default_sett
                if e["request_id"] == rid and e["outcome"] == "changed"]
     assert len(changed) == 1
     assert record(redis_clean, rid)["status"] == "done"
-    assert not redis_clean.client(0).hlen("unacked")  # nothing left for the timeout sweep
+    wait_until(lambda: not redis_clean.client(0).hlen("unacked"), timeout=10,
+               message="the restored message acknowledged: nothing left for the timeout sweep")
 
     # A second live worker for the same host says why it restores nothing.
     third = start_worker(pool="threads", concurrency=1)
@@ -64,7 +65,7 @@ def persistent_redis() -> Iterator[RedisServer]:
 
 
 def test_a_retry_that_cannot_be_published_runs_once_redis_is_back(
-        start_worker, host_name, guests, persistent_redis):
+        persistent_redis, start_worker, host_name, guests):
     redis_urls = {"DORMANT_BROKER_URL": persistent_redis.url(0),
                   "DORMANT_RESULT_BACKEND": persistent_redis.url(1),
                   "DORMANT_STATE_URL": persistent_redis.url(2)}
