@@ -95,6 +95,39 @@ app.steps["worker"].add(RegistryStep)
 app.steps["worker"].add(DeadlineStep)
 
 
+class EventsStep(bootsteps.StartStopStep):
+    """Journal changes made outside dormant: libvirt lifecycle events and reconciliation.
+
+    Runs in the worker's main process on threads of its own (worker/events.py), so it never
+    delays start-up or a transition; off with ``DORMANT_EVENTS=false``.
+    """
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.watcher = None
+
+    def start(self, parent: object) -> None:
+        from tasks.context import context
+        from worker.events import Watcher
+
+        s = settings_mod.get()
+        if not s.events:
+            return
+        # An in-process test:/// hypervisor cannot share its events with another process.
+        pump = [] if s.libvirt_uri.startswith("test:///") else None
+        self.watcher = Watcher(context(), reconcile_interval=s.reconcile_interval,
+                               registry_interval=s.registry_interval, pump=pump)
+        self.watcher.start()
+
+    def stop(self, parent: object) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher = None
+
+
+app.steps["worker"].add(EventsStep)
+
+
 _presence: list[object] = []
 
 

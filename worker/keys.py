@@ -50,6 +50,13 @@ def host_instances(host: str) -> str:
     return f"{PREFIX}:host:{host}:instances"
 
 
+def watched(host: str) -> str:
+    """Hash of instance uuid -> name that this host's event watcher last saw (reconciliation
+    uses it to notice a guest undefined while no worker ran; the registry's own hash is
+    rewritten at every refresh)."""
+    return f"{PREFIX}:events:{host}:watched"
+
+
 HOSTS = f"{PREFIX}:hosts"  # zset: host -> last registry refresh (epoch seconds)
 
 # Reclamation.

@@ -55,6 +55,15 @@ RECLAIM_RUN_SECONDS = Histogram(
 RECLAIM_LAST_RUN = Gauge(
     "dormant_reclaim_last_run_timestamp_seconds", "When the last reclamation run finished",
 )
+EXTERNAL_CHANGES = Counter(
+    "dormant_external_changes_total",
+    "State changes made outside dormant (journaled as external), by how they were noticed "
+    "(event or reconciliation) and libvirt's event", ["host", "source", "event"],
+)
+EVENT_STREAM = Gauge(
+    "dormant_event_stream_connected",
+    "1 while this worker's libvirt lifecycle-event subscription is connected", ["host"],
+)
 
 LIBVIRT_ABANDONED = Counter(
     "dormant_libvirt_calls_abandoned_total",
@@ -110,6 +119,15 @@ def instances_observed(host: str, counts: Mapping[str, int]) -> None:
         seen.update(counts)
     for state, count in counts.items():
         INSTANCES.labels(host, state).set(count)
+
+
+def external_change(host: str, source: str, event: str) -> None:
+    """One external change journaled (``source``: ``event`` or ``reconciliation``)."""
+    EXTERNAL_CHANGES.labels(host, source, event).inc()
+
+
+def event_stream(host: str, connected: bool) -> None:
+    EVENT_STREAM.labels(host).set(1 if connected else 0)
 
 
 def reclaim_decided(host: str, decision: str) -> None:

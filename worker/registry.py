@@ -56,3 +56,44 @@ def hosts(client: redis.Redis, *, max_age: float | None = None) -> list[str]:
 def instances_of(client: redis.Redis, host: str) -> dict[str, str]:
     """uuid -> name of the instances a host last published."""
     return dict(client.hgetall(keys.host_instances(host)))
+
+
+def remember(client: redis.Redis, host: str, uuid: str, name: str, *, interval: int) -> None:
+    """A domain defined (or renamed) on this host: publish it now, not at the next refresh."""
+    ttl = interval * TTL_INTERVALS
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.where(uuid), host, ex=ttl)
+        pipe.set(keys.name(name), uuid, ex=ttl)
+        pipe.hset(keys.host_instances(host), uuid, name)
+        pipe.hset(keys.watched(host), uuid, name)
+        pipe.execute()
+
+
+def forget_name(client: redis.Redis, name: str, uuid: str) -> None:
+    """Drop ``name -> uuid`` (the old name of a renamed domain), unless it names another."""
+    if client.get(keys.name(name)) == uuid:
+        client.delete(keys.name(name))
+
+
+def forget(client: redis.Redis, host: str, uuid: str, name: str) -> None:
+    """A domain undefined on this host: drop it from the registry now."""
+    forget_name(client, name, uuid)
+    if client.get(keys.where(uuid)) == host:  # not if another host serves it by now
+        client.delete(keys.where(uuid))
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hdel(keys.host_instances(host), uuid)
+        pipe.hdel(keys.watched(host), uuid)
+        pipe.execute()
+
+
+def watched(client: redis.Redis, host: str) -> dict[str, str]:
+    """uuid -> name of the guests this host's event watcher last saw."""
+    return dict(client.hgetall(keys.watched(host)))
+
+
+def set_watched(client: redis.Redis, host: str, members: dict[str, str]) -> None:
+    with client.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.watched(host))
+        if members:
+            pipe.hset(keys.watched(host), mapping=members)
+        pipe.execute()

@@ -46,7 +46,8 @@ def _script(name: str) -> str:
     return (_LUA / f"{name}.lua").read_text()
 
 
-_BEGIN, _INTENT, _FINISH, _RENEW = (_script(n) for n in ("begin", "intent", "finish", "renew"))
+_BEGIN, _INTENT, _FINISH, _RENEW, _EXTERNAL = (
+    _script(n) for n in ("begin", "intent", "finish", "renew", "external"))
 
 
 @dataclass
@@ -60,6 +61,14 @@ class Held:
     @property
     def fence(self) -> int:
         return int(self.value.split(":", 1)[0])
+
+
+@dataclass(frozen=True)
+class WatchPoint:
+    """What the journal said about an instance before its real state was read."""
+
+    fence: str  # '' when no transition ever locked it
+    entries: list[tuple[str, dict[str, Any]]]  # (stream id, entry), newest first
 
 
 @dataclass
@@ -133,6 +142,7 @@ class Store:
         self._intent = client.register_script(_INTENT)
         self._finish = client.register_script(_FINISH)
         self._renew = client.register_script(_RENEW)
+        self._external = client.register_script(_EXTERNAL)
 
     # -- the three steps of a transition ---------------------------------------------------
     def begin(self, request_id: str, instance: str, token: str, *, fingerprint: str = "",
@@ -292,3 +302,29 @@ class Store:
                     self.redis.delete(keys.deadline(instance))
                     claimed.append({"instance": instance, **details})
         return claimed
+
+    # -- changes made outside dormant (worker/events.py) -----------------------------------
+    def watch_point(self, instance: str, *, count: int = 20) -> WatchPoint:
+        """The fence and newest journal entries, read *before* the real state is.
+
+        :meth:`record_external` journals only if neither changed since, so a transition that
+        ran in between is never mistaken for an outside change.
+        """
+        with translated(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.fence(instance))
+            pipe.xrevrange(keys.journal(instance), count=count)
+            fence, rows = pipe.execute()
+        return WatchPoint(fence=fence or "",
+                          entries=[(rid, json.loads(f["entry"])) for rid, f in rows])
+
+    def record_external(self, instance: str, entry: dict[str, Any], seen: WatchPoint, *,
+                        clear_deadline: bool) -> str:
+        """Journal ``entry``: ``journaled``, or ``locked`` / ``moved`` (a transition's doing)."""
+        with translated():
+            return str(self._external(
+                keys=[keys.lock(instance), keys.fence(instance), keys.journal(instance),
+                      keys.JOURNAL_ALL, keys.DEADLINES, keys.deadline(instance)],
+                args=[seen.fence, seen.entries[0][0] if seen.entries else "",
+                      json.dumps(entry, sort_keys=True), "1" if clear_deadline else "0",
+                      instance, JOURNAL_MAXLEN, JOURNAL_ALL_MAXLEN],
+            ))
