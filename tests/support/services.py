@@ -141,7 +141,7 @@ class WorkerProcess:
             return ""
 
     def children(self) -> list[int]:
-        """Pids of the prefork pool's child processes."""
+        """Pids of the prefork pool's child processes (not the event pump, worker/events.py)."""
         if not self.process:
             return []
         try:
@@ -149,7 +149,7 @@ class WorkerProcess:
                                  text=True, check=False).stdout
         except FileNotFoundError:
             return []
-        return [int(pid) for pid in out.split()]
+        return [int(pid) for pid in out.split() if not _event_pump(int(pid))]
 
     def stop(self, timeout: float = 20) -> None:
         if not self.alive():
@@ -168,6 +168,13 @@ class WorkerProcess:
             assert self.process is not None
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+
+
+def _event_pump(pid: int) -> bool:
+    try:
+        return b"worker.events" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def test_env(redis_server: RedisServer, host: str,
