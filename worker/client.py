@@ -8,7 +8,8 @@ to ``dormant.control``, whose worker forwards it (or answers that it is unknown)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import redis
@@ -16,7 +17,7 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from worker import contract, registry, runs, validation
+from worker import contract, keys, registry, runs, validation
 from worker import settings as settings_mod
 from worker.contract import quote
 from worker.errors import DormantError, InvalidInput, TaskFailed, UnknownInstance, WorkerTimeout
@@ -245,6 +246,18 @@ class Client:
                 f"unknown instance {quote(instance)}: no worker serves it and it has no journal"
             )
         return entries
+
+
+    def recorded(self, uuids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+        """The newest journal entries of each instance (newest first), in one round trip:
+        what :func:`worker.events.last_known` reads the last recorded state from."""
+        uuids = list(uuids)
+        with self.state.pipeline(transaction=False) as pipe:
+            for uuid in uuids:
+                pipe.xrevrange(keys.journal(uuid), count=20)
+            replies = pipe.execute()
+        return {uuid: [json.loads(fields["entry"]) for _id, fields in rows]
+                for uuid, rows in zip(uuids, replies, strict=True)}
 
 
 def _infrastructure(exc: BaseException) -> bool:

@@ -52,6 +52,7 @@ class ScriptedClient:
     hosts: list[str] = field(default_factory=list)
     send_error: Exception | None = None
     journal_entries: list[dict[str, Any]] = field(default_factory=list)
+    recorded_entries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     sent: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     waits: list[float | None] = field(default_factory=list)
 
@@ -92,6 +93,9 @@ class ScriptedClient:
         """The real client's wait: its translation of timeouts and foreign errors."""
         self.waits.append(timeout)
         return Client.wait(self, result, timeout, what)  # type: ignore[arg-type]
+
+    def recorded(self, uuids: list[str]) -> dict[str, list[dict[str, Any]]]:
+        return {u: self.recorded_entries.get(u, []) for u in uuids}
 
     def journal(self, instance: str, *, limit: int = 50) -> list[dict[str, Any]]:
         if not self.journal_entries:
@@ -286,6 +290,34 @@ def test_status_of_the_fleet_asks_every_host(scripted: ScriptedClient) -> None:
     assert [r["name"] for r in json.loads(run.stdout)] == ["a", "b", "c"]
     table = invoke("status").stdout
     assert "uuid-c" in table and "h2" in table
+
+
+def test_status_marks_a_guest_whose_real_state_differs_from_the_recorded_one(
+        scripted: ScriptedClient) -> None:
+    scripted.answers.update(vm1=_state("vm1"), vm2=_state("vm2"), vm3=_state("vm3"))
+    scripted.recorded_entries = {
+        "uuid-vm1": [{"outcome": "changed", "state_after": "paused", "reason_after": "user"}],
+        "uuid-vm2": [{"outcome": "external", "state_after": "running"}],
+    }
+    rows = json.loads(invoke("status", "vm1", "vm2", "vm3", "--json").stdout)
+    assert [(r.get("recorded_state"), r.get("drift")) for r in rows] == [
+        ("paused", True), ("running", False), (None, None)]  # vm3: nothing recorded
+    table = invoke("status", "vm1", "vm2").stdout
+    assert "paused (differs)" in table
+
+
+def test_history_shows_external_entries_with_libvirts_event(scripted: ScriptedClient) -> None:
+    scripted.journal_entries = [
+        {"outcome": "external", "source": "event", "event": "suspended", "detail": "ioerror",
+         "state_before": "running", "state_after": "paused", "finished_at": 1_700_000_000.0,
+         "note": "paused by an I/O error"},
+        {"outcome": "external", "source": "reconciliation", "state_before": "paused",
+         "state_after": "running", "finished_at": 1_700_000_060.0,
+         "note": "noticed by reconciliation"},
+    ]
+    table = invoke("history", "vm1").stdout
+    assert "suspended/ioerror" in table and "paused by an I/O error" in table
+    assert "reconciliation" in table and "noticed by reconciliation" in table
 
 
 def test_status_of_an_empty_registry_exits_3(scripted: ScriptedClient) -> None:

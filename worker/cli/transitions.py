@@ -8,6 +8,7 @@ table or as one JSON document. See docs/cli.md for exit codes and examples.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -26,6 +27,8 @@ from worker.cli.common import (
     warn_error,
 )
 from worker.client import Client
+from worker.events import Known, differs, last_known
+from worker.states import Observed, State
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -33,7 +36,7 @@ DEFAULT_WAIT = 120.0  # seconds: a managed save takes ~2 s, a busy instance's lo
 DEFAULT_STATUS_WAIT = 15.0
 RESULT_COLUMNS = ("name", "instance", "action", "outcome", "state_before", "state_after",
                   "reason_after", "host", "request_id", "duration_ms")
-STATUS_COLUMNS = ("name", "instance", "host", "state", "reason")
+STATUS_COLUMNS = ("name", "instance", "host", "state", "reason", "recorded")
 HISTORY_COLUMNS = ("time", "action", "outcome", "state_before", "state_after", "request_id",
                    "attempts", "duration_ms", "error")
 
@@ -149,9 +152,30 @@ def status(instances: Sequence[str], timeout: float, as_json: bool) -> None:
             rows, code = _status_of(client, instances, timeout)
         else:
             rows, code = _status_of_fleet(client, timeout)
+        _mark_drift(client, rows)
+    if not as_json:
+        rows = [{**r, "recorded": f"{r['recorded_state']} (differs)" if r.get("drift")
+                 else r.get("recorded_state")} for r in rows]
     emit(rows, as_json=as_json, columns=STATUS_COLUMNS)
     if code:
         raise SystemExit(code)
+
+
+def _mark_drift(client: Client, rows: list[dict[str, Any]]) -> None:
+    """Add the state dormant last recorded (``recorded_state``) and whether the real one
+    differs from it (``drift``) to each row of a guest dormant recorded a state for."""
+    recorded = client.recorded([r["instance"] for r in rows if r.get("instance")])
+    now = time.time()
+    for row in rows:
+        known = last_known(recorded.get(row.get("instance", ""), []), now)
+        if not isinstance(known, Known):
+            continue
+        row["recorded_state"] = known.state
+        try:
+            row["drift"] = differs(known, Observed(State(row.get("state")),
+                                                   row.get("reason") or ""))
+        except ValueError:  # a state newer than this CLI
+            row["drift"] = True
 
 
 def _status_of(client: Client, instances: list[str],
@@ -203,9 +227,17 @@ def history(instance: str, limit: int, as_json: bool) -> None:
         emit(entries, as_json=True)
         return
     rows = [{**e, "time": _when(e.get("finished_at") or e.get("started_at")),
-             "error": e.get("error_type")} for e in entries]
+             "action": e.get("action") or _outside(e),
+             "error": e.get("error_type") or e.get("note")} for e in entries]
     emit(rows, as_json=False, columns=HISTORY_COLUMNS,
          title=f"history of {instance}" if rows else None)
+
+
+def _outside(entry: dict[str, Any]) -> str:
+    """What an ``external`` entry's action column says: libvirt's event, or reconciliation."""
+    if entry.get("event"):
+        return f"{entry['event']}/{entry.get('detail')}"
+    return str(entry.get("source") or "")
 
 
 def _when(epoch: Any) -> str:
