@@ -148,7 +148,7 @@ case $mode in
     LIBVIRT_SOCKET=$work/libvirt-sock
     say "libvirtd refuses non-root clients here (polkit without D-Bus): the worker gets a proxy socket, group libvirt, mode 0660"
     socat "UNIX-LISTEN:$LIBVIRT_SOCKET,fork,unlink-early,mode=660,user=root,group=$LIBVIRT_GID" \
-          UNIX-CONNECT:/var/run/libvirt/libvirt-sock 9>&- &
+          UNIX-CONNECT:/var/run/libvirt/libvirt-sock 9>&- 2>"$work/socat.log" &
     proxy_pid=$!
     hang_pid=$proxy_pid
     for _ in $(seq 50); do [[ -S $LIBVIRT_SOCKET ]] && break; sleep 0.1; done

@@ -182,7 +182,7 @@ def main() -> int:
     os.environ["FLOWER_PORT"] = str(free_port())
     os.environ.setdefault("REDIS_BIND", "127.0.0.1")
     os.environ.setdefault("FLOWER_BIND", "127.0.0.1")
-    port = int(os.environ["REDIS_PORT"])
+    port = int(os.environ["REDIS_PORT"])  # the stack's Redis, published on loopback
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)  # errors raise; no stderr
     conn = libvirt.open("qemu:///system")
     remove_leftovers(conn)
@@ -193,9 +193,11 @@ def main() -> int:
             compose("up", "-d", "--no-build", *SERVICES)
             wait_healthy(["redis", WORKER, "flower"], timeout=240)
             TIMINGS["time to a healthy stack"] = time.monotonic() - start
-            published = docker("port", container("redis"))
-            expect(published.strip().startswith("6379/tcp -> 127.0.0.1:"),
-                   f"redis published beyond loopback: {published}")
+            for service, inner in (("redis", 6379), ("flower", 5555)):
+                published = docker("port", container(service)).strip()
+                expect(published.startswith(f"{inner}/tcp -> 127.0.0.1:")
+                       and len(published.splitlines()) == 1,
+                       f"{service} published beyond loopback: {published}")
 
         with step("worker non-root in the socket's group; exactly one beat"):
             worker = container(WORKER)
@@ -283,6 +285,8 @@ def main() -> int:
             docker("kill", "-s", "KILL", container("redis"))
             docker("start", container("redis"))
             wait_healthy(["redis"], timeout=90)
+            expect(int(redis_cli("-n", "0", "llen", QUEUE)) >= 2,
+                   "the queued transitions did not survive the crash")
             compose("start", WORKER)
             after = client.app(port, REDIS_PASSWORD)  # fresh connections to the new server
             results = [after.AsyncResult(r.id).get(timeout=180) for r in queued]
