@@ -46,7 +46,7 @@ from worker.errors import (
 from worker.states import Observed, State
 from worker.transitions import Step
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dormant.hypervisor")
 T = TypeVar("T")
 
 # Error codes that mean the connection to libvirtd is gone or never came up.

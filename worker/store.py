@@ -33,7 +33,7 @@ from worker import keys
 from worker.errors import InstanceBusy, StaleLock, StateStoreUnavailable
 from worker.state_redis import translated
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dormant.store")
 
 JOURNAL_MAXLEN = 10_000  # entries kept per instance stream (approximate trim)
 JOURNAL_ALL_MAXLEN = 100_000

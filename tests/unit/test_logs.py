@@ -72,3 +72,24 @@ def test_configure_sets_the_formatter_on_every_handler_of_the_logger():
     assert doc["task_id"] == "t-9"
     assert "s3cret" not in doc["message"]
     assert level_set == logging.DEBUG
+
+
+def test_every_logger_is_under_dormant_so_the_log_level_setting_reaches_it() -> None:
+    """DORMANT_LOG_LEVEL sets the "dormant" logger; a module logging under ``__name__``
+    ("worker.store") would escape it."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    names = {}
+    for path in [*root.glob("worker/**/*.py"), *root.glob("tasks/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "getLogger"):
+                arg = node.args[0] if node.args else None
+                names[f"{path.relative_to(root)}:{node.lineno}"] = (
+                    arg.value if isinstance(arg, ast.Constant) else ast.dump(arg) if arg else "")
+    assert names  # the scan found the loggers
+    outside = {where: name for where, name in names.items()
+               if not (name == "dormant" or str(name).startswith("dormant."))}
+    assert outside == {}
