@@ -12,7 +12,7 @@ import threading
 from worker import settings as settings_mod
 from worker import state_redis
 from worker import store as store_mod
-from worker.hypervisor import Hypervisor, shared
+from worker.hypervisor import shared
 from worker.registry import TTL_INTERVALS
 from worker.runner import Context
 
@@ -51,7 +51,3 @@ def context() -> Context:
                 _cached.clear()
                 _cached[pid] = ctx
     return ctx
-
-
-def hypervisor() -> Hypervisor:
-    return context().hypervisor

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from operator import add, itemgetter, sub, truediv
 from typing import TYPE_CHECKING
@@ -302,13 +302,3 @@ def _measure(ev: _Evidence, policy: IdlePolicy, numbers: dict[str, float | int]
 def _says(check: _Check) -> str:
     _, name, fraction, limit, unit, quantile = check
     return f"{name} < {limit:g}{unit} in {_pct(fraction)} of intervals (needs {_pct(quantile)})"
-
-
-def decide_many(samples: Mapping[str, Sequence[Sample]], policy: IdlePolicy, *, now: float
-                ) -> list[Decision]:
-    """:func:`decide` for every instance of a ``load`` result, in its order."""
-    return [decide(uuid, rows, policy, now=now) for uuid, rows in samples.items()]
-
-
-def idle_instances(decisions: Iterable[Decision]) -> list[str]:
-    return [d.instance for d in decisions if d.idle]
