@@ -15,11 +15,9 @@ result_backend = _s.result_backend
 broker_connection_retry_on_startup = True
 
 
-# rediss:// checks the server's certificate and name (Celery would not, left to itself).
-if _settings.redis_tls(broker_url):
-    broker_use_ssl = _settings.redis_tls(broker_url, _s.tls_ca)
-if _settings.redis_tls(result_backend):
-    redis_backend_use_ssl = _settings.redis_tls(result_backend, _s.tls_ca)
+# rediss:// checks the server's certificate and name (Celery would not, left to itself):
+# broker_use_ssl / redis_backend_use_ssl, defined once in worker/settings.py.
+globals().update(_settings.celery_tls(_s))
 
 # JSON only: a pickle message is refused, not executed.
 task_serializer = "json"

@@ -18,6 +18,7 @@ from celery import Celery
 from tasks.context import context, settings
 from worker import contract, metrics, registry
 from worker.settings import queue_for_host
+from worker.validation import MAX_REQUEST_ID
 
 log = logging.getLogger("dormant.timers")
 
@@ -95,7 +96,7 @@ def expire_deadlines(app: Celery, now: float | None = None) -> int:
             if not host:
                 log.error("deadline for %s: no host serves it any more", due["instance"])
                 continue
-            request_id = f"deadline:{due.get('request_id', '')}"[:128]
+            request_id = f"deadline:{due.get('request_id', '')}"[:MAX_REQUEST_ID]
             app.send_task(contract.UNPAUSE.name, args=[due["instance"]],
                           kwargs={"request_id": request_id}, queue=queue_for_host(host))
             log.info("auto-unpause of %s sent to %s (%s)", due["instance"], host, request_id)

@@ -22,7 +22,7 @@ from worker import settings as settings_mod
 from worker.contract import quote
 from worker.errors import DormantError, InvalidInput, TaskFailed, UnknownInstance, WorkerTimeout
 from worker.registry import TTL_INTERVALS
-from worker.settings import CONTROL_QUEUE, Settings, queue_for_host, redis_tls
+from worker.settings import CONTROL_QUEUE, Settings, celery_tls, queue_for_host
 from worker.state_redis import connect
 from worker.store import Store
 
@@ -61,10 +61,7 @@ def celery_client(settings: Settings) -> Celery:
         task_send_sent_event=True,  # Flower shows a task as queued as soon as it is sent
     )
     # rediss:// without these would skip certificate checks (see settings.redis_tls).
-    if broker_tls := redis_tls(settings.broker_url, settings.tls_ca):
-        app.conf.broker_use_ssl = broker_tls
-    if backend_tls := redis_tls(settings.result_backend, settings.tls_ca):
-        app.conf.redis_backend_use_ssl = backend_tls
+    app.conf.update(celery_tls(settings))
     return app
 
 

@@ -22,12 +22,12 @@ from typing import Any
 
 from worker.idle import Decision, IdlePolicy, decide
 from worker.sampling import Sample
+from worker.validation import MAX_REQUEST_ID
 
 # dormant's element in a domain's <metadata>:
 #   <dormant:policy xmlns:dormant="https://dormant.dev/xmlns/1" exempt="true"/>
 NAMESPACE = "https://dormant.dev/xmlns/1"
 _TRUE = {"1", "true", "yes", "on"}
-MAX_REQUEST_ID = 128
 
 
 class Verdict(StrEnum):
@@ -247,7 +247,7 @@ def recheck(instance: str, *, state: str, exempt: str, disabled_reason: str,
 
 def request_id(run_id: str, action: str, instance: str) -> str:
     """The request id of one action of one run: a second trigger of the run adds nothing.
-    Too long for the transition contract's 128 characters: the run id is hashed."""
+    Too long for the transition contract's MAX_REQUEST_ID characters: the run id is hashed."""
     rid = f"{action}:{run_id}:{instance}"
     if len(rid) <= MAX_REQUEST_ID:
         return rid

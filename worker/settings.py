@@ -118,6 +118,14 @@ def redis_tls(url: str, ca: str = "") -> dict[str, object] | None:
     return options
 
 
+def celery_tls(s: Settings) -> dict[str, dict[str, object]]:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` entries for the ``rediss://``
+    URLs among the broker and the result backend (the worker's and the client's alike)."""
+    entries = {"broker_use_ssl": redis_tls(s.broker_url, s.tls_ca),
+               "redis_backend_use_ssl": redis_tls(s.result_backend, s.tls_ca)}
+    return {name: options for name, options in entries.items() if options is not None}
+
+
 def queue_for_host(host: str) -> str:
     """The queue a host's worker consumes: ``dormant.<host>``."""
     return f"dormant.{host}"

@@ -117,3 +117,19 @@ def test_get_reads_the_environment_once(monkeypatch: pytest.MonkeyPatch) -> None
 def test_queue_names() -> None:
     assert settings.queue_for_host("hv1") == "dormant.hv1"
     assert settings.CONTROL_QUEUE == "dormant.control"
+
+
+def test_tls_options_are_defined_once_for_worker_and_client() -> None:
+    import ssl
+
+    from worker.client import celery_client
+
+    plain = settings.Settings()
+    assert settings.celery_tls(plain) == {}
+    secure = settings.Settings(broker_url="rediss://b.example:6380/0", tls_ca="/ca.pem")
+    tls = settings.celery_tls(secure)
+    assert tls == {"broker_use_ssl": {"ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                      "ssl_check_hostname": True, "ssl_ca_certs": "/ca.pem"}}
+    client = celery_client(secure)
+    assert client.conf.broker_use_ssl == tls["broker_use_ssl"]
+    assert not client.conf.redis_backend_use_ssl

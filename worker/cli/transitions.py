@@ -57,8 +57,9 @@ def transition_options(fn: F) -> F:
         click.option("--wait/--no-wait", default=False, show_default=True,
                      help="Wait for the result (otherwise print the task id and exit 0)."),
         click.option("--request-id", default=None,
-                     help="Idempotency key (at most 128 characters): the same id is carried "
-                          "out at most once, and only for this action on this instance."),
+                     help=f"Idempotency key (at most {validation.MAX_REQUEST_ID} characters): "
+                          "the same id is carried out at most once, and only for this action "
+                          "on this instance."),
         click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
                      default=DEFAULT_WAIT, show_default=True,
                      help="Seconds to wait for a worker's answer (exit 3 after)."),
