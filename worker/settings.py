@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from functools import cache
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from worker.errors import ConfigurationError
 
@@ -96,6 +97,7 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.host:
             object.__setattr__(self, "host", socket.gethostname())
+        _check(self)
 
     @property
     def host_queue(self) -> str:
@@ -162,23 +164,75 @@ def load(environ: Mapping[str, str] | None = None) -> Settings:
         for name, f in known.items()
         if name in environ
     }
-    for field_name, value in values.items():
-        _check_range(PREFIX + field_name.upper(), field_name, value)
     return Settings(**values)
 
 
-# Zero would make Redis refuse the expiry (SET PX 0) or redeliver every message at once.
-_MUST_BE_POSITIVE = {"lock_ttl", "result_ttl", "visibility_timeout", "libvirt_timeout",
-                     "libvirt_save_timeout", "host_claim_ttl"}
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: ``least`` (excluded when ``open``) to ``most``."""
+
+    least: float = 0.0
+    most: float = math.inf
+    open: bool = False  # True: the value must be greater than ``least``
+
+    def holds(self, value: float) -> bool:
+        above = value > self.least if self.open else value >= self.least
+        return math.isfinite(value) and above and value <= self.most
+
+    def __str__(self) -> str:
+        if self.most == math.inf:
+            return f"greater than {self.least:g}" if self.open else f"{self.least:g} or more"
+        if self.open:
+            return f"greater than {self.least:g} and at most {self.most:g}"
+        return f"from {self.least:g} to {self.most:g}"
 
 
-def _check_range(name: str, field_name: str, value: Any) -> None:
-    """No setting is a negative or non-finite number; a few must be strictly positive."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return
-    if not math.isfinite(value) or value < 0 or (value == 0 and field_name in _MUST_BE_POSITIVE):
-        least = "greater than 0" if field_name in _MUST_BE_POSITIVE else "0 or more"
-        raise ConfigurationError(f"{name}={value!r} is out of range: it must be {least}")
+_POSITIVE = Range(open=True)
+_FRACTION = Range(0.0, 1.0)
+# Every numeric setting is a finite number, 0 or more, unless listed here. Checked when the
+# settings are built, so a wrong value stops the worker at start-up naming its variable
+# instead of failing later (a quantile of 1.5 in the nightly run, a zero interval dividing).
+RANGES: dict[str, Range] = {
+    # Zero would make Redis refuse the expiry (SET PX 0) or redeliver every message at once.
+    "lock_ttl": _POSITIVE, "result_ttl": _POSITIVE, "visibility_timeout": _POSITIVE,
+    "reclaim_report_ttl": _POSITIVE, "host_claim_ttl": _POSITIVE,
+    "libvirt_timeout": _POSITIVE, "libvirt_save_timeout": _POSITIVE,
+    # Intervals: a beat slot, a timer period, a window length.
+    "registry_interval": _POSITIVE, "deadline_check_interval": _POSITIVE,
+    "sample_interval": _POSITIVE, "idle_window": _POSITIVE,
+    "idle_min_samples": Range(1), "reclaim_host_cap": Range(1),
+    "idle_cpu_quantile": Range(0.0, 1.0, open=True),
+    "idle_net_quantile": Range(0.0, 1.0, open=True),
+    "idle_disk_quantile": Range(0.0, 1.0, open=True),
+    "idle_min_span_fraction": _FRACTION,
+    "reclaim_hour": Range(0, 23), "reclaim_minute": Range(0, 59),
+    "metrics_port": Range(0, 65535),
+}
+_LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
+
+
+def _variable(field_name: str) -> str:
+    return PREFIX + field_name.upper()
+
+
+def _check(s: Settings) -> None:
+    """Every numeric setting within its range; the time zone and log level known."""
+    for f in fields(s):
+        value = getattr(s, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        allowed = RANGES.get(f.name, Range())
+        if not allowed.holds(value):
+            raise ConfigurationError(
+                f"{_variable(f.name)}={value!r} is out of range: it must be {allowed}")
+    try:
+        ZoneInfo(s.reclaim_timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigurationError(f"{_variable('reclaim_timezone')}={s.reclaim_timezone!r} is "
+                                 "not a known time zone (e.g. UTC, Europe/Paris)") from None
+    if s.log_level.upper() not in _LOG_LEVELS:
+        raise ConfigurationError(f"{_variable('log_level')}={s.log_level!r} is not one of "
+                                 f"{', '.join(sorted(_LOG_LEVELS))}")
 
 
 @cache

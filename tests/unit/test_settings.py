@@ -89,12 +89,43 @@ def test_every_unknown_variable_is_named() -> None:
         ("DORMANT_LOCK_WAIT", "nan"),
         ("DORMANT_VERIFY_TIMEOUT", "inf"),
         ("DORMANT_VERIFY_TIMEOUT", "-2"),
+        # ranges of their own: checked at start-up, not when the nightly run first uses them
+        ("DORMANT_IDLE_CPU_QUANTILE", "1.5"),
+        ("DORMANT_IDLE_NET_QUANTILE", "0"),
+        ("DORMANT_IDLE_MIN_SPAN_FRACTION", "1.01"),
+        ("DORMANT_IDLE_MIN_SAMPLES", "0"),
+        ("DORMANT_SAMPLE_INTERVAL", "0"),
+        ("DORMANT_REGISTRY_INTERVAL", "0"),
+        ("DORMANT_RECLAIM_HOST_CAP", "0"),
+        ("DORMANT_RECLAIM_HOUR", "24"),
+        ("DORMANT_RECLAIM_MINUTE", "60"),
+        ("DORMANT_METRICS_PORT", "65536"),
+        ("DORMANT_RECLAIM_TIMEZONE", "Mars/Olympus_Mons"),
+        ("DORMANT_RECLAIM_TIMEZONE", ""),
+        ("DORMANT_LOG_LEVEL", "LOUD"),
     ],
 )
 def test_malformed_values_are_rejected(name: str, raw: str) -> None:
     with pytest.raises(ConfigurationError) as info:
         settings.load({name: raw})
     assert name in str(info.value)
+
+
+def test_the_range_is_named_in_the_message() -> None:
+    with pytest.raises(ConfigurationError, match=r"DORMANT_IDLE_CPU_QUANTILE=1\.5 is out of "
+                       r"range: it must be greater than 0 and at most 1"):
+        settings.load({"DORMANT_IDLE_CPU_QUANTILE": "1.5"})
+    with pytest.raises(ConfigurationError, match=r"DORMANT_RECLAIM_HOUR=24 .* from 0 to 23"):
+        settings.Settings(reclaim_hour=24)  # built directly: checked all the same
+
+
+def test_every_setting_default_is_in_range_and_the_policy_accepts_it() -> None:
+    from worker.idle import IdlePolicy
+
+    IdlePolicy.from_settings(settings.Settings())
+    s = settings.load({"DORMANT_IDLE_CPU_QUANTILE": "1", "DORMANT_LOG_LEVEL": "debug",
+                       "DORMANT_RECLAIM_TIMEZONE": "Europe/Paris"})
+    assert (s.idle_cpu_quantile, s.log_level) == (1.0, "debug")
 
 
 def test_zero_is_fine_where_it_means_off() -> None:
