@@ -22,6 +22,7 @@ from typing import Any
 
 from worker.idle import Decision, IdlePolicy, decide
 from worker.sampling import Sample
+from worker.states import State
 from worker.validation import MAX_REQUEST_ID
 
 # dormant's element in a domain's <metadata>:
@@ -56,7 +57,7 @@ class Candidate:
 
     uuid: str
     name: str
-    state: str
+    state: str  # a worker.states.State value, as samples carry it
     decision: Decision
     exempt_metadata: bool = False
     exempt_cli: bool = False
@@ -127,7 +128,7 @@ def _judge(c: Candidate, safety: Safety, *, now: float, run_id: str) -> Entry:
     def entry(verdict: Verdict, reason: str, *, unmark: bool = False) -> Entry:
         return Entry(c.uuid, c.name, verdict, reason, d.idle, numbers, unmark)
 
-    if c.state != "running":
+    if c.state != State.RUNNING:
         return entry(Verdict.NOT_RUNNING, f"not running ({c.state}): nothing to reclaim")
     if c.exempt_metadata or c.exempt_cli:
         where = " and ".join(w for w, on in (("domain metadata", c.exempt_metadata),
@@ -196,7 +197,7 @@ def activity(before: Sample, after: Sample) -> dict[str, float] | None:
     """Rates between two samples; None when they cannot be compared (not both running,
     no CPU counters, no time passed, or a counter went backwards: a restart)."""
     dt = after.t - before.t
-    if (dt <= 0 or before.state != "running" or after.state != "running"
+    if (dt <= 0 or before.state != State.RUNNING or after.state != State.RUNNING
             or before.cpu_ns is None or after.cpu_ns is None):
         return None
     deltas = (after.cpu_ns - before.cpu_ns, after.rx - before.rx, after.tx - before.tx,
@@ -216,7 +217,7 @@ def recheck(instance: str, *, state: str, exempt: str, disabled_reason: str,
     including the fresh sample, and no activity at or above a threshold right now."""
     if disabled_reason:
         return Recheck(False, f"not suspended: {disabled_reason}", {})
-    if state != "running":
+    if state != State.RUNNING:
         return Recheck(False, f"not suspended: no longer running ({state})", {})
     if exempt:
         return Recheck(False, f"not suspended: exempt by {exempt}", {})
