@@ -1,15 +1,24 @@
 """dormant's one error tree.
 
 ``DormantError`` is the root. ``TransientError`` is the only branch that is retried;
-everything under ``PermanentError`` fails a task at once. Constructors are plain
-``(message, **details)`` so the errors survive Celery's JSON round trip by name.
+everything under ``PermanentError`` fails a task at once. Constructors are
+``(message, **details)``: the keyword-only details stay on the instance (``.details``) for the
+code that caught it, while ``args`` holds the message alone, so Celery's JSON round trip
+rebuilds the error by name from its message.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class DormantError(Exception):
     """Root of every error dormant raises on purpose."""
+
+    def __init__(self, message: str = "", **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
 
 
 class ConfigurationError(DormantError):
