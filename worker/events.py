@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from worker import metrics, registry
+from worker.errors import DormantError, UnknownInstance
 from worker.runner import Context
 from worker.states import Observed, State
 from worker.store import WatchPoint
@@ -377,7 +378,10 @@ class Watcher:
                 return "uncertain"
             if known is None and source == "reconciliation":
                 return "unknown"
-            guest, observed = self.ctx.hypervisor.observe(uuid)
+            try:
+                guest, observed = self.ctx.hypervisor.observe(uuid)
+            except UnknownInstance:  # undefined between the lookup and the state read
+                guest, observed = None, Observed(State.MISSING)
             if observed.state is State.BUSY:
                 return "busy"  # a job (a save, a restore) is moving it: its end says more
             if not differs(known, observed):
@@ -420,7 +424,11 @@ class Watcher:
                 if u not in current}
         counts: dict[str, int] = {}
         for uuid, name in [*current.items(), *gone.items()]:
-            outcome = self.check(uuid, name, source="reconciliation")
+            try:
+                outcome = self.check(uuid, name, source="reconciliation")
+            except DormantError as exc:  # one guest's trouble never ends the round
+                log.warning("reconciliation of %s failed: %s", name or uuid, exc)
+                outcome = "failed"
             counts[outcome] = counts.get(outcome, 0) + 1
         registry.set_watched(client, self.ctx.host, current)
         log.info("reconciliation: %s", counts)

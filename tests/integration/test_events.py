@@ -179,7 +179,8 @@ def test_fifty_dormant_transitions_leave_no_external_entry(
     sentinel = next_external(redis_clean, guest.uuid, seen, timeout=10)
     assert (sentinel["event"], sentinel["state_before"]) == ("suspended", "running")
     assert externals(redis_clean, guest.uuid)[seen:] == [sentinel]
-    assert len(journal(redis_clean, guest.uuid)) == 50
+    changed = [e for e in journal(redis_clean, guest.uuid) if e["outcome"] == "changed"]
+    assert len(changed) == 50  # (a retried attempt adds a "retrying" entry, no external one)
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ import libvirt
 import pytest
 
 from worker import keys, metrics, registry
+from worker.errors import HypervisorBusy, UnknownInstance
 from worker.events import (
     DETAILS,
     EVENTS,
@@ -227,6 +228,29 @@ def test_reconciliation_journals_drift_of_known_guests_only(watcher, ctx, make_d
     assert missing["state_after"] == "missing"
     assert counts["journaled"] == 2
     assert watcher.reconcile().get("journaled", 0) == 0  # nothing new: nothing journaled
+
+
+def test_one_guests_trouble_never_ends_a_reconciliation(watcher, ctx, make_domain,
+                                                        monkeypatch):
+    vanished, stuck, drifted = make_domain(), make_domain(), make_domain()
+    for n, domain in enumerate((vanished, stuck, drifted)):
+        run(ctx, Request(action=Action.PAUSE, instance=domain.UUIDString(), request_id=f"p{n}"))
+    drifted.resume()
+    real = ctx.hypervisor.observe
+
+    def observe(uuid: str):  # type: ignore[no-untyped-def]
+        if uuid == vanished.UUIDString():  # undefined between the lookup and the state read
+            raise UnknownInstance("gone")
+        if uuid == stuck.UUIDString():
+            raise HypervisorBusy("no answer from libvirt after 30s")
+        return real(uuid)
+
+    monkeypatch.setattr(ctx.hypervisor, "observe", observe)
+    counts = watcher.reconcile()
+    assert counts["failed"] == 1 and counts["journaled"] == 2
+    assert externals(ctx.store, vanished.UUIDString())[-1]["state_after"] == "missing"
+    assert externals(ctx.store, drifted.UUIDString())[-1]["state_after"] == "running"
+    assert externals(ctx.store, stuck.UUIDString()) == []
 
 
 # -- the event stream on libvirt's event loop (in a process of its own) ----------------------
