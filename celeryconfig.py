@@ -45,6 +45,8 @@ result_extended = True  # Flower and clients see task name and arguments with th
 # `--pool threads`, since tasks wait on libvirtd rather than the CPU (one libvirt connection
 # per thread gives parallel saves, and one process keeps one metrics registry).
 worker_hijack_root_logger = False
+if _s.concurrency:  # DORMANT_CONCURRENCY; a -c on the command line still wins
+    worker_concurrency = _s.concurrency
 
 # Flower sees queued, started, retried, failed and succeeded tasks.
 worker_send_task_events = True

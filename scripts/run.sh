@@ -1,47 +1,137 @@
 #!/usr/bin/env bash
 # Run dormant in the foreground: one Celery worker, Celery beat and Flower. Ctrl-C stops all.
-# Hypervisor: DORMANT_LIBVIRT_URI, by default libvirt's embedded test driver with a demo fleet.
+#
+# Without DORMANT_LIBVIRT_URI it is a demo: tiny real guests named dormant-demo-* on the local
+# libvirtd (qemu:///system; worker/demo.py), created now and removed at exit, and reclamation on
+# a compressed timescale (a sample every 10 s, a 3-minute window, a run every 4 minutes) so the
+# idle guests are suspended within about five minutes. Where libvirtd cannot run, the same
+# names on libvirt's in-process test driver (test:///default; no CPU stats, so nothing is idle).
+# With DORMANT_LIBVIRT_URI set it drives that hypervisor with your settings and no demo fleet.
+# Every DORMANT_* variable is a setting (worker/settings.py); FLOWER_PORT and
+# FLOWER_BASIC_AUTH are Flower's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --no-services
+services_ok=1
+scripts/services.sh || services_ok=0
 
 export DORMANT_HOST=${DORMANT_HOST:-$(hostname)}
-export DORMANT_LIBVIRT_URI=${DORMANT_LIBVIRT_URI:-test:///default}
 mkdir -p .dormant && chmod 700 .dormant
+PY=.venv/bin/python
+CELERY=.venv/bin/celery
+say() { printf '\033[1m[run]\033[0m %s\n' "$*"; }
+
+if [[ -n ${DORMANT_LIBVIRT_URI:-} ]]; then
+  mode=yours
+elif ((services_ok)) && timeout 20 virsh -c qemu:///system uri >/dev/null 2>&1; then
+  mode=real
+  export DORMANT_LIBVIRT_URI=qemu:///system
+else
+  mode=fake
+  export DORMANT_LIBVIRT_URI=test:///default
+fi
+
+if [[ $mode != yours ]]; then
+  # The demo's compressed timescale (each one can be overridden from the environment).
+  export DORMANT_SAMPLE_INTERVAL=${DORMANT_SAMPLE_INTERVAL:-10}
+  export DORMANT_IDLE_WINDOW=${DORMANT_IDLE_WINDOW:-180}
+  export DORMANT_IDLE_MIN_SAMPLES=${DORMANT_IDLE_MIN_SAMPLES:-6}
+  export DORMANT_RECLAIM_MIN_AGE=${DORMANT_RECLAIM_MIN_AGE:-60}
+  export DORMANT_RECLAIM_EVERY=${DORMANT_RECLAIM_EVERY:-240}
+  # Reclamation touches the demo guests only, never this host's other guests.
+  export DORMANT_RECLAIM_SCOPE=${DORMANT_RECLAIM_SCOPE:-dormant-demo-*}
+fi
+export DORMANT_CONCURRENCY=${DORMANT_CONCURRENCY:-8}
+
+if [[ $mode == real ]]; then
+  # One demo fleet per libvirtd: the names are fixed. The lock dies with this shell (also on
+  # SIGKILL), so guests left behind by a killed run are removed by the next one.
+  exec 9>/tmp/dormant-demo.lock
+  if ! flock -n 9; then
+    echo "[run] another 'make run' is running its demo fleet on this machine's libvirtd" >&2
+    echo "[run] (stop it first, or set DORMANT_LIBVIRT_URI to drive a hypervisor without the demo)" >&2
+    exit 1
+  fi
+  if [[ -w /var/lib/libvirt ]]; then
+    DEMO_DISKS=/var/lib/libvirt/images/dormant-demo
+  else
+    DEMO_DISKS=$PWD/.dormant/demo-disks
+  fi
+fi
 
 # Flower always asks for a password: FLOWER_BASIC_AUTH=user:password, or one generated here.
 if [[ -z ${FLOWER_BASIC_AUTH:-} ]]; then
   if [[ ! -s .dormant/flower-auth ]]; then
-    (umask 077; echo "admin:$(.venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(12))')" \
+    (umask 077; echo "admin:$($PY -c 'import secrets; print(secrets.token_urlsafe(12))')" \
       > .dormant/flower-auth)
   fi
   FLOWER_BASIC_AUTH=$(cat .dormant/flower-auth)
   export FLOWER_BASIC_AUTH
 fi
 FLOWER_PORT=${FLOWER_PORT:-5555}
-CELERY=.venv/bin/celery
+
+# Children get SIGTERM when this shell dies, even by SIGKILL (setpriv is in util-linux).
+orphan_guard=()
+command -v setpriv >/dev/null && orphan_guard=(setpriv --pdeathsig TERM --)
 
 pids=()
+stopping=0
 stop() {
-  trap - INT TERM EXIT
+  ((stopping)) && return
+  stopping=1
+  trap '' INT TERM  # finish the clean-up even when Ctrl-C is pressed again
   kill -TERM "${pids[@]}" 2>/dev/null || true
   wait "${pids[@]}" 2>/dev/null || true
+  if [[ $mode == real ]]; then
+    $PY -m worker.demo down --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&- || true
+  fi
 }
-trap stop INT TERM EXIT
+trap stop EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
-$CELERY -A tasks worker --pool threads --concurrency "${DORMANT_CONCURRENCY:-8}" -l info &
+if [[ $mode == real ]]; then
+  $PY -m worker.demo up --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&-
+fi
+
+# A fresh beat schedule: the demo's first reclamation run comes DORMANT_RECLAIM_EVERY after now.
+rm -f .dormant/celerybeat-schedule*
+"${orphan_guard[@]}" $CELERY -A tasks worker --pool threads -l info 9>&- &
 pids+=($!)
-$CELERY -A tasks beat -l info --schedule .dormant/celerybeat-schedule &
+"${orphan_guard[@]}" $CELERY -A tasks beat -l info --schedule .dormant/celerybeat-schedule 9>&- &
 pids+=($!)
-$CELERY -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" &
+"${orphan_guard[@]}" $CELERY -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" 9>&- &
 pids+=($!)
 
+broker=$($PY -c 'from worker.logs import redact_url; from worker.settings import get; print(redact_url(get().broker_url))' 2>/dev/null || echo "(see DORMANT_BROKER_URL)")
+case $mode in
+  real) what="a demo fleet of tiny real guests on this host's libvirtd ($DORMANT_LIBVIRT_URI)" ;;
+  fake) what="libvirt's test driver ($DORMANT_LIBVIRT_URI): libvirtd could not run here, so the
+           demo fleet is simulated; its guests report no CPU time and are never found idle" ;;
+  *) what="the hypervisor at $DORMANT_LIBVIRT_URI (your settings; no demo fleet)" ;;
+esac
 cat <<MSG
 
-  dormant is running on host '$DORMANT_HOST' with hypervisor $DORMANT_LIBVIRT_URI
-  Flower:  http://127.0.0.1:$FLOWER_PORT   (user:password = ${FLOWER_BASIC_AUTH%%:*}:<see .dormant/flower-auth or FLOWER_BASIC_AUTH>)
-  Try:     .venv/bin/dormant pause demo-web --wait && .venv/bin/dormant status
-  Ctrl-C stops the worker, beat and Flower.
+  dormant is running on host '$DORMANT_HOST' (queue dormant.$DORMANT_HOST and dormant.control)
+  Hypervisor: $what
+  Broker:     $broker
+  Flower:     http://127.0.0.1:$FLOWER_PORT   (user:password = ${FLOWER_BASIC_AUTH%%:*}:<see .dormant/flower-auth or FLOWER_BASIC_AUTH>)
+MSG
+if [[ $mode != yours ]]; then
+  cat <<MSG
+  Demo:       dormant-demo-web, -db, -cache halt (idle); dormant-demo-batch spins (busy).
+  Timescale:  a sample every ${DORMANT_SAMPLE_INTERVAL} s, idle over a ${DORMANT_IDLE_WINDOW} s window (${DORMANT_IDLE_MIN_SAMPLES}+ samples),
+              guests at least ${DORMANT_RECLAIM_MIN_AGE} s old, a reclamation run every ${DORMANT_RECLAIM_EVERY} s
+              (scope '${DORMANT_RECLAIM_SCOPE}'; in production: nightly, 24 h window, 1 day minimum age).
+  Watch:      the first run starts ${DORMANT_RECLAIM_EVERY} s from now and suspends the idle guests; then
+                .venv/bin/dormant reclaim report      # the last run: each guest's verdict and reason
+                .venv/bin/dormant status              # states (virsh list --all shows them too)
+              Flower > Tasks: dormant.reclaim, then one dormant.run_item per suspended guest.
+  Try:        the README's first snippet suspends dormant-demo-web through dormant.control.
+MSG
+fi
+cat <<MSG
+  Ctrl-C stops the worker, beat and Flower$([[ $mode == real ]] && echo " and removes the demo guests").
 
 MSG
 # Stop everything as soon as any one of the three exits.

@@ -34,8 +34,11 @@ app.conf.beat_schedule = {
     },
     "reclaim-nightly": {
         "task": contract.RECLAIM_FLEET.name,
-        "schedule": crontab(hour=_s.reclaim_hour, minute=_s.reclaim_minute),  # reclaim_timezone
-        "options": {"queue": settings_mod.CONTROL_QUEUE, "expires": 3600},
+        # Every DORMANT_RECLAIM_EVERY seconds when set (make run's demo), else nightly.
+        "schedule": float(_s.reclaim_every) if _s.reclaim_every else
+        crontab(hour=_s.reclaim_hour, minute=_s.reclaim_minute),  # reclaim_timezone
+        "options": {"queue": settings_mod.CONTROL_QUEUE,
+                    "expires": min(3600, _s.reclaim_every or 3600)},
     },
 }
 

@@ -73,12 +73,16 @@ def sample_fleet() -> int:
 @app.task(base=DormantTask, name=contract.RECLAIM_FLEET.name, ignore_result=True)
 def reclaim_fleet() -> list[str]:
     """Nightly crontab: one reclamation per host, id ``<host>:<local date>`` (the run's claim
-    makes a second beat or a second trigger a no-op)."""
+    makes a second beat or a second trigger a no-op). With ``DORMANT_RECLAIM_EVERY`` the id is
+    ``<host>:<start of the period, UTC>`` instead: one run per host per period."""
     s = settings()
-    day = dt.datetime.now(ZoneInfo(s.reclaim_timezone)).date()
+    now = time.time()
+    day = dt.datetime.fromtimestamp(now, ZoneInfo(s.reclaim_timezone)).date()
+    period_start = now - now % s.reclaim_every if s.reclaim_every else 0.0
     sent = []
     for host in _hosts(s):
-        rid = runs.nightly_id(host, day)
+        rid = runs.manual_id(host, period_start) if s.reclaim_every else \
+            runs.nightly_id(host, day)
         app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
                       queue=queue_for_host(host))
         sent.append(rid)

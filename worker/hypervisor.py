@@ -453,6 +453,32 @@ class Hypervisor:
         conn, line = self.connection(), self.line()
         return int(self.call("read version of libvirtd", conn.getLibVersion, line=line))
 
+    # -- whole domains (make run's demo fleet only; transitions never create or remove) -----
+    def define_and_start(self, xml: str) -> Guest:
+        """Define a persistent domain from ``xml`` and start it."""
+        conn = self.connection()
+        domain = self.call("define domain", lambda: conn.defineXML(xml))
+        guest = Guest(domain, self)
+        guest._call("start", domain.create)
+        return guest
+
+    def remove(self, name: str) -> bool:
+        """Destroy ``name``, drop its managed-save image and undefine it; False when absent."""
+        conn = self.connection()
+        try:
+            domain = self.call(f"look up {name!r}", lambda: conn.lookupByName(name))
+        except UnknownInstance:
+            return False
+        with suppress(InvalidTransition):  # not running: nothing to destroy
+            self.call(f"destroy {name}", domain.destroy)
+        flags = (libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+                 | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
+        try:
+            self.call(f"undefine {name}", lambda: domain.undefineFlags(flags))
+        except UnknownInstance:
+            return False
+        return True
+
     def stats(self) -> Iterator[DomainStats]:
         """One ``getAllDomainStats`` call for every domain: state, cpu, vcpu, net, block."""
         conn, line = self.connection(), self.line()
@@ -526,24 +552,25 @@ def connected(uri: str) -> Iterator[Hypervisor]:
         hv.close()
 
 
-DEMO_FLEET = ("demo-web", "demo-db", "demo-batch", "demo-idle")
-
-
 def _seed_demo_fleet(conn: libvirt.virConnect) -> None:
-    """Give libvirt's in-process test driver a few running guests to play with.
+    """Give libvirt's in-process test driver ``make run``'s demo fleet (the fallback where
+    libvirtd cannot run): the same names and UUIDs as the real one (worker/demo.py).
 
     ``test:///default`` is the embedded default hypervisor; it starts with one domain and is
-    private to this process, so defining a demo fleet here touches nothing real.
+    private to this process, so defining a demo fleet here touches nothing real. Its guests
+    report no CPU time, so reclamation never finds them idle.
     """
     if conn.getURI() != "test:///default":
         return
+    from worker.demo import FLEET  # worker.demo builds on this module
+
     existing = set(conn.listDefinedDomains()) | {d.name() for d in conn.listAllDomains()}
-    for name in DEMO_FLEET:
-        if name in existing:
+    for guest in FLEET:
+        if guest.name in existing:
             continue
         xml = (
-            f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory>"
-            "<vcpu>1</vcpu><os><type>hvm</type></os></domain>"
+            f"<domain type='test'><name>{guest.name}</name><uuid>{guest.uuid}</uuid>"
+            "<memory unit='MiB'>64</memory><vcpu>1</vcpu><os><type>hvm</type></os></domain>"
         )
         try:
             conn.defineXML(xml).create()

@@ -53,6 +53,7 @@ class Settings:
     libvirt_save_timeout: float = 120.0  # seconds for a save or restore, plus per GiB below
     libvirt_save_seconds_per_gib: float = 30.0  # added per GiB of guest memory (~35 MB/s)
     host_claim_ttl: int = 15  # seconds a dead worker's claim on its host outlives it
+    concurrency: int = 0  # worker pool size (threads or processes); 0 = Celery's default
 
     # Registry of which host serves which instance.
     registry_interval: int = 60  # seconds between registry refreshes
@@ -69,6 +70,9 @@ class Settings:
     reclaim_hour: int = 2
     reclaim_minute: int = 30
     reclaim_timezone: str = "UTC"
+    # Seconds between reclamation runs instead of the nightly crontab (make run's demo uses a
+    # few minutes); 0 = nightly at reclaim_hour:reclaim_minute.
+    reclaim_every: int = 0
     reclaim_enabled: bool = True  # the global kill switch's default (Redis can also flip it)
     reclaim_dry_run: bool = False
     reclaim_grace: bool = False  # mark on the first idle night, suspend on a later one

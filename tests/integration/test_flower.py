@@ -103,13 +103,13 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
     wait_until(flower_receives_events, timeout=45, interval=0.1,
                message="flower receives task events")
 
-    paused = client_app.send_task("dormant.pause", args=["demo-web"],
+    paused = client_app.send_task("dormant.pause", args=["dormant-demo-web"],
                                   kwargs={"request_id": "flower-1"}, queue=queue)
     assert paused.get(timeout=30)["outcome"] == "changed"
     bad = client_app.send_task("dormant.suspend", args=["no such guest?"], queue=queue)
     with pytest.raises(Exception, match="malformed instance"):
         bad.get(timeout=30)
-    retried = client_app.send_task("dormant.resume", args=["demo-idle"],
+    retried = client_app.send_task("dormant.resume", args=["dormant-demo-cache"],
                                    queue=f"dormant.{down_host}")
     with pytest.raises(Exception, match=r"libvirt|hypervisor|connect"):
         retried.get(timeout=60)
@@ -117,7 +117,7 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
     info = wait_until(lambda: _seen_by_flower(flower, paused.id, "SUCCESS"), timeout=20,
                       message="pause succeeded in flower")
     assert info["name"] == "dormant.pause"
-    assert "demo-web" in info["args"]
+    assert "dormant-demo-web" in info["args"]
     assert "flower-1" in info["kwargs"]
     assert info["worker"].startswith("w")
     assert '"changed"' in info["result"] or "'changed'" in info["result"]

@@ -52,7 +52,7 @@ def test_worker_logs_json_lines_without_the_broker_password(locked_redis, start_
             return bool(client.control.ping(destination=[worker.nodename], timeout=0.5))
 
         wait_until(ready, timeout=60, interval=0.2, message="worker ping")
-        result = client.send_task("dormant.pause", args=["demo-db"],
+        result = client.send_task("dormant.pause", args=["dormant-demo-db"],
                                   kwargs={"request_id": "log-1"},
                                   queue=f"dormant.{host_name}").get(timeout=30)
     finally:

@@ -41,11 +41,11 @@ def test_counters_and_histograms_move_after_transitions(start_worker, client_app
     assert sample(first, "dormant_instances", host=host_name, state="running") >= 1
 
     queue = f"dormant.{host_name}"
-    paused = client_app.send_task("dormant.pause", args=["demo-web"], queue=queue)
+    paused = client_app.send_task("dormant.pause", args=["dormant-demo-web"], queue=queue)
     assert paused.get(timeout=30)["outcome"] == "changed"
-    again = client_app.send_task("dormant.pause", args=["demo-web"], queue=queue)
+    again = client_app.send_task("dormant.pause", args=["dormant-demo-web"], queue=queue)
     assert again.get(timeout=30)["outcome"] == "already"
-    unpaused = client_app.send_task("dormant.unpause", args=["demo-web"], queue=queue)
+    unpaused = client_app.send_task("dormant.unpause", args=["dormant-demo-web"], queue=queue)
     assert unpaused.get(timeout=30)["outcome"] == "changed"
     refused = client_app.send_task("dormant.pause", args=["not a valid name!"], queue=queue)
     with pytest.raises(Exception, match="malformed instance"):
@@ -81,7 +81,7 @@ def test_retries_are_counted_by_error_class(start_worker, client_app, host_name)
                       "DORMANT_METRICS_PORT": str(port), "DORMANT_MAX_RETRIES": "1",
                       "DORMANT_RETRY_BACKOFF": "1"})
     wait_until(lambda: _try_scrape(port), timeout=30, message="metrics endpoint")
-    result = client_app.send_task("dormant.suspend", args=["demo-web"],
+    result = client_app.send_task("dormant.suspend", args=["dormant-demo-web"],
                                   queue=f"dormant.{host_name}")
     with pytest.raises(Exception) as failure:
         result.get(timeout=60)

@@ -149,7 +149,7 @@ def test_worker_runs_transitions_over_tls(tls_redis, start_worker, host_name):
             return bool(client.control.ping(destination=[worker.nodename], timeout=0.5))
 
         wait_until(ready, timeout=60, interval=0.2, message="TLS worker ping")
-        result = client.send_task("dormant.suspend", args=["demo-batch"],
+        result = client.send_task("dormant.suspend", args=["dormant-demo-batch"],
                                   queue=f"dormant.{host_name}").get(timeout=30)
     finally:
         client.close()

@@ -1,6 +1,7 @@
 """Tiny real KVM guests for tests and benchmarks: a 512-byte boot sector, no OS image.
 
 A *busy* guest spins (``jmp $``) and burns one vCPU; an *idle* guest halts (``cli; hlt``).
+The recipe (boot sectors, domain XML) is worker/bootsector.py, shared with ``make run``'s demo.
 Guests are persistent (defined) so managedsave works, uniquely named, and always destroyed,
 undefined and stripped of their managed-save image by :meth:`GuestFactory.cleanup`.
 """
@@ -17,44 +18,12 @@ from pathlib import Path
 
 import libvirt
 
-BOOT_SECTORS = {
-    "busy": bytes([0xEB, 0xFE]),  # jmp $
-    "idle": bytes([0xFA, 0xF4, 0xEB, 0xFD]),  # cli; hlt; jmp back to hlt
-}
+from worker.bootsector import BOOT_SECTORS, boot_sector, domain_type, domain_xml, kvm_usable
+
+__all__ = ["BOOT_SECTORS", "NAME_PREFIX", "GuestFactory", "TestGuest", "boot_sector",
+           "kvm_usable", "remove_domain", "remove_leftovers"]
+
 NAME_PREFIX = "dormant-test-"
-
-
-def kvm_usable() -> bool:
-    return os.access("/dev/kvm", os.R_OK | os.W_OK)
-
-
-def boot_sector(kind: str) -> bytes:
-    code = BOOT_SECTORS[kind]
-    return code + bytes(510 - len(code)) + b"\x55\xaa"
-
-
-def domain_xml(name: str, disk: Path, *, domain_type: str, memory_mib: int = 32,
-               metadata: str = "") -> str:
-    emulator = shutil.which("qemu-system-x86_64") or "/usr/bin/qemu-system-x86_64"
-    return f"""<domain type='{domain_type}'>
-  <name>{name}</name>
-  <uuid>{uuid.uuid4()}</uuid>
-  <memory unit='MiB'>{memory_mib}</memory>
-  <vcpu>1</vcpu>
-  <metadata>{metadata}</metadata>
-  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>
-  <on_crash>destroy</on_crash>
-  <devices>
-    <emulator>{emulator}</emulator>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='raw'/>
-      <source file='{disk}'/>
-      <target dev='hda' bus='ide'/>
-    </disk>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
 
 
 @dataclass
@@ -75,7 +44,7 @@ class GuestFactory:
         self.conn = conn
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dormant-guests-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.domain_type = "kvm" if kvm_usable() else "qemu"
+        self.domain_type = domain_type()
         self.created: list[TestGuest] = []
 
     def create(self, kind: str = "idle", *, name: str | None = None, start: bool = True,
@@ -84,7 +53,8 @@ class GuestFactory:
         name = name or f"{NAME_PREFIX}{kind}-{uuid.uuid4().hex[:8]}-p{os.getpid()}"
         disk = self.workdir / f"{name}.img"
         disk.write_bytes(boot_sector(kind))
-        xml = domain_xml(name, disk, domain_type=self.domain_type, metadata=metadata)
+        xml = domain_xml(name, disk, uuid=str(uuid.uuid4()), domain_type=self.domain_type,
+                         metadata=metadata)
         domain = self.conn.defineXML(xml)
         guest = TestGuest(name=name, uuid=domain.UUIDString(), kind=kind, domain=domain)
         self.created.append(guest)

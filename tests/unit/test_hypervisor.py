@@ -184,11 +184,13 @@ def test_metadata_absent_is_none(hypervisor: Hypervisor, make_domain: DomainFact
 
 
 def test_shared_hypervisor_seeds_the_demo_fleet_once() -> None:
+    from worker.demo import FLEET
+
     shared = hv_module.shared(TEST_URI)
     assert hv_module.shared(TEST_URI) is shared
-    names = {g.name for g in shared.guests()}
-    assert set(hv_module.DEMO_FLEET) <= names
-    assert shared.guest("demo-web").observe().state in {State.RUNNING, State.PAUSED,
+    uuids = {g.name: g.uuid for g in shared.guests()}
+    assert {g.name: g.uuid for g in FLEET}.items() <= uuids.items()  # the real demo's UUIDs
+    assert shared.guest("dormant-demo-web").observe().state in {State.RUNNING, State.PAUSED,
                                                          State.SUSPENDED}
 
 

@@ -4,6 +4,7 @@ fakeredis; the grace webhook against a real local HTTP server."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -332,6 +333,20 @@ def test_nightly_fan_out_sends_one_run_per_live_host_with_the_local_date(fanout)
     assert tr.reclaim_fleet.run() == [f"kvm-1:{day}", f"kvm-2:{day}"]
     assert sent == [("dormant.reclaim", {"run_id": f"kvm-1:{day}"}, "dormant.kvm-1"),
                     ("dormant.reclaim", {"run_id": f"kvm-2:{day}"}, "dormant.kvm-2")]
+
+
+def test_periodic_fan_out_names_each_run_by_the_start_of_its_period(fanout, monkeypatch):
+    import dataclasses
+
+    tr, sent = fanout
+    every = dataclasses.replace(tr.settings(), reclaim_every=240)
+    monkeypatch.setattr(tr, "settings", lambda: every)
+    before = time.time()
+    sent_ids = tr.reclaim_fleet.run()
+    after = time.time()
+    starts = {t - t % 240 for t in (before, after)}  # the period may turn during the call
+    assert any(sent_ids == [f"kvm-1:{runs.stamp(t)}", f"kvm-2:{runs.stamp(t)}"] for t in starts)
+    assert [queue for _n, _kw, queue in sent] == ["dormant.kvm-1", "dormant.kvm-2"]
 
 
 def test_sampling_fan_out_runs_once_per_tick_even_with_two_beats(fanout):

@@ -1,0 +1,116 @@
+"""``make run``'s demo fleet: tiny real guests on the local libvirtd, some busy, some idle.
+
+Boot-sector guests (worker/bootsector.py: 32 MiB, 1 vCPU; KVM, TCG where /dev/kvm is
+missing) named ``dormant-demo-*``, so they never meet the test suite's ``dormant-test-*``
+guests. Their UUIDs derive from their names (uuid5): Redis history, samples and request ids
+stay attached to the same guest from one ``make run`` to the next. ``up`` first removes what a
+killed run left behind, then creates and starts the fleet; ``down`` destroys, undefines (with
+the managed-save image) and deletes the disks. scripts/run.sh holds a machine-wide lock around
+both, so two demos never share the names.
+
+Where libvirtd cannot run, the same names and UUIDs are seeded into libvirt's in-process test
+driver instead (``worker.hypervisor._seed_demo_fleet``).
+
+    python -m worker.demo up|down [--uri qemu:///system] [--disks DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid as uuidlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from worker import bootsector
+from worker.errors import DormantError
+from worker.hypervisor import Hypervisor
+
+PREFIX = "dormant-demo-"
+_NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://dormant.dev/demo")
+DEFAULT_URI = "qemu:///system"
+DEFAULT_DISKS = Path("/var/lib/libvirt/images/dormant-demo")
+
+
+def demo_uuid(name: str) -> str:
+    """The same UUID for the same name on every run and every machine."""
+    return str(uuidlib.uuid5(_NAMESPACE, name))
+
+
+@dataclass(frozen=True)
+class DemoGuest:
+    name: str
+    kind: str  # "busy" spins (never reclaimed), "idle" halts (reclaimed)
+    role: str  # what the banner says about it
+
+    @property
+    def uuid(self) -> str:
+        return demo_uuid(self.name)
+
+
+# One busy guest only: it burns a whole core for as long as the demo runs.
+FLEET = (
+    DemoGuest(f"{PREFIX}web", "idle", "idle; the README's first snippet suspends it"),
+    DemoGuest(f"{PREFIX}db", "idle", "idle; reclamation suspends it"),
+    DemoGuest(f"{PREFIX}cache", "idle", "idle; reclamation suspends it"),
+    DemoGuest(f"{PREFIX}batch", "busy", "spins at 100% CPU; reclamation keeps it"),
+)
+
+
+def disk_path(disks: Path, name: str) -> Path:
+    return disks / f"{name}.img"
+
+
+def down(hv: Hypervisor, disks: Path) -> list[str]:
+    """Remove every ``dormant-demo-*`` domain (this run's or a killed run's) and its disk."""
+    names = {g.name for g in hv.guests() if g.name.startswith(PREFIX)}
+    removed = [name for name in sorted(names) if hv.remove(name)]
+    for guest in FLEET:
+        disk_path(disks, guest.name).unlink(missing_ok=True)
+    for leftover in disks.glob(f"{PREFIX}*.img") if disks.is_dir() else ():
+        leftover.unlink(missing_ok=True)
+    return removed
+
+
+def up(hv: Hypervisor, disks: Path) -> list[DemoGuest]:
+    """Create and start the fleet afresh (after removing any leftovers)."""
+    down(hv, disks)
+    disks.mkdir(parents=True, exist_ok=True)
+    kind = bootsector.domain_type()
+    for guest in FLEET:
+        disk = disk_path(disks, guest.name)
+        disk.write_bytes(bootsector.boot_sector(guest.kind))
+        hv.define_and_start(bootsector.domain_xml(guest.name, disk, uuid=guest.uuid,
+                                                  domain_type=kind))
+    return list(FLEET)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m worker.demo", description=__doc__.split(
+        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("up", "down"))
+    parser.add_argument("--uri", default=DEFAULT_URI)
+    parser.add_argument("--disks", type=Path, default=DEFAULT_DISKS)
+    args = parser.parse_args(argv)
+    hv = Hypervisor(args.uri)
+    try:
+        if args.action == "up":
+            guests = up(hv, args.disks)
+            virt = "KVM" if bootsector.kvm_usable() else "TCG emulation (no usable /dev/kvm)"
+            print(f"demo fleet on {args.uri} ({virt}, 32 MiB, 1 vCPU each):")
+            for guest in guests:
+                print(f"    {guest.name:<22} {guest.uuid}  {guest.role}")
+        else:
+            removed = down(hv, args.disks)
+            print(f"demo fleet removed from {args.uri}: {', '.join(removed) or 'nothing left'}")
+    except DormantError as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        hv.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
