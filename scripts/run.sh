@@ -96,13 +96,23 @@ fi
 
 # A fresh beat schedule: the demo's first reclamation run comes DORMANT_RECLAIM_EVERY after now.
 rm -f .dormant/celerybeat-schedule*
-"${orphan_guard[@]}" $CELERY -A tasks worker --pool threads -l info 9>&- &
+node=dormant@$DORMANT_HOST
+"${orphan_guard[@]}" $CELERY -A tasks worker --pool threads -n "$node" -l info 9>&- &
 pids+=($!)
 "${orphan_guard[@]}" $CELERY -A tasks beat -l info --schedule .dormant/celerybeat-schedule 9>&- &
 pids+=($!)
 "${orphan_guard[@]}" $CELERY -A tasks flower --address=127.0.0.1 --port="$FLOWER_PORT" 9>&- &
 pids+=($!)
 
+# The banner comes once the worker answers, so its own start-up output does not bury it.
+"${orphan_guard[@]}" $PY - "$node" <<'PY' 9>&- || say "the worker has not answered yet; its log above says why"
+import sys, time
+from tasks.celery_app import app
+deadline = time.monotonic() + 60
+while not app.control.ping(destination=[sys.argv[1]], timeout=1):
+    if time.monotonic() > deadline:
+        sys.exit(1)
+PY
 broker=$($PY -c 'from worker.logs import redact_url; from worker.settings import get; print(redact_url(get().broker_url))' 2>/dev/null || echo "(see DORMANT_BROKER_URL)")
 case $mode in
   real) what="a demo fleet of tiny real guests on this host's libvirtd ($DORMANT_LIBVIRT_URI)" ;;

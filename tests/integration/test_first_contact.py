@@ -109,11 +109,15 @@ def state_of(domain: libvirt.virDomain) -> str:
 
 
 def fleet_running(conn: libvirt.virConnect) -> dict[str, libvirt.virDomain] | None:
-    domains = demo_domains(conn)
-    want = {g.name: g.uuid for g in demo.FLEET}
-    if {n: d.UUIDString() for n, d in domains.items()} != want:
+    """The whole fleet, running with its stable UUIDs; None while run.sh is still at it."""
+    try:
+        domains = demo_domains(conn)
+        want = {g.name: g.uuid for g in demo.FLEET}
+        if {n: d.UUIDString() for n, d in domains.items()} != want:
+            return None
+        return domains if all(state_of(d) == "running" for d in domains.values()) else None
+    except libvirt.libvirtError:  # removed or redefined between the list and the look
         return None
-    return domains if all(state_of(d) == "running" for d in domains.values()) else None
 
 
 def flower_tasks(port: int, name: str) -> dict[str, dict]:
@@ -129,6 +133,7 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
         redis_clean, libvirt_conn, tmp_path):  # type: ignore[no-untyped-def]
     if not demo_lock_free():
         unavailable("another 'make run' holds the demo fleet on this libvirtd")
+    conn = libvirt.open("qemu:///system")  # fresh: the session's may predate a libvirtd restart
     host = unique("first-contact-")
     env = {k: v for k, v in test_env(redis_clean, host, **TIMESCALE).items()
            if k != "DORMANT_LIBVIRT_URI"}  # run.sh chooses the demo hypervisor itself
@@ -143,17 +148,17 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
     try:
         # A make run killed with SIGKILL leaves its guests; the next one replaces them.
         first.start()
-        killed = wait_until(lambda: fleet_running(libvirt_conn), timeout=120,
+        killed = wait_until(lambda: fleet_running(conn), timeout=120,
                             message=f"demo fleet up\n{first.log()}")
         old_ids = {n: d.ID() for n, d in killed.items()}
         first.signal(signal.SIGKILL)
         wait_until(first.group_gone, timeout=60, message="worker, beat and Flower follow run.sh")
-        assert set(demo_domains(libvirt_conn)) == set(old_ids)  # left behind
+        assert set(demo_domains(conn)) == set(old_ids)  # left behind
 
         stack.start()
 
         def replaced() -> dict[str, libvirt.virDomain] | None:
-            up = fleet_running(libvirt_conn)
+            up = fleet_running(conn)
             return up if up and all(d.ID() != old_ids[n] for n, d in up.items()) else None
 
         guests = wait_until(replaced, timeout=120, message=f"fleet replaced\n{stack.log()}")
@@ -164,6 +169,17 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
         assert ran.returncode == 0, f"{ran.stderr}\n{stack.log()}"
         assert "'outcome': 'changed'" in ran.stdout and "dormant-demo-web" in ran.stdout
         assert state_of(guests["dormant-demo-web"]) == "suspended"
+
+        # What the CLI sends, Flower sees from the moment it is queued.
+        cli_status = subprocess.run([str(ROOT / ".venv/bin/dormant"), "status",
+                                     "dormant-demo-batch", "--json"], cwd=ROOT, env=env,
+                                    capture_output=True, text=True, timeout=60, check=False)
+        assert cli_status.returncode == 0, cli_status.stderr
+        assert "running" in cli_status.stdout
+        queued = wait_until(lambda: [t for t in flower_tasks(flower_port, "dormant.status")
+                                     .values() if t.get("sent") and t["state"] == "SUCCESS"],
+                            timeout=30, message="the CLI's status task in Flower, with 'sent'")
+        assert queued[0]["sent"] <= queued[0]["received"]
 
         # Reclamation on the compressed timescale suspends the idle guests, keeps the busy one.
         idle = [g.name for g in demo.FLEET if g.kind == "idle" and g.name != "dormant-demo-web"]
@@ -212,11 +228,12 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
         stack.signal(signal.SIGTERM)
         assert stack.process is not None and stack.process.returncode != 0
         wait_until(stack.group_gone, timeout=30, message="worker, beat and Flower stopped")
-        assert demo_domains(libvirt_conn) == {}
+        assert demo_domains(conn) == {}
         assert "demo fleet removed" in stack.log()
     finally:
         for s in (first, stack):
             s.kill_all()
-        if demo_domains(libvirt_conn):
-            subprocess.run([sys.executable, "-m", "worker.demo", "down"], cwd=ROOT, check=False,
-                           timeout=120)
+        # Whatever happened, no demo guest outlives the test (a connection of its own).
+        subprocess.run([sys.executable, "-m", "worker.demo", "down"], cwd=ROOT, check=False,
+                       timeout=120, capture_output=True)
+        conn.close()
