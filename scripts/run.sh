@@ -4,9 +4,10 @@
 # Without DORMANT_LIBVIRT_URI it is a demo: tiny real guests named dormant-demo-* on the local
 # libvirtd (qemu:///system; worker/demo.py), created now and removed at exit, and reclamation on
 # a compressed timescale (a sample every 10 s, a 3-minute window, a run every 4 minutes) so the
-# idle guests are suspended within about five minutes. Where libvirtd cannot run, the same
-# names on libvirt's in-process test driver (test:///default; no CPU stats, so nothing is idle).
-# With DORMANT_LIBVIRT_URI set it drives that hypervisor with your settings and no demo fleet.
+# idle guests are suspended within about five minutes. Where libvirtd cannot run (or with
+# DORMANT_LIBVIRT_URI=test:///default) the same names on libvirt's in-process test driver (no
+# CPU stats, so nothing is idle). With any other DORMANT_LIBVIRT_URI it drives that hypervisor
+# with your settings and no demo fleet.
 # Every DORMANT_* variable is a setting (worker/settings.py); FLOWER_PORT and
 # FLOWER_BASIC_AUTH are Flower's.
 set -euo pipefail
@@ -21,7 +22,9 @@ PY=.venv/bin/python
 CELERY=.venv/bin/celery
 say() { printf '\033[1m[run]\033[0m %s\n' "$*"; }
 
-if [[ -n ${DORMANT_LIBVIRT_URI:-} ]]; then
+if [[ ${DORMANT_LIBVIRT_URI:-} == test:///default ]]; then
+  mode=fake  # the fallback, chosen explicitly
+elif [[ -n ${DORMANT_LIBVIRT_URI:-} ]]; then
   mode=yours
 elif ((services_ok)) && timeout 20 virsh -c qemu:///system uri >/dev/null 2>&1; then
   mode=real
@@ -105,7 +108,7 @@ pids+=($!)
 pids+=($!)
 
 # The banner comes once the worker answers, so its own start-up output does not bury it.
-"${orphan_guard[@]}" $PY - "$node" <<'PY' 9>&- || say "the worker has not answered yet; its log above says why"
+"${orphan_guard[@]}" timeout 90 $PY - "$node" <<'PY' 9>&- || say "the worker has not answered yet; its log above says why"
 import sys, time
 from tasks.celery_app import app
 deadline = time.monotonic() + 60
@@ -116,8 +119,9 @@ PY
 broker=$($PY -c 'from worker.logs import redact_url; from worker.settings import get; print(redact_url(get().broker_url))' 2>/dev/null || echo "(see DORMANT_BROKER_URL)")
 case $mode in
   real) what="a demo fleet of tiny real guests on this host's libvirtd ($DORMANT_LIBVIRT_URI)" ;;
-  fake) what="libvirt's test driver ($DORMANT_LIBVIRT_URI): libvirtd could not run here, so the
-           demo fleet is simulated; its guests report no CPU time and are never found idle" ;;
+  fake) what="libvirt's in-process test driver ($DORMANT_LIBVIRT_URI), the fallback where libvirtd
+              cannot run: the demo fleet is simulated, transitions work, but its guests report
+              no CPU time, so reclamation never finds them idle" ;;
   *) what="the hypervisor at $DORMANT_LIBVIRT_URI (your settings; no demo fleet)" ;;
 esac
 cat <<MSG

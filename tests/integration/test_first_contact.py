@@ -237,3 +237,29 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
         subprocess.run([sys.executable, "-m", "worker.demo", "down"], cwd=ROOT, check=False,
                        timeout=120, capture_output=True)
         conn.close()
+
+
+@pytest.mark.slow
+def test_make_run_falls_back_to_the_test_driver_where_the_snippet_still_works(
+        redis_clean, tmp_path):  # type: ignore[no-untyped-def]
+    """The fallback for machines where libvirtd cannot run: same names, banner says so."""
+    env = test_env(redis_clean, unique("fallback-"), DORMANT_LIBVIRT_URI="test:///default",
+                   FLOWER_PORT=str(free_port()), FLOWER_BASIC_AUTH=FLOWER_AUTH)
+    snippet = readme_first_python_snippet().replace("127.0.0.1:6379",
+                                                    f"127.0.0.1:{redis_clean.port}")
+    stack = Stack(env, tmp_path / "run.log")
+    try:
+        stack.start()
+        ran = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert ran.returncode == 0, f"{ran.stderr}\n{stack.log()}"
+        assert "'outcome': 'changed'" in ran.stdout
+        assert f"'instance': '{demo.demo_uuid('dormant-demo-web')}'" in ran.stdout
+        banner = wait_until(lambda: "Ctrl-C stops" in stack.log() and stack.log(), timeout=90,
+                            message="banner printed")
+        assert "test driver (test:///default), the fallback where libvirtd" in banner
+        assert "a reclamation run every 240 s" in banner
+        stack.signal(signal.SIGTERM)
+        wait_until(stack.group_gone, timeout=30, message="worker, beat and Flower stopped")
+    finally:
+        stack.kill_all()
