@@ -19,12 +19,12 @@ from celery.result import AsyncResult
 
 from worker import contract, keys, registry, runs, validation
 from worker import settings as settings_mod
-from worker.contract import quote
 from worker.errors import DormantError, InvalidInput, TaskFailed, UnknownInstance, WorkerTimeout
 from worker.registry import TTL_INTERVALS
 from worker.settings import CONTROL_QUEUE, Settings, celery_tls, queue_for_host
 from worker.state_redis import connect
 from worker.store import Store
+from worker.validation import quote
 
 # Fail fast when the broker is down: a caller (or the CLI) wants "unavailable" in about a
 # second, not after Celery's default publish retries and connection timeouts.

@@ -15,17 +15,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from worker import runs, validation
 from worker.errors import InvalidInput
-
-QUOTE_MAX = 80  # characters of a caller's value quoted back in an error message
-
-
-def quote(value: Any, limit: int = QUOTE_MAX) -> str:
-    """``repr(value)``, cut to ``limit`` characters so a huge argument is never echoed."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]}... ({len(text)} characters)"
+from worker.validation import quote
 
 
 @dataclass(frozen=True)
@@ -95,8 +87,6 @@ def _flag(name: str) -> Callable[[Any], bool]:
 
 
 def _instances(value: Any) -> list[str] | None:
-    from worker import validation
-
     if value is None:
         return None
     if not isinstance(value, list | tuple) or not value:
@@ -106,20 +96,14 @@ def _instances(value: Any) -> list[str] | None:
 
 
 def _optional_instance(value: Any) -> str | None:
-    from worker import validation
-
     return None if value is None else validation.instance(value)
 
 
 def _run_id(value: Any) -> str | None:
-    from worker import runs
-
     return None if value is None else runs.run_id(value)
 
 
 def _required_run_id(value: Any) -> str:
-    from worker import runs
-
     return runs.run_id(value)
 
 

@@ -11,10 +11,10 @@ import re
 import uuid
 from typing import Any
 
-from worker.contract import quote
 from worker.errors import InvalidInput
 from worker.states import Target
 
+QUOTE_MAX = 80  # characters of a caller's value quoted back in an error message
 MAX_REQUEST_ID = 128
 MAX_PAUSE_SECONDS = 7 * 86400
 # libvirt allows almost anything in a name; dormant accepts the portable subset so a name can
@@ -22,6 +22,14 @@ MAX_PAUSE_SECONDS = 7 * 86400
 # Used with fullmatch: ``$`` would also accept a trailing newline.
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+:@-]{0,127}")
 _REQUEST_ID = re.compile(rf"[A-Za-z0-9_.:@/+=-]{{1,{MAX_REQUEST_ID}}}")
+
+
+def quote(value: Any, limit: int = QUOTE_MAX) -> str:
+    """``repr(value)``, cut to ``limit`` characters so a huge argument is never echoed."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
 
 
 def is_uuid(value: str) -> bool:
