@@ -69,9 +69,8 @@ def request_id(value: Any, name: str = "request_id") -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not _REQUEST_ID.fullmatch(value):
-        got = f" ({len(value)} characters)" if isinstance(value, str) else ""
         raise InvalidInput(
-            f"malformed {name} {quote(value)}{got}: at most {MAX_REQUEST_ID} characters "
+            f"malformed {name} {quote(value)}: at most {MAX_REQUEST_ID} characters "
             "(at least 1) of letters, digits and ._:@/+=-"
         )
     return value
