@@ -228,7 +228,8 @@ def test_every_command_has_the_same_exit_codes(start_worker, guests, dormant_env
 
     # Nothing was queued for a host no worker serves, and unknown instances got no journal.
     assert not broker.exists("dormant.nosuchhost")
-    assert set(state.keys("dormant:journal:*")) == {f"dormant:journal:{saved.uuid}"}
+    # (Real guests may have journals: their refusals, libvirt's lifecycle events.)
+    assert not state.exists(f"dormant:journal:{ghost}", "dormant:journal:nosuch-guest")
     assert not state.exists("dormant:reclaim:exempt")
     assert guest.domain.state()[0] == libvirt.VIR_DOMAIN_RUNNING
 
