@@ -122,6 +122,11 @@ class Suite:
         finally:
             app.close()
 
+    def new_guest(self, kind: str = "idle") -> TestGuest:
+        """A tiny guest; the connection is revived first (others restart libvirtd too)."""
+        revive(self.conn)
+        return self.guests.create(kind)
+
     def state_of(self, guest: TestGuest) -> str:
         """The guest's real state through a fresh handle (libvirtd may have restarted)."""
         return real_state(self.conn.lookupByUUIDString(guest.uuid))
@@ -178,7 +183,7 @@ def kill_threads_worker(suite: Suite, rounds: int) -> Row:
     app = suite.client()
     after_up, after_kill, good = [], [], 0
     for _ in range(rounds):
-        guest = suite.guests.create("idle")
+        guest = suite.new_guest("idle")
         rid = unique("kill-")
         sent = app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},
                              queue=f"dormant.{host}")
@@ -207,7 +212,7 @@ def kill_prefork_child(suite: Suite, rounds: int) -> Row:
     app = suite.client()
     after_kill, good = [], 0
     for _ in range(rounds):
-        guest = suite.guests.create("idle")
+        guest = suite.new_guest("idle")
         rid = unique("kill-")
         wait_until(lambda: worker.children(), timeout=30)
         [child] = worker.children()
@@ -230,7 +235,7 @@ def redis_kill(suite: Suite, count: int) -> Row:
     """kill -9 of Redis (AOF) half-way through a run of transitions; restarted 2 s later."""
     host = unique("faults-rk-")
     suite.worker(host, concurrency=8)
-    fleet = [suite.guests.create("idle") for _ in range(10)]
+    fleet = [suite.new_guest("idle") for _ in range(10)]
     app = suite.client()
     sent: dict[str, str] = {}  # task id -> request id
     started = time.monotonic()
@@ -269,7 +274,7 @@ def libvirtd_kill_bulk(suite: Suite, guests: int) -> Row:
     """SIGKILL libvirtd 1 s into a bulk suspend of 6 guests; start it again 3 s later."""
     host = unique("faults-lk-")
     suite.worker(host, concurrency=8)
-    fleet = [suite.guests.create("idle") for _ in range(guests)]
+    fleet = [suite.new_guest("idle") for _ in range(guests)]
     app = suite.client()
     ids = [app.send_task("dormant.suspend", args=[g.uuid], queue=f"dormant.{host}").id
            for g in fleet]
@@ -310,7 +315,7 @@ def stuck_domain(suite: Suite) -> Row:
     host = unique("faults-sd-")
     queue = f"dormant.{host}"
     suite.worker(host, concurrency=4)
-    stuck, a, b = (suite.guests.create("idle") for _ in range(3))
+    stuck, a, b = (suite.new_guest("idle") for _ in range(3))
     app = suite.client()
     try:  # warm-up; a client pool may still hold a connection from before a Redis restart
         _pause_unpause_latency(app, a, b, queue)
@@ -369,7 +374,7 @@ def libvirtd_sigstop(suite: Suite, seconds: float = 20) -> Row:
     host = unique("faults-ls-")
     port = free_port()
     suite.worker(host, concurrency=4, env={"DORMANT_METRICS_PORT": str(port)})
-    fleet = [suite.guests.create("idle") for _ in range(4)]
+    fleet = [suite.new_guest("idle") for _ in range(4)]
     app = suite.client()
     healthy_before = _health(suite, host)
     with libvirtd_lock():
@@ -405,7 +410,7 @@ def duplicate_sends(suite: Suite, count: int) -> Row:
     """The same request id sent many times: one save, one journal entry, the rest duplicates."""
     host = unique("faults-dup-")
     suite.worker(host, concurrency=8)
-    guest = suite.guests.create("idle")
+    guest = suite.new_guest("idle")
     app = suite.client()
     rid = unique("dup-")
     ids = [app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},
@@ -449,7 +454,7 @@ def fuzzed_calls(suite: Suite, count: int) -> Row:
     """Malformed calls by name: every one refused with a typed error, nothing changes."""
     host = unique("faults-fz-")
     suite.worker(host, concurrency=8)
-    guest = suite.guests.create("idle")
+    guest = suite.new_guest("idle")
     before = suite.state_of(guest)
     app = suite.client()
     rng = random.Random(9)
@@ -477,7 +482,7 @@ def pickled_message(suite: Suite) -> Row:
     """A pickle-serialised message is refused before any code runs."""
     host = unique("faults-pk-")
     worker = suite.worker(host, concurrency=2)
-    guest = suite.guests.create("idle")
+    guest = suite.new_guest("idle")
     evil = Celery("evil", broker=suite.redis.url(0), backend=suite.redis.url(1))
     evil.conf.update(task_serializer="pickle", accept_content=["pickle", "json"],
                      broker_connection_retry_on_startup=True)
@@ -499,7 +504,7 @@ def call_overhead(suite: Suite, calls: int) -> Row:
     """What the deadline costs per libvirt call: direct ``state()`` vs through its thread."""
     from worker.hypervisor import Hypervisor
 
-    guest = suite.guests.create("idle")
+    guest = suite.new_guest("idle")
     hv = Hypervisor(URI)
     handle = hv.guest(guest.uuid)
     direct_dom = suite.conn.lookupByUUIDString(guest.uuid)
@@ -547,12 +552,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in opts.only or list(SCENARIOS):
             print(f"-- {name} ...", file=sys.stderr, flush=True)
-            try:
-                revive(suite.conn)  # another libvirtd user may have restarted it
-                row = SCENARIOS[name](suite, opts.quick)
-            except Exception as exc:  # one broken scenario still reports the others
-                suite.stop_workers()
-                row = Row(name, 0, False, f"error: {type(exc).__name__}: {exc}")
+            row = None
+            for attempt in (1, 2):  # libvirtd is shared: someone may restart it meanwhile
+                try:
+                    revive(suite.conn)
+                    row = SCENARIOS[name](suite, opts.quick)
+                    break
+                except Exception as exc:  # one broken scenario still reports the others
+                    suite.stop_workers()
+                    row = Row(name, 0, False, f"error: {type(exc).__name__}: {exc}")
+                    if not isinstance(exc, libvirt.libvirtError) or attempt == 2:
+                        break
+                    print(f"   libvirt connection lost ({exc}); once more", file=sys.stderr)
+            assert row is not None
             print(f"   {'ok' if row.ok else 'FAILED'}: {row.figures}", file=sys.stderr,
                   flush=True)
             rows.append(row)
