@@ -152,8 +152,7 @@ def _keep_running_messages_on_reconnect() -> None:
 @worker_init.connect
 def _on_worker_init(sender: object = None, **_: object) -> None:
     """Before consuming: announce this host's worker, restore a dead incarnation's messages."""
-    from worker import recovery
-    from worker import store as store_mod
+    from worker import recovery, state_redis
 
     _keep_running_messages_on_reconnect()
     s = settings_mod.get()
@@ -162,7 +161,7 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
         return  # not serving a host (e.g. a control-only worker): nothing of a host to restore
     try:
         presence, _restored = recovery.recover(
-            app, store_mod.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
+            app, state_redis.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
             queue=s.host_queue, node=str(getattr(sender, "hostname", "") or s.host),
             ttl=s.host_claim_ttl)
     except Exception as exc:  # Redis down at start: the visibility timeout still applies

@@ -36,6 +36,11 @@ from typing import Any
 import redis
 
 from worker import keys
+from worker.errors import StateStoreUnavailable
+
+# A plain redis-py client raises RedisError; the state store's boundary client raises
+# StateStoreUnavailable (worker/state_redis.py). Presence survives both.
+_OUTAGES = (redis.RedisError, StateStoreUnavailable)
 
 log = logging.getLogger("dormant.recovery")
 
@@ -69,7 +74,7 @@ class Presence:
             while not self._stop.wait(self.ttl / 3):
                 try:
                     self.announce()
-                except redis.RedisError as exc:
+                except _OUTAGES as exc:
                     log.warning("could not renew presence of %s: %s", self.node, exc)
 
         self._thread = threading.Thread(target=renew, name="dormant-presence", daemon=True)
@@ -79,7 +84,7 @@ class Presence:
         self._stop.set()
         try:
             self.client.zrem(self.key, self.node)
-        except redis.RedisError as exc:  # it lapses by itself
+        except _OUTAGES as exc:  # it lapses by itself
             log.warning("could not remove presence of %s: %s", self.node, exc)
 
 
