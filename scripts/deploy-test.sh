@@ -110,6 +110,8 @@ done
 # restart or stop libvirtd take the same lock). Nothing started from here may inherit fd 9.
 exec 9>/tmp/dormant-libvirtd.lock
 flock -w 900 9 || die "another test has held /tmp/dormant-libvirtd.lock for 15 minutes"
+for _ in $(seq 120); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.5; done
+virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd does not answer on qemu:///system"
 getent group libvirt >/dev/null || { groupadd --system libvirt; created+=(group:libvirt); }
 export LIBVIRT_GID LIBVIRT_SOCKET=/var/run/libvirt/libvirt-sock
 LIBVIRT_GID=$(stat -c %g "$LIBVIRT_SOCKET")
