@@ -66,9 +66,6 @@ _BUSY_CODES = {
 }
 _MISSING_CODES = {libvirt.VIR_ERR_NO_DOMAIN}
 _GUEST_CACHE_SIZE = 4096  # domain handles kept per thread connection (Hypervisor.observe)
-# Paused reasons a finished job leaves behind (restore or snapshot revert with START_PAUSED).
-_SETTLED_JOB_REASONS = {libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
-                        libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT}
 _INVALID_CODES = {libvirt.VIR_ERR_OPERATION_INVALID}
 
 
@@ -210,14 +207,11 @@ class Guest:
         has_image = False
         if state == libvirt.VIR_DOMAIN_SHUTOFF:
             has_image = bool(self._call("check saved image of", self._domain.hasManagedSaveImage))
-        if (state == libvirt.VIR_DOMAIN_PAUSED and reason in _SETTLED_JOB_REASONS
-                and not self._job_running()):
-            # A managed-save image restored with START_PAUSED stays "paused (migration)" for
-            # good once the restore finished: a pause asked for, not a job still moving it.
-            return Observed(State.PAUSED, "user")
-        return states.from_libvirt(state, reason, has_image)
+        job = self.job_running() if states.needs_job_check(state, reason) else True
+        return states.from_libvirt(state, reason, has_image, job_running=job)
 
-    def _job_running(self) -> bool:
+    def job_running(self) -> bool:
+        """Whether a libvirt job (save, restore, migration...) is moving this guest now."""
         try:
             info = self._call("read job of", self._domain.jobInfo)
         except HypervisorRefused:  # a driver without job info (test driver): nothing runs
@@ -501,13 +495,13 @@ class Hypervisor:
                 except UnknownInstance:  # undefined since the stats call: gone, not an error
                     continue
             reason = record.get("state.reason", 0)
-            if state == libvirt.VIR_DOMAIN_PAUSED and reason in _SETTLED_JOB_REASONS:
-                try:  # a finished paused restore, or a job still running: Guest tells them apart
-                    observed = Guest(domain, self, line).observe()
+            job = True
+            if states.needs_job_check(state, reason):
+                try:  # a finished paused restore, or a job still running
+                    job = Guest(domain, self, line).job_running()
                 except UnknownInstance:
                     continue
-            else:
-                observed = states.from_libvirt(state, reason, has_image)
+            observed = states.from_libvirt(state, reason, has_image, job_running=job)
             yield DomainStats(
                 uuid=domain.UUIDString(),
                 name=domain.name(),

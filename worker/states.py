@@ -56,6 +56,17 @@ _PAUSED_REASONS = {
 }
 
 
+# Of those, the reasons a *finished* job leaves behind: a managed-save image restored with
+# START_PAUSED (or a snapshot reverted paused) stays "paused (migration|from_snapshot)" for
+# good once the job is over. Only whether a job still runs tells the two apart.
+_SETTLED_BY_JOB = {2, 7}
+
+
+def needs_job_check(state: int, reason: int) -> bool:
+    """Whether :func:`from_libvirt` needs to know if a libvirt job still runs on the domain."""
+    return state == _PAUSED and reason in _SETTLED_BY_JOB
+
+
 @dataclass(frozen=True)
 class Observed:
     """A state read from libvirt, with the reason for pauses (``user``, ``ioerror``, ...)."""
@@ -71,14 +82,21 @@ class Observed:
         return self.state is State.PAUSED and self.reason == "user"
 
 
-def from_libvirt(state: int, reason: int, has_managed_save: bool) -> Observed:
-    """Translate ``virDomainGetState`` plus ``hasManagedSaveImage`` into an :class:`Observed`."""
+def from_libvirt(state: int, reason: int, has_managed_save: bool, *,
+                 job_running: bool = True) -> Observed:
+    """Translate ``virDomainGetState`` plus ``hasManagedSaveImage`` into an :class:`Observed`.
+
+    ``job_running`` matters only where :func:`needs_job_check` says so: a pause a finished
+    job left behind is a pause asked for (``paused(user)``), not a job still moving the guest.
+    """
     if state in (_RUNNING, _BLOCKED):
         return Observed(State.RUNNING)
     if state == _SHUTDOWN:
         # Shutting down is still running as far as pause/suspend are concerned.
         return Observed(State.RUNNING, "shutting_down")
     if state == _PAUSED:
+        if needs_job_check(state, reason) and not job_running:
+            return Observed(State.PAUSED, "user")
         if reason in _PAUSED_BY_JOB:
             return Observed(State.BUSY, _PAUSED_BY_JOB[reason])
         return Observed(State.PAUSED, _PAUSED_REASONS.get(reason, f"reason_{reason}"))

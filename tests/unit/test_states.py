@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from worker.states import Observed, State, from_libvirt
+from worker.states import Observed, State, from_libvirt, needs_job_check
 
 
 @pytest.mark.parametrize(
@@ -88,3 +88,21 @@ def test_only_a_user_pause_counts_as_user_paused() -> None:
 def test_observed_prints_reason_only_when_present() -> None:
     assert str(Observed(State.PAUSED, "ioerror")) == "paused(ioerror)"
     assert str(Observed(State.SUSPENDED)) == "suspended"
+
+
+@pytest.mark.parametrize("reason", [libvirt.VIR_DOMAIN_PAUSED_MIGRATION,
+                                    libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT])
+def test_a_pause_a_finished_job_left_behind_is_a_user_pause(reason: int) -> None:
+    """A START_PAUSED restore (or a paused snapshot revert) keeps its job's reason for good:
+    only whether a job still runs says busy or paused."""
+    assert needs_job_check(PAUSED, reason)
+    assert from_libvirt(PAUSED, reason, False, job_running=False) == Observed(State.PAUSED,
+                                                                               "user")
+    assert from_libvirt(PAUSED, reason, False, job_running=True).state is State.BUSY
+
+
+def test_other_states_need_no_job_check() -> None:
+    assert not needs_job_check(PAUSED, libvirt.VIR_DOMAIN_PAUSED_SAVE)  # a save never settles
+    assert not needs_job_check(libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED_MIGRATION)
+    assert from_libvirt(PAUSED, libvirt.VIR_DOMAIN_PAUSED_SAVE, False,
+                        job_running=False).state is State.BUSY
