@@ -24,6 +24,7 @@ from worker.client import Client
 from worker.errors import (
     ConfigurationError,
     HypervisorUnavailable,
+    InvalidInput,
     InvalidTransition,
     UnknownInstance,
 )
@@ -443,3 +444,22 @@ def test_history_command_reads_the_real_journal(routed, store, monkeypatch) -> N
     run = invoke("history", domain.name(), "--json")
     assert run.exit_code == 0
     assert json.loads(run.stdout)[0]["action"] == "suspend"
+
+
+def test_client_refuses_a_host_no_live_worker_serves_before_sending(routed) -> None:  # type: ignore[no-untyped-def]
+    client, app, domain = routed
+    with pytest.raises(InvalidInput, match=r"unknown host 'nosuchhost'.*live hosts: h1"):
+        client.drain("nosuchhost", run_id="drain:nosuchhost:1")
+    with pytest.raises(InvalidInput, match="unknown host"):
+        client.sample("h2")
+    with pytest.raises(UnknownInstance, match="no worker has published it"):
+        client.drain("h1", run_id="drain:h1:1", instances=["nosuch"])
+    with pytest.raises(UnknownInstance):
+        client.published(UUID)  # a well-formed UUID no worker has published
+    with pytest.raises(InvalidInput, match="unknown run id"):
+        client.restore("no:such", restore_id="restore:1")
+    assert app.sent == []
+    client.drain("h1", run_id="drain:h1:2", instances=[domain.name()])
+    assert app.sent == [{"name": "dormant.drain", "args": None, "queue": "dormant.h1",
+                         "kwargs": {"run_id": "drain:h1:2",
+                                    "instances": [domain.UUIDString()]}}]
