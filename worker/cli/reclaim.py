@@ -59,20 +59,34 @@ def _when(epoch: Any) -> str:
     return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+CLOSING_GRACE = 5.0  # seconds to let the last action's worker close the run's status
+
+
 def _finished(report: dict[str, Any] | None) -> bool:
     return bool(report) and (report["status"] in FINISHED or report["done"] >= report["todo"])
 
 
+def _closed(report: dict[str, Any] | None) -> bool:
+    return bool(report) and report["status"] in FINISHED
+
+
 def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | None = None,
             task: Any = None) -> dict[str, Any]:
-    """Poll the run's report until it is finished; exit 3 at the deadline."""
+    """Poll the run's report until it is finished; exit 3 at the deadline.
+
+    Every action recorded is not yet the run closed: its status and counts follow a moment
+    later, so wait up to CLOSING_GRACE for them (a worker that died in between leaves the
+    status open; the report is printed as it is then)."""
+    all_recorded: float | None = None
     while True:
         report = runs.load(client.state, rid)
         if progress is not None and report is not None:
             progress.update(task, total=max(report["todo"], 1), completed=report["done"])
         if _finished(report):
             assert report is not None
-            return report
+            all_recorded = time.monotonic() if all_recorded is None else all_recorded
+            if _closed(report) or time.monotonic() - all_recorded >= CLOSING_GRACE:
+                return report
         if time.monotonic() >= deadline:
             fail(f"run {rid} is still going; see `dormant reclaim report {rid}`",
                  EXIT_UNAVAILABLE, "WorkerTimeout")
@@ -132,7 +146,7 @@ def reclaim(ctx: click.Context, dry_run: bool, hosts: tuple[str, ...], timeout: 
             planned = _wait_task(client, result, max(deadline - time.monotonic(), 1),
                                  f"the reclamation of {host}")
             report = planned.get("report") or planned
-            if not _finished(report):
+            if not _closed(report):
                 report = _follow(client, planned["run_id"], deadline=deadline)
             reports.append(report)
     _show(reports, as_json)
