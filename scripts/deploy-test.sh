@@ -106,12 +106,19 @@ for image in dormant:latest dormant-redis:latest debian:bookworm-slim; do
 done
 
 # The libvirt socket the worker mounts, and the group it joins (see the header). On a shared
-# machine libvirtd is everyone's: hold its lock while the stack depends on it (tests that
-# restart or stop libvirtd take the same lock). Nothing started from here may inherit fd 9.
+# machine libvirtd is everyone's: hold its lock while the stack depends on it, shared, as
+# every test that uses libvirtd does, or exclusive to restart it (reconfigure). Nothing
+# started from here may inherit fd 9.
+libvirtd_lock() {  # -s | -x
+  if ! flock -n "$1" 9; then
+    say "waiting for /tmp/dormant-libvirtd.lock ($([[ $1 == -s ]] && echo "a test restarting libvirtd" || echo "tests using libvirtd") holds it)"
+    flock -w 1800 "$1" 9 || die "waited 30 minutes for /tmp/dormant-libvirtd.lock"
+  fi
+  for _ in $(seq 120); do virsh -c qemu:///system version >/dev/null 2>&1 && return 0; sleep 0.5; done
+  die "libvirtd does not answer on qemu:///system"
+}
 exec 9>/tmp/dormant-libvirtd.lock
-flock -w 900 9 || die "another test has held /tmp/dormant-libvirtd.lock for 15 minutes"
-for _ in $(seq 120); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.5; done
-virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd does not answer on qemu:///system"
+libvirtd_lock -s
 getent group libvirt >/dev/null || { groupadd --system libvirt; created+=(group:libvirt); }
 export LIBVIRT_GID LIBVIRT_SOCKET=/var/run/libvirt/libvirt-sock
 LIBVIRT_GID=$(stat -c %g "$LIBVIRT_SOCKET")
@@ -140,6 +147,7 @@ case $mode in
     { cat /etc/libvirt/libvirtd.conf 2>/dev/null || true
       printf '%s\n' 'unix_sock_group = "libvirt"' 'unix_sock_rw_perms = "0770"' 'auth_unix_rw = "none"'
     } >"$work/libvirtd.conf"
+    libvirtd_lock -x
     reconfigured=1
     restart_libvirtd -f "$work/libvirtd.conf"
     LIBVIRT_GID=$(getent group libvirt | cut -d: -f3)

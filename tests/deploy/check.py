@@ -5,7 +5,8 @@ scripts/deploy-test.sh installs and starts Docker, builds the images and sets th
 stack up under its own project name with a worker for this host and checks, each step failing
 when its property is broken: every health check turns healthy; the worker runs non-root;
 exactly one beat; Flower answers 401 without credentials and 200 with them; Redis refuses a
-caller without the password; a caller with only Celery and the password pauses, unpauses,
+caller without the password; a caller in a process of its own with only Celery and the
+password (tests/deploy/client.py; it fails if dormant was imported) pauses, unpauses,
 suspends and resumes a real KVM guest of this host; transitions queued before Redis is
 SIGKILLed complete afterwards (append-only file); ``docker stop`` of the worker during a
 managed save lets the save finish and the guest is saved exactly once; no container log holds
@@ -162,8 +163,26 @@ def expect_state(guest: TestGuest, wanted: tuple[Any, ...], what: str) -> None:
     expect(actual[:len(wanted)] == wanted, f"{guest.name} after {what}: libvirt says {actual}")
 
 
-def transition(caller: Any, task: str, guest: TestGuest, wanted: tuple[Any, ...]) -> None:
-    result = client.send(caller, task, guest.uuid, QUEUE).get(timeout=120)
+def caller(*args: str, password: str | None = REDIS_PASSWORD) -> tuple[int, Any, str]:
+    """tests/deploy/client.py in a process of its own: Celery and the password, no dormant."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+    if password is not None:
+        env["REDIS_PASSWORD"] = password
+    done = subprocess.run([sys.executable, "-I", client.__file__,
+                           "--port", os.environ["REDIS_PORT"], *args],
+                          env=env, capture_output=True, text=True, timeout=300)
+    out = json.loads(done.stdout) if done.returncode == 0 else None
+    return done.returncode, out, done.stderr.strip()
+
+
+def call(*args: str) -> dict[str, Any]:
+    code, out, err = caller(*args)
+    expect(code == 0, f"client {' '.join(args)}: exit {code}: {err}")
+    return out
+
+
+def transition(task: str, guest: TestGuest, wanted: tuple[Any, ...]) -> None:
+    result = call("send", task, guest.uuid, "--queue", QUEUE, "--wait", "120")["result"]
     expect(result["outcome"] == "changed" and result["instance"] == guest.uuid,
            f"{task} {guest.name}: {result}")
     expect_state(guest, wanted, task)
@@ -252,32 +271,25 @@ def main() -> int:
 
         with step("Redis refuses a caller without the password or with a wrong one"):
             for password in (None, "wrong-" + uuid.uuid4().hex):
-                try:
-                    # No result backend: the broker itself must refuse the message.
-                    client.send(client.app(port, password, results=False), "pause", a.uuid,
-                                QUEUE)
-                except Exception as exc:  # kombu's OperationalError wrapping redis's error
-                    text = str(exc).lower()
-                    expect("auth" in text or "wrongpass" in text or "password" in text,
-                           f"refused, but not for authentication: {exc!r}")
-                    print(f"    refused: {exc}")
-                else:
-                    raise CheckFailed(f"Redis accepted a caller with password {password!r}")
+                # No result backend (no --wait): the broker itself must refuse the message.
+                code, _, err = caller("send", "pause", a.uuid, "--queue", QUEUE,
+                                      password=password)
+                expect(code == 1, f"Redis accepted a caller with password {password!r}")
+                expect(any(w in err.lower() for w in ("auth", "wrongpass", "password")),
+                       f"refused, but not for authentication: {err}")
+                print(f"    refused: {err}")
             expect_state(a, RUNNING, "refused pause")
 
-        caller = client.app(port, REDIS_PASSWORD)
         with step("a caller with only Celery: pause, unpause, suspend, resume a KVM guest"):
-            transition(caller, "pause", a, PAUSED)
-            transition(caller, "unpause", a, RUNNING)
-            transition(caller, "suspend", a, SAVED)
-            transition(caller, "resume", a, RUNNING)
+            transition("pause", a, PAUSED)
+            transition("unpause", a, RUNNING)
+            transition("suspend", a, SAVED)
+            transition("resume", a, RUNNING)
 
         with step("transitions queued before Redis is SIGKILLed complete (append-only file)"):
             compose("stop", WORKER)
-            # Sent without waiting on the old connections: their results are read afresh below.
-            sender = client.app(port, REDIS_PASSWORD, results=False)
-            queued = [client.send(sender, "pause", a.uuid, QUEUE),
-                      client.send(sender, "suspend", b.uuid, QUEUE)]
+            queued = [call("send", "pause", a.uuid, "--queue", QUEUE)["task_id"],
+                      call("send", "suspend", b.uuid, "--queue", QUEUE)["task_id"]]
             expect(int(redis_cli("-n", "0", "llen", QUEUE)) >= 2, "transitions not queued")
             # appendfsync everysec: a write is on disk within a second; a crash loses at most
             # that second, so the crash comes after it.
@@ -288,20 +300,19 @@ def main() -> int:
             expect(int(redis_cli("-n", "0", "llen", QUEUE)) >= 2,
                    "the queued transitions did not survive the crash")
             compose("start", WORKER)
-            after = client.app(port, REDIS_PASSWORD)  # fresh connections to the new server
-            results = [after.AsyncResult(r.id).get(timeout=180) for r in queued]
+            results = [call("result", task_id, "--wait", "180")["result"] for task_id in queued]
             expect(all(r["outcome"] == "changed" for r in results), f"results: {results}")
             expect_state(a, PAUSED, "queued pause")
             expect_state(b, SAVED, "queued suspend")
-            caller = after
+            operator = client.app(port, REDIS_PASSWORD)  # the checker's own: pings only
 
         with step("docker stop during a managed save: the save finishes, exactly once"):
-            wait_until(lambda: caller.control.ping(destination=[NODE], timeout=2),
+            wait_until(lambda: operator.control.ping(destination=[NODE], timeout=2),
                        timeout=120, interval=1, message="the worker answering pings")
             worker = container(WORKER)
             grace = int(inspect(worker, "{{.Config.StopTimeout}}") or 10)
             expect(grace >= 60, f"stop grace period {grace}s would cut a save short")
-            pending = client.send(caller, "suspend", c.uuid, QUEUE, request_id="deploy-stop")
+            pending = call("send", "suspend", c.uuid, "--queue", QUEUE)["task_id"]
             wait_until(lambda: c.domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE,
                        timeout=60, interval=0.01, message="the managed save running")
             stopped_at = time.monotonic()
@@ -311,11 +322,11 @@ def main() -> int:
             expect(code == "0", f"worker exited {code} (137 = killed at the grace period)")
             expect(took < grace, f"docker stop took {took:.1f}s of {grace}s")
             expect_state(c, SAVED, "suspend interrupted by docker stop")
-            result = after.AsyncResult(pending.id).get(timeout=10)
+            result = call("result", pending, "--wait", "10")["result"]
             expect(result["outcome"] == "changed", f"suspend result: {result}")
             TIMINGS["docker stop with a save running"] = took
             docker("start", worker)
-            wait_until(lambda: caller.control.ping(destination=[NODE], timeout=2),
+            wait_until(lambda: operator.control.ping(destination=[NODE], timeout=2),
                        timeout=120, interval=1, message="the worker answering pings")
             wait_until(lambda: redis_cli("-n", "0", "llen", QUEUE) == "0"
                        and redis_cli("-n", "0", "hlen", "unacked") == "0",
@@ -346,7 +357,6 @@ def main() -> int:
             compose("down", "-v", "--remove-orphans", "--timeout", "120")
             left = {k: v for k, v in project_objects().items() if v}
             expect(not left, f"left behind: {left}")
-    expect(not {"worker", "tasks"} & set(sys.modules), "the checker imported dormant")
     print("timings:", ", ".join(f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
     return 0
 
