@@ -295,7 +295,7 @@ class Reclaimer:
         request_id = rc.request_id(rid, str(action), str(instance))
         try:
             kept: dict[str, Any] = {}
-            if self.ctx.store.request(request_id) is None:  # not started before: check first
+            if not self.ctx.store.started(request_id):  # not started before: check first
                 check = self.precheck(kind, instance)
                 kept = check.recorded()
                 if not check.go:

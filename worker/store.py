@@ -276,6 +276,13 @@ class Store:
             raw = self.redis.get(keys.request(request_id))
         return json.loads(raw) if raw else None
 
+    def started(self, request_id: str) -> bool:
+        """Whether a request got as far as a libvirt call or a result. The pending record
+        that binds a new id to its fingerprint (written with the lock) does not count."""
+        record = self.request(request_id)
+        return record is not None and (record.get("status") != "pending"
+                                       or "state_before" in record)
+
     def journal_only(self, entry: dict[str, Any], instance: str | None = None) -> None:
         """Journal an entry that has no lock or record (bad input, unknown instance)."""
         body = json.dumps(entry, sort_keys=True)

@@ -145,3 +145,13 @@ def test_an_id_in_flight_is_already_bound(store: Store) -> None:
     assert store.redis.get(keys.lock("u-2")) is None
     store.record_intent(held, "F", {"state_before": "running", "fingerprint": "pause|u-1||"})
     assert isinstance(store.acquire("F", "u-2", wait=0, fingerprint="pause|u-2||"), Reused)
+
+
+def test_a_binding_alone_is_not_a_started_request(store: Store) -> None:
+    """Reclamation re-checks a guest unless its request already reached libvirt."""
+    assert not store.started("S")
+    held = store.acquire("S", "u-1", wait=0, fingerprint="suspend|u-1||")
+    assert isinstance(held, Held)
+    assert store.request("S") is not None and not store.started("S")
+    store.record_intent(held, "S", {"state_before": "running", "fingerprint": "suspend|u-1||"})
+    assert store.started("S")
