@@ -70,3 +70,23 @@ def test_a_refused_connection_is_unavailable_after_redis_py_retries() -> None:
     with pytest.raises(StateStoreUnavailable), client.pipeline() as pipe:
         pipe.get("x")
         pipe.execute()
+
+
+def test_no_module_opens_a_redis_client_of_its_own() -> None:
+    """Every state-store client comes from state_redis.connect, the boundary: no other module
+    of worker/ or tasks/ builds a redis.Redis (Celery's broker and backend are Celery's)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[2]
+    opened = []
+    for path in [*root.glob("worker/**/*.py"), *root.glob("tasks/*.py")]:
+        if path.name == "state_redis.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                called = ast.unparse(node.func)
+                if called.endswith(("Redis", "Redis.from_url", "StrictRedis", "from_url",
+                                    "ConnectionPool")):
+                    opened.append(f"{path.relative_to(root)}:{node.lineno} {called}")
+    assert opened == []
