@@ -9,7 +9,7 @@ the managed-save image) and deletes the disks. scripts/run.sh holds a machine-wi
 both, so two demos never share the names.
 
 Where libvirtd cannot run, the same names and UUIDs are seeded into libvirt's in-process test
-driver instead (``worker.hypervisor._seed_demo_fleet``).
+driver instead (``worker.hypervisor._seed_demo_fleet``, from the data in ``worker.demo_fleet``).
 
     python -m worker.demo up|down [--uri qemu:///system] [--disks DIR]
 """
@@ -18,44 +18,17 @@ from __future__ import annotations
 
 import argparse
 import sys
-import uuid as uuidlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from worker import bootsector
+from worker.demo_fleet import FLEET, PREFIX, DemoGuest
+from worker.demo_fleet import demo_uuid as demo_uuid  # re-exported: the demo's public name
 from worker.errors import DormantError
 from worker.hypervisor import Hypervisor
 
-PREFIX = "dormant-demo-"
-_NAMESPACE = uuidlib.uuid5(uuidlib.NAMESPACE_URL, "https://dormant.dev/demo")
 DEFAULT_URI = "qemu:///system"
 DEFAULT_DISKS = Path("/var/lib/libvirt/images/dormant-demo")
-
-
-def demo_uuid(name: str) -> str:
-    """The same UUID for the same name on every run and every machine."""
-    return str(uuidlib.uuid5(_NAMESPACE, name))
-
-
-@dataclass(frozen=True)
-class DemoGuest:
-    name: str
-    kind: str  # "busy" spins (never reclaimed), "idle" halts (reclaimed)
-    role: str  # what the banner says about it
-
-    @property
-    def uuid(self) -> str:
-        return demo_uuid(self.name)
-
-
-# One busy guest only: it burns a whole core for as long as the demo runs.
-FLEET = (
-    DemoGuest(f"{PREFIX}web", "idle", "idle; the README's first snippet suspends it"),
-    DemoGuest(f"{PREFIX}db", "idle", "idle; reclamation suspends it"),
-    DemoGuest(f"{PREFIX}cache", "idle", "idle; reclamation suspends it"),
-    DemoGuest(f"{PREFIX}batch", "busy", "spins at 100% CPU; reclamation keeps it"),
-)
 
 
 def disk_path(disks: Path, name: str) -> Path:

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import libvirt
 
 from worker import metrics, states
+from worker.demo_fleet import FLEET
 from worker.errors import (
     HypervisorBusy,
     HypervisorRefused,
@@ -118,6 +119,9 @@ def calls_in_flight() -> tuple[int, float]:
     if not starts:
         return 0, 0.0
     return len(starts), time.monotonic() - min(starts)
+
+
+metrics.watch_libvirt_calls(calls_in_flight)
 
 
 def oldest_calls(limit: int = 5) -> list[tuple[str, float]]:
@@ -548,7 +552,7 @@ def connected(uri: str) -> Iterator[Hypervisor]:
 
 def _seed_demo_fleet(conn: libvirt.virConnect) -> None:
     """Give libvirt's in-process test driver ``make run``'s demo fleet (the fallback where
-    libvirtd cannot run): the same names and UUIDs as the real one (worker/demo.py).
+    libvirtd cannot run): the same names and UUIDs as the real one (worker/demo_fleet.py).
 
     ``test:///default`` is the embedded default hypervisor; it starts with one domain and is
     private to this process, so defining a demo fleet here touches nothing real. Its guests
@@ -556,8 +560,6 @@ def _seed_demo_fleet(conn: libvirt.virConnect) -> None:
     """
     if conn.getURI() != "test:///default":
         return
-    from worker.demo import FLEET  # worker.demo builds on this module
-
     existing = set(conn.listDefinedDomains()) | {d.name() for d in conn.listAllDomains()}
     for guest in FLEET:
         if guest.name in existing:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
@@ -71,19 +71,20 @@ LIBVIRT_ABANDONED = Counter(
 )
 
 
-def _libvirt_calls() -> tuple[int, float]:
-    from worker.hypervisor import calls_in_flight  # read at scrape time, never on the hot path
-
-    return calls_in_flight()
-
-
-Gauge(
+LIBVIRT_IN_FLIGHT = Gauge(
     "dormant_libvirt_calls_in_flight", "libvirt calls this process is waiting for now",
-).set_function(lambda: _libvirt_calls()[0])
-Gauge(
+)
+LIBVIRT_OLDEST_CALL = Gauge(
     "dormant_libvirt_oldest_call_seconds",
     "Age of the oldest libvirt call in flight (0 when none): a hung libvirtd makes it grow",
-).set_function(lambda: _libvirt_calls()[1])
+)
+
+
+def watch_libvirt_calls(read: Callable[[], tuple[int, float]]) -> None:
+    """Report ``read()`` -- (calls in flight, age of the oldest) -- at scrape time, never on
+    the hot path. worker/hypervisor.py hands in its counter, so metrics need not import it."""
+    LIBVIRT_IN_FLIGHT.set_function(lambda: read()[0])
+    LIBVIRT_OLDEST_CALL.set_function(lambda: read()[1])
 
 # Outcomes whose duration means something (a duplicate or a rejection did no work).
 _TIMED_OUTCOMES = frozenset({"changed", "already", "failed"})
