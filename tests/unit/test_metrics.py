@@ -81,3 +81,15 @@ def test_timed_outcomes(outcome):
     count = value("dormant_transition_seconds_count", action="ensure")
     metrics.transition_finished("ensure", outcome, 0.3)
     assert value("dormant_transition_seconds_count", action="ensure") == count + 1
+
+
+def test_libvirt_calls_in_flight_are_read_from_the_hypervisor_at_scrape_time() -> None:
+    import worker.hypervisor as hv
+
+    assert REGISTRY.get_sample_value("dormant_libvirt_calls_in_flight") == hv.calls_in_flight()[0]
+    hv._inflight[-1] = ("a test call", 0.0)  # started at the monotonic clock's origin
+    try:
+        assert REGISTRY.get_sample_value("dormant_libvirt_calls_in_flight") >= 1
+        assert REGISTRY.get_sample_value("dormant_libvirt_oldest_call_seconds") > 0
+    finally:
+        del hv._inflight[-1]
