@@ -12,8 +12,10 @@ setup:  ## install Debian packages and .venv, start redis-server and libvirtd
 deploy-test:  ## build the images, run docker-compose.yml for real against this host's libvirtd, check it
 	scripts/deploy-test.sh
 
-lint:
+lint:   ## ruff and mypy (configured in pyproject.toml), as CI runs them
+	scripts/setup.sh --no-services
 	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 bench:  ## the benchmarks (see bench/README.md); record results in bench/RESULTS.md
 	scripts/setup.sh

@@ -69,7 +69,7 @@ def build(client, hosts: int, instances: int, now: float, seed: int):  # type: i
     kinds = ["idle"] * 5 + ["busy"] * 3 + ["reset", "gappy"]
     fleet: dict[str, list[str]] = {f"host{h:04d}": [] for h in range(hosts)}
     names = list(fleet)
-    truth = Counter()
+    truth: Counter[str] = Counter()
     for i in range(instances):
         host = names[i % hosts]
         u = str(uuid.UUID(int=rng.getrandbits(128), version=4))

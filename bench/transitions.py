@@ -139,7 +139,7 @@ class Client:
         return values
 
     @staticmethod
-    def _take(pending: dict[str, int], values: list[Any], key: str, raw: str | None) -> None:
+    def _take(pending: dict[str, int], values: list[Any], key: str, raw: Any) -> None:
         if key not in pending or not raw:
             return
         meta = json.loads(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
 from celery.schedules import crontab
@@ -19,6 +20,9 @@ from celery.signals import (
 from tasks.timers import expire_deadlines_in_background, refresh_registry_in_background
 from worker import contract, logs, metrics
 from worker import settings as settings_mod
+
+if TYPE_CHECKING:
+    from worker.events import Watcher
 
 app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping", "tasks.reclaim"])
 app.config_from_object("celeryconfig")
@@ -53,7 +57,7 @@ class RegistryStep(bootsteps.StartStopStep):
     timer and, with prefork, the event loop must not wait even that long).
     """
 
-    requires = {"celery.worker.components:Timer"}
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, parent: object, **kwargs: object) -> None:
         super().__init__(parent, **kwargs)
@@ -73,7 +77,7 @@ class DeadlineStep(bootsteps.StartStopStep):
     """On workers that consume ``dormant.control``: every ``DORMANT_DEADLINE_CHECK_INTERVAL``
     seconds, send the unpause of each due auto-unpause deadline (claimed by one worker only)."""
 
-    requires = {"celery.worker.components:Timer"}
+    requires = ("celery.worker.components:Timer",)
 
     def __init__(self, parent: object, **kwargs: object) -> None:
         super().__init__(parent, **kwargs)
@@ -107,7 +111,7 @@ class EventsStep(bootsteps.StartStopStep):
 
     def __init__(self, parent: object, **kwargs: object) -> None:
         super().__init__(parent, **kwargs)
-        self.watcher = None
+        self.watcher: Watcher | None = None
 
     def start(self, parent: object) -> None:
         from tasks.context import context
@@ -117,7 +121,7 @@ class EventsStep(bootsteps.StartStopStep):
         if not s.events:
             return
         # An in-process test:/// hypervisor cannot share its events with another process.
-        pump = [] if s.libvirt_uri.startswith("test:///") else None
+        pump: list[Any] | None = [] if s.libvirt_uri.startswith("test:///") else None
         self.watcher = Watcher(context(), reconcile_interval=s.reconcile_interval,
                                registry_interval=s.registry_interval, pump=pump)
         self.watcher.start()
@@ -174,7 +178,7 @@ class ReconnectRecoveryStep(bootsteps.StartStopStep):
     """On every consumer restart after the first (a lost broker connection came back), restore
     this host's messages that the old connection delivered and nothing here will finish."""
 
-    requires = {"celery.worker.consumer.connection:Connection"}
+    requires = ("celery.worker.consumer.connection:Connection",)
 
     def __init__(self, parent: object, **kwargs: object) -> None:
         super().__init__(parent, **kwargs)

@@ -47,10 +47,10 @@ class KeepsMessageOnRetry:
             try:
                 return super().retry(*args, **kwargs)  # type: ignore[misc]
             except Reject as exc:
-                if exc.requeue:
+                if exc.requeue:  # type: ignore[attr-defined]  # (celery-types lacks it)
                     raise
                 if time.monotonic() >= deadline:
-                    raise Reject(exc.reason, requeue=True) from None
+                    raise Reject(exc.reason, requeue=True) from None  # type: ignore[attr-defined]
                 log.warning("%s[%s]: could not publish its retry (%s); trying again in %.1fs",
                             self.name, self.request.id, exc.reason, pause)  # type: ignore[attr-defined]
                 time.sleep(pause)
@@ -67,7 +67,7 @@ class Request(CeleryRequest):
     def _settle(self, *, requeue: bool | None) -> None:
         tag = self.message.delivery_tag
         with self.task.app.connection_for_write() as connection:
-            qos = connection.default_channel.qos
+            qos = connection.default_channel.qos  # type: ignore[attr-defined]
             if requeue:
                 qos.restore_by_tag(tag, leftmost=True)
             else:

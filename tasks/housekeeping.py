@@ -29,9 +29,9 @@ def status(self: TransitionTask, instance: Any = None) -> dict[str, Any] | list[
     ctx = context()
     if instance is None:
         rows = []
-        for guest in ctx.hypervisor.guests():
+        for each in ctx.hypervisor.guests():
             try:
-                rows.append(_describe(guest, guest.observe(), ctx.host))
+                rows.append(_describe(each, each.observe(), ctx.host))
             except UnknownInstance:
                 continue  # undefined between the listing and the read: no longer here
         return rows

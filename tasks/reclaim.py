@@ -40,7 +40,7 @@ def reclaimer() -> Reclaimer:
     s = settings()
 
     def send_item(rid: str, instance: str) -> None:
-        run_item.apply_async(args=[rid, instance], queue=s.host_queue)
+        run_item.apply_async(args=(rid, instance), queue=s.host_queue)
 
     return Reclaimer(context(), s, send_item)
 

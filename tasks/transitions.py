@@ -46,7 +46,7 @@ class TransitionTask(DormantTask):
         _uuid, host = registry.resolve(context().store.redis, instance)
         if host and host != context().host:
             raise self.replace(
-                self.signature(self.request.args, self.request.kwargs,
+                self.signature(tuple(self.request.args or ()), dict(self.request.kwargs or {}),
                                queue=queue_for_host(host), immutable=True)
             )
 

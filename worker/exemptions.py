@@ -5,6 +5,8 @@ The other way to opt out, a guest's own domain metadata, is read by :mod:`worker
 
 from __future__ import annotations
 
+from typing import cast
+
 import redis
 
 from worker import keys
@@ -21,7 +23,7 @@ def remove(client: redis.Redis, instance_uuid: str) -> bool:
 
 
 def members(client: redis.Redis) -> set[str]:
-    return set(client.smembers(keys.EXEMPT))
+    return cast(set[str], client.smembers(keys.EXEMPT))
 
 
 def contains(client: redis.Redis, instance_uuid: str) -> bool:

@@ -31,7 +31,7 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import libvirt
 
@@ -264,7 +264,8 @@ class Guest:
         """The element dormant keeps in the domain's ``<metadata>``, or None."""
         def read() -> str | None:
             try:
-                return self._domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0)
+                return cast(str | None, self._domain.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, 0))
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_METADATA:
                     return None
@@ -323,7 +324,7 @@ class Hypervisor:
         A line inherited across fork (a prefork child replaced after the parent connected)
         is forgotten, never used or closed: its socket and thread belong to the parent.
         """
-        line = getattr(self._local, "line", None)
+        line: _Line | None = getattr(self._local, "line", None)
         if line is not None and not line.retired and line.pid == os.getpid():
             return line
         with _abandoned_lock:
@@ -388,11 +389,11 @@ class Hypervisor:
             self._drop(line)
             metrics.libvirt_call_abandoned()
             log.warning("libvirt call abandoned after %gs: %s", timeout, what)
-            err = HypervisorBusy(f"{what}: no answer from libvirt after {timeout:g}s; "
-                                 "call abandoned (connection retired)")
-            err.outstanding = future  # type: ignore[attr-defined]
-            err.seconds = timeout  # type: ignore[attr-defined]
-            raise err from None
+            busy = HypervisorBusy(f"{what}: no answer from libvirt after {timeout:g}s; "
+                                  "call abandoned (connection retired)")
+            busy.outstanding = future  # type: ignore[attr-defined]
+            busy.seconds = timeout  # type: ignore[attr-defined]
+            raise busy from None
         except libvirt.libvirtError as exc:
             err = translate(exc, what)
             if isinstance(err, HypervisorUnavailable):

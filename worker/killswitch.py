@@ -7,7 +7,7 @@ can flip with ``dormant kill-switch on|off`` (it records who turned it on and wh
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -21,7 +21,7 @@ def read(client: redis.Redis) -> dict[str, Any] | None:
     if raw is None:
         return None
     try:
-        return json.loads(raw)
+        return cast(dict[str, Any], json.loads(raw))
     except ValueError:
         return {"by": "unknown", "value": raw}
 

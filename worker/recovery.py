@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -65,7 +65,8 @@ class Presence:
     def others(self) -> dict[str, float]:
         """Other live workers of this host: node -> seconds until their entry lapses."""
         now = time.time()
-        rows = self.client.zrangebyscore(self.key, now, "+inf", withscores=True)
+        rows = cast(list[tuple[str, float]],
+                    self.client.zrangebyscore(self.key, now, "+inf", withscores=True))
         return {node: score - now for node, score in rows if node != self.node}
 
     def keep(self) -> None:

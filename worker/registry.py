@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -32,7 +32,7 @@ def publish(client: redis.Redis, hv: Hypervisor, host: str, *, interval: int) ->
             pipe.set(keys.name(stat.name), stat.uuid, ex=ttl)
         pipe.delete(keys.host_instances(host))
         if members:
-            pipe.hset(keys.host_instances(host), mapping=members)
+            pipe.hset(keys.host_instances(host), mapping=dict[Any, Any](members))
         pipe.expire(keys.host_instances(host), ttl)
         pipe.zadd(keys.HOSTS, {host: time.time()})
         pipe.execute()
@@ -41,21 +41,22 @@ def publish(client: redis.Redis, hv: Hypervisor, host: str, *, interval: int) ->
 
 def resolve(client: redis.Redis, instance: str) -> tuple[str | None, str | None]:
     """(uuid, host) for a UUID or name, or Nones when no worker has published it."""
-    uuid = instance.lower() if validation.is_uuid(instance) else client.get(keys.name(instance))
+    uuid = (instance.lower() if validation.is_uuid(instance)
+            else cast(str | None, client.get(keys.name(instance))))
     if uuid is None:
         return None, None
-    return uuid, client.get(keys.where(uuid))
+    return uuid, cast(str | None, client.get(keys.where(uuid)))
 
 
 def hosts(client: redis.Redis, *, max_age: float | None = None) -> list[str]:
     """Hosts that published recently (all known hosts when ``max_age`` is None)."""
     low: Any = "-inf" if max_age is None else time.time() - max_age
-    return list(client.zrangebyscore(keys.HOSTS, low, "+inf"))
+    return cast(list[str], client.zrangebyscore(keys.HOSTS, low, "+inf"))
 
 
 def instances_of(client: redis.Redis, host: str) -> dict[str, str]:
     """uuid -> name of the instances a host last published."""
-    return dict(client.hgetall(keys.host_instances(host)))
+    return cast(dict[str, str], client.hgetall(keys.host_instances(host)))
 
 
 def remember(client: redis.Redis, host: str, uuid: str, name: str, *, interval: int) -> None:
@@ -88,12 +89,12 @@ def forget(client: redis.Redis, host: str, uuid: str, name: str) -> None:
 
 def watched(client: redis.Redis, host: str) -> dict[str, str]:
     """uuid -> name of the guests this host's event watcher last saw."""
-    return dict(client.hgetall(keys.watched(host)))
+    return cast(dict[str, str], client.hgetall(keys.watched(host)))
 
 
 def set_watched(client: redis.Redis, host: str, members: dict[str, str]) -> None:
     with client.pipeline(transaction=True) as pipe:
         pipe.delete(keys.watched(host))
         if members:
-            pipe.hset(keys.watched(host), mapping=members)
+            pipe.hset(keys.watched(host), mapping=dict[Any, Any](members))
         pipe.execute()

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 from worker import metrics, registry, validation
 from worker.contract import Fingerprint, reused
@@ -176,7 +176,7 @@ class _Transition:
             return self._duplicate(recorded)
         return None  # another spelling of the instance: begin compares the UUIDs
 
-    def _refuse(self, recorded: dict[str, Any]) -> None:
+    def _refuse(self, recorded: dict[str, Any]) -> NoReturn:
         """The request id was first used for something else: journal and raise, no lock."""
         self.refused = True
         exc = reused(self.request_id, Fingerprint.parse(recorded["fingerprint"]),

@@ -20,7 +20,7 @@ import time
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.commands.core import Script
@@ -133,19 +133,19 @@ def record(client: redis.Redis, rid: str, instance: str, changes: dict[str, Any]
 
 def next_item(client: redis.Redis, rid: str) -> str | None:
     """The next instance waiting in the run's queue (each is handed out once)."""
-    return client.lpop(keys.run_queue(rid))
+    return cast(str | None, client.lpop(keys.run_queue(rid)))
 
 
 def take(client: redis.Redis, rid: str, count: int) -> list[str]:
     """Up to ``count`` instances from the queue: the first wave of a run."""
     if count <= 0:
         return []
-    return list(client.lpop(keys.run_queue(rid), count) or [])
+    return cast(list[str], client.lpop(keys.run_queue(rid), count) or [])
 
 
 def load(client: redis.Redis, rid: str) -> dict[str, Any] | None:
     """The whole report: meta, counters, entries (sorted by name) and the manifest."""
-    raw = client.hgetall(keys.run(rid))
+    raw = cast(dict[str, str], client.hgetall(keys.run(rid)))
     if not raw or "meta" not in raw:
         return None
     entries = sorted((json.loads(v) for k, v in raw.items() if k.startswith(ENTRY)),
@@ -160,9 +160,9 @@ def load(client: redis.Redis, rid: str) -> dict[str, Any] | None:
 
 
 def manifest(client: redis.Redis, rid: str) -> set[str]:
-    return set(client.smembers(keys.run_manifest(rid)))
+    return cast(set[str], client.smembers(keys.run_manifest(rid)))
 
 
 def latest(client: redis.Redis, *, count: int = 1) -> list[str]:
     """The newest run ids, newest first."""
-    return list(client.zrevrange(keys.RUNS, 0, count - 1))
+    return cast(list[str], client.zrevrange(keys.RUNS, 0, count - 1))

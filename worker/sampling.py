@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from worker import keys
 
@@ -150,5 +150,5 @@ def first_seen(client: redis.Redis, uuids: Iterable[str]) -> dict[str, float | N
 
 def sampled(client: redis.Redis, host: str, *, since: float) -> list[str]:
     """UUIDs this host sampled at or after ``since`` (the instances it has evidence about)."""
-    return [m.decode() if isinstance(m, bytes) else m
-            for m in client.zrangebyscore(keys.sampled(host), since, "+inf")]
+    members = cast(list[str | bytes], client.zrangebyscore(keys.sampled(host), since, "+inf"))
+    return [m.decode() if isinstance(m, bytes) else m for m in members]

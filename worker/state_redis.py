@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -74,7 +74,7 @@ def connect(url: str, *, tls_ca: str = "") -> StateRedis:
     A ``rediss://`` URL verifies the server's certificate and host name (against ``tls_ca``
     when given, else the system's CAs).
     """
-    return StateRedis.from_url(
+    return cast(StateRedis, StateRedis.from_url(
         url,
         **(redis_tls(url, tls_ca) or {}),
         decode_responses=True,
@@ -83,4 +83,4 @@ def connect(url: str, *, tls_ca: str = "") -> StateRedis:
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    )
+    ))

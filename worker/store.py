@@ -25,7 +25,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -268,7 +268,7 @@ class Store:
         """Newest-last journal entries of one instance, or of the whole fleet."""
         key = keys.journal(instance) if instance else keys.JOURNAL_ALL
         with translated():
-            rows = self.redis.xrevrange(key, count=count)
+            rows = cast(list[tuple[str, dict[str, str]]], self.redis.xrevrange(key, count=count))
         return [json.loads(fields["entry"]) for _id, fields in reversed(rows)]
 
     def request(self, request_id: str) -> dict[str, Any] | None:
@@ -301,10 +301,11 @@ class Store:
         message, so a crash after claiming loses nothing.
         """
         with translated():
-            due = self.redis.zrangebyscore(keys.DEADLINES, "-inf", now, start=0, num=limit)
-            claimed = []
+            due = cast(list[str], self.redis.zrangebyscore(keys.DEADLINES, "-inf", now,
+                                                            start=0, num=limit))
+            claimed: list[dict[str, str]] = []
             for instance in due:
-                details = self.redis.hgetall(keys.deadline(instance))
+                details = cast(dict[str, str], self.redis.hgetall(keys.deadline(instance)))
                 if self.redis.zrem(keys.DEADLINES, instance):
                     self.redis.delete(keys.deadline(instance))
                     claimed.append({"instance": instance, **details})

@@ -318,8 +318,9 @@ def main() -> int:
             stopped_at = time.monotonic()
             docker("stop", worker, timeout=grace + 30)  # no -t: the container's grace period
             took = time.monotonic() - stopped_at
-            code = inspect(worker, "{{.State.ExitCode}}")
-            expect(code == "0", f"worker exited {code} (137 = killed at the grace period)")
+            exit_code = inspect(worker, "{{.State.ExitCode}}")
+            expect(exit_code == "0",
+                   f"worker exited {exit_code} (137 = killed at the grace period)")
             expect(took < grace, f"docker stop took {took:.1f}s of {grace}s")
             expect_state(c, SAVED, "suspend interrupted by docker stop")
             result = call("result", pending, "--wait", "10")["result"]

@@ -124,7 +124,7 @@ def test_bad_requests_fail_at_once_with_a_typed_error_and_are_journaled(
         ("dormant.pause", lambda: guest.domain.managedSaveRemove(0), "shutoff",
          "start it with libvirt"),
     ]
-    for task, setup, state, words in setups:
+    for task, setup, state, words in setups:  # type: ignore[assignment]
         setup()
         assert real_state(guest.domain) == state
         exc, seconds, result = _fails_fast(client_app, queue, task, [guest.uuid])

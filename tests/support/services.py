@@ -191,8 +191,8 @@ def test_env(redis_server: RedisServer, host: str,
         DORMANT_REGISTRY_INTERVAL="5",
         PYTHONUNBUFFERED="1",
     )
-    env.update(overrides)
-    return {k: v for k, v in env.items() if v is not None}  # None: leave the variable unset
+    merged: dict[str, str | None] = {**env, **overrides}
+    return {k: v for k, v in merged.items() if v is not None}  # None: leave the variable unset
 
 
 test_env.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test

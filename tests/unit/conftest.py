@@ -24,6 +24,8 @@ TEST_URI = "test:///default"
 class FakeStateRedis(Boundary, fakeredis.FakeRedis):
     """fakeredis behind dormant's Redis error boundary, like the workers' real client."""
 
+    server: fakeredis.FakeServer  # set by the fixture: toggle ``connected`` for an outage
+
 
 @pytest.fixture
 def fake_redis() -> FakeStateRedis:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import redis
-from celery.backends.base import create_exception_cls
+from celery.backends.base import create_exception_cls  # type: ignore[attr-defined]
 from celery.exceptions import TimeoutError as CeleryTimeout
 from click.testing import CliRunner
 from kombu.exceptions import OperationalError

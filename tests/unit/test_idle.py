@@ -8,6 +8,7 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -69,7 +70,7 @@ def pct(percent_of_one_cpu: float) -> float:
     return percent_of_one_cpu / 100 * NS
 
 
-def day(count: int = 288, **rates: float) -> list[Sample]:
+def day(count: int = 288, /, **rates: Any) -> list[Sample]:
     """``count`` 5-minute samples ending at NOW (a day by default)."""
     return Series(t=NOW - (count - 1) * 300).run(count - 1, **rates).samples
 

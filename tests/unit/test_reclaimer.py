@@ -51,9 +51,9 @@ def test_outcome_names(action: Action, result: dict[str, Any],
 
 
 def test_closing_counts_finished_outcomes_only() -> None:
-    entries = [{"outcome": "suspended", "finished": True}, {"outcome": "suspended",
-               "finished": True}, {"outcome": "skipped", "finished": True},
-               {"outcome": "pending"}]
+    entries: list[dict[str, Any]] = [
+        {"outcome": "suspended", "finished": True}, {"outcome": "suspended", "finished": True},
+        {"outcome": "skipped", "finished": True}, {"outcome": "pending"}]
     assert closing(entries, 3) == {"status": "done",
                                    "outcomes": {"suspended": 2, "skipped": 1},
                                    "reason": "3 action(s) finished: 1 skipped, 2 suspended"}

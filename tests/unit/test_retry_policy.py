@@ -3,6 +3,8 @@ backoff, cap and attempt count -- no task carries numbers of its own."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from tasks import app
@@ -19,7 +21,8 @@ def test_every_contract_task_is_registered() -> None:
 
 @pytest.mark.parametrize("name", TASKS)
 def test_every_task_retries_transient_errors_by_the_settings(name: str) -> None:
-    task, s = app.tasks[name], settings.get()
+    task: Any = app.tasks[name]
+    s = settings.get()
     assert task.autoretry_for == (TransientError,)
     assert (task.max_retries, task.retry_backoff, task.retry_backoff_max) == (
         s.max_retries, s.retry_backoff, s.retry_backoff_max)

@@ -35,7 +35,7 @@ class CountingPipelines:
                 self.executed += 1
                 return execute(*a, **k)  # type: ignore[arg-type]
 
-            pipe.execute = counted  # type: ignore[method-assign]
+            pipe.execute = counted  # type: ignore[method-assign,assignment]
             return pipe
 
         monkeypatch.setattr(client, "pipeline", pipeline)

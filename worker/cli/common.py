@@ -53,7 +53,7 @@ def _version() -> str:
 class DormantGroup(click.Group):
     """click's own usage errors follow the same grammar: ``error: InvalidInput: ...``, 2."""
 
-    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
         try:
             code = super().main(*args, **kwargs)

@@ -63,11 +63,13 @@ CLOSING_GRACE = 5.0  # seconds to let the last action's worker close the run's s
 
 
 def _finished(report: dict[str, Any] | None) -> bool:
-    return bool(report) and (report["status"] in FINISHED or report["done"] >= report["todo"])
+    if not report:
+        return False
+    return report["status"] in FINISHED or report["done"] >= report["todo"]
 
 
 def _closed(report: dict[str, Any] | None) -> bool:
-    return bool(report) and report["status"] in FINISHED
+    return bool(report) and report is not None and report["status"] in FINISHED
 
 
 def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | None = None,

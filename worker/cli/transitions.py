@@ -173,7 +173,7 @@ def _mark_drift(client: Client, rows: list[dict[str, Any]]) -> None:
             continue
         row["recorded_state"] = known.state
         try:
-            row["drift"] = differs(known, Observed(State(row.get("state")),
+            row["drift"] = differs(known, Observed(State(str(row.get("state"))),
                                                    row.get("reason") or ""))
         except ValueError:  # a state newer than this CLI
             row["drift"] = True
