@@ -34,8 +34,10 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import libvirt
 
@@ -43,6 +45,7 @@ from tests.support.guests import NAME_PREFIX, kvm_usable, remove_domain
 
 PACKAGES = ("linux-image-amd64", "busybox-static")
 BUSYBOX = Path("/bin/busybox")
+T = TypeVar("T")
 KVM_PROBE_SECONDS = 20.0  # a kernel that boots under KVM prints its first line in ~2 s
 
 INIT = r"""#!/bin/busybox sh
@@ -375,29 +378,26 @@ class LinuxGuestFactory:
         console = self.workdir / f"{name}.console"
         xml = domain_xml(name, domain_type=self.domain_type, console=console,
                          fill_mib=fill_mib, mode=mode, metadata=metadata)
-        domain = self.connection().defineXML(xml)
+        domain = self._retried(lambda conn: conn.defineXML(xml))
         guest = LinuxGuest(name, domain.UUIDString(), self, console, fill_mib, mode)
         self.created.append(guest)
         if start:
-            domain.create()
+            self._retried(lambda conn: conn.lookupByUUIDString(guest.uuid).create())
         return guest
 
-    def connection(self) -> libvirt.virConnect:
-        """The factory's connection, reopened when libvirtd restarted under it."""
+    def _retried(self, call: Callable[[libvirt.virConnect], T]) -> T:
+        """``call`` on the factory's connection; once more on a new one if the connection broke
+        (other sessions restart the shared libvirtd on purpose)."""
         try:
-            alive = self.conn.isAlive()
-        except libvirt.libvirtError:
-            alive = False
-        if not alive:
-            self.conn = libvirt.open(self.uri)
-        return self.conn
+            return call(self.conn)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_domain() not in (libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC):
+                raise
+        self.conn = libvirt.open(self.uri)
+        return call(self.conn)
 
     def lookup(self, uuid_: str) -> libvirt.virDomain:
-        try:
-            return self.connection().lookupByUUIDString(uuid_)
-        except libvirt.libvirtError:  # perhaps a connection broken by a libvirtd restart
-            self.conn = libvirt.open(self.uri)
-            return self.conn.lookupByUUIDString(uuid_)
+        return self._retried(lambda conn: conn.lookupByUUIDString(uuid_))
 
     def cleanup(self) -> None:
         """Remove every guest, on a fresh connection (a shared libvirtd may have restarted)."""
