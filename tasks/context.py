@@ -39,6 +39,7 @@ def context() -> Context:
                         s.libvirt_uri, timeout=s.libvirt_timeout,
                         save_timeout=s.libvirt_save_timeout,
                         save_seconds_per_gib=s.libvirt_save_seconds_per_gib,
+                        bypass_cache=s.save_bypass_cache,
                     ),
                     store=store_mod.Store(
                         client, lock_ttl=s.lock_ttl, result_ttl=s.result_ttl,

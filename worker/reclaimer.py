@@ -19,9 +19,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker import exemptions, idle, killswitch, marks, notify, runs, sampling
+from worker import exemptions, idle, killswitch, marks, notify, order, runs, sampling
 from worker import reclaim as rc
-from worker.errors import InvalidInput, PermanentError, TransientError
+from worker.errors import InvalidInput, PermanentError, TransientError, UnknownInstance
 from worker.runner import Context
 from worker.settings import Settings
 from worker.states import State
@@ -188,6 +188,21 @@ class Reclaimer:
                     "reason": f"suspended by {of_run}", "outcome": "pending"} for u in members]
         return self._new_run(rid, "restore", entries, members, owner=owner, of_run=of_run)
 
+    def _priorities(self, instances: list[str]) -> dict[str, int]:
+        """Each instance's priority from its domain metadata (worker/order.py); a missing
+        guest or an unreadable priority counts as the default, and the log says why."""
+        found = {}
+        for uuid in instances:
+            try:
+                xml = self.ctx.hypervisor.guest(uuid).metadata(rc.NAMESPACE)
+                found[uuid] = order.metadata_priority(xml)
+            except ValueError as exc:
+                log.warning("instance %s: %s; priority %d used", uuid, exc,
+                            order.DEFAULT_PRIORITY)
+            except UnknownInstance:
+                pass
+        return found
+
     def drain(self, run_id: Any = None, instances: Any = None, *,
               owner: str = "") -> dict[str, Any]:
         """Suspend every running guest of this host (or only ``instances``, names or UUIDs)."""
@@ -215,13 +230,20 @@ class Reclaimer:
         if (answer := self.claimed(rid, owner or rid)) is not None:
             return answer
         now = self.clock()
+        priorities = self._priorities(queue)
+        waves = order.waves(priorities, queue, kind=kind)
+        queue = [u for wave in waves for u in wave]
+        for e in entries:
+            e["priority"] = priorities.get(e["instance"], order.DEFAULT_PRIORITY)
         info = {"run_id": rid, "kind": kind, "host": self.ctx.host, "dry_run": False,
                 "started_at": now, "status": "acting" if queue else "done",
                 "reason": f"{len(queue)} to {'resume' if kind == 'restore' else 'suspend'}",
                 "cap": self.settings.reclaim_host_cap, "finished_at": None if queue else now,
+                "waves": [[priorities.get(w[0], order.DEFAULT_PRIORITY), len(w)] for w in waves],
                 **meta}
         runs.create(self.client, rid, info, entries, queue=queue,
-                    ttl=self.settings.reclaim_report_ttl)
+                    ttl=self.settings.reclaim_report_ttl,
+                    wave_ends=order.bounds([len(w) for w in waves]))
         self.start(rid, self.settings.reclaim_host_cap)
         return runs.load(self.client, rid) or info
 
@@ -368,6 +390,8 @@ class Reclaimer:
                                         {**changes, "at": self.clock()},
                                         suspended=suspended,
                                         ttl=self.settings.reclaim_report_ttl)
+        if first and done < todo and runs.wave_end(self.client, rid, done):
+            self.start(rid, self.settings.reclaim_host_cap)  # this closed a wave: the next one
         if first and done >= todo:
             report = runs.load(self.client, rid) or {}
             runs.update_meta(self.client, rid, finished_at=self.clock(),

@@ -25,7 +25,7 @@ from typing import Any, cast
 import redis
 from redis.commands.core import Script
 
-from worker import keys
+from worker import keys, order
 from worker.errors import InvalidInput
 
 ENTRY = "i:"
@@ -83,12 +83,16 @@ def claim(client: redis.Redis, rid: str, owner: str, *, ttl: int) -> bool:
 
 # -- reports ----------------------------------------------------------------------------------
 def create(client: redis.Redis, rid: str, meta: dict[str, Any],
-           entries: Iterable[dict[str, Any]], *, queue: list[str], ttl: int) -> None:
-    """Write a run's report and its work queue in one transaction."""
+           entries: Iterable[dict[str, Any]], *, queue: list[str], ttl: int,
+           wave_ends: list[int] | None = None) -> None:
+    """Write a run's report and its work queue in one transaction. ``wave_ends``
+    (worker/order.py): the queue is in waves, each starting after the one before finished."""
     mapping = {ENTRY + e["instance"]: json.dumps(e, sort_keys=True) for e in entries}
     mapping["meta"] = json.dumps(meta, sort_keys=True)
     mapping["todo"] = str(len(queue))
     mapping["done"] = "0"
+    mapping["taken"] = "0"
+    mapping["waves"] = json.dumps(list(wave_ends or []))
     with client.pipeline(transaction=True) as pipe:
         pipe.delete(keys.run(rid), keys.run_queue(rid))
         pipe.hset(keys.run(rid), mapping=mapping)
@@ -137,10 +141,36 @@ def next_item(client: redis.Redis, rid: str) -> str | None:
 
 
 def take(client: redis.Redis, rid: str, count: int) -> list[str]:
-    """Up to ``count`` instances from the queue: the first wave of a run."""
+    """Up to ``count`` instances from the queue, never one of a later wave before the waves
+    ahead of it finished (order.room decides; checked and popped in one transaction)."""
     if count <= 0:
         return []
-    return cast(list[str], client.lpop(keys.run_queue(rid), count) or [])
+    run, queue = keys.run(rid), keys.run_queue(rid)
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(run)
+                done, taken, waves = pipe.hmget(run, "done", "taken", "waves")
+                n = order.room(json.loads(waves or "[]"), done=int(done or 0),
+                               taken=int(taken or 0), want=count)
+                if n <= 0:
+                    pipe.unwatch()
+                    return []
+                pipe.multi()
+                pipe.lpop(queue, n)
+                pipe.hincrby(run, "taken", n)
+                items, _ = pipe.execute()
+                return cast(list[str], items or [])
+            except redis.WatchError:  # an action finished meanwhile: decide again
+                continue
+
+
+def wave_end(client: redis.Redis, rid: str, done: int) -> bool:
+    """Whether ``done`` finished actions close a wave with more to come (then the caller
+    that recorded the last one starts the next wave, up to the cap)."""
+    raw = cast(str | None, client.hget(keys.run(rid), "waves"))
+    ends = json.loads(raw or "[]")
+    return done in ends[:-1]
 
 
 def load(client: redis.Redis, rid: str) -> dict[str, Any] | None:

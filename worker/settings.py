@@ -52,6 +52,7 @@ class Settings:
     libvirt_timeout: float = 30.0  # seconds for a quick call (state, pause, lookup, connect)
     libvirt_save_timeout: float = 120.0  # seconds for a save or restore, plus per GiB below
     libvirt_save_seconds_per_gib: float = 30.0  # added per GiB of guest memory (~35 MB/s)
+    save_bypass_cache: bool = True  # O_DIRECT save images (false where the save dir lacks it)
     host_claim_ttl: int = 15  # seconds a dead worker's claim on its host outlives it
     concurrency: int = 0  # worker pool size (threads or processes); 0 = Celery's default
 

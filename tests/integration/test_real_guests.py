@@ -157,3 +157,50 @@ def test_reclamation_suspends_exactly_the_idle_linux_guests_and_restore_brings_t
         g.uuid: "resumed" for g in idle}
     for g in idle:
         assert_intact(g, *filled[g.uuid], since_heartbeat=heartbeats[g.uuid])
+
+
+# -- maintenance-day order ----------------------------------------------------------------------
+def _policy(priority: int) -> str:
+    return (f'<dormant:policy xmlns:dormant="https://dormant.dev/xmlns/1" '
+            f'priority="{priority}"/>')
+
+
+def test_drain_and_restore_go_in_priority_waves(guests, start_worker, redis_clean, host_name):
+    """Databases (10) come back before caches (5) before services (0), each wave in parallel;
+    drain takes them down the other way round. Tiny boot-sector guests: the order is the point."""
+    prefix = f"{NAME_PREFIX}{uuid.uuid4().hex[:6]}-"
+    env = _env(prefix + "*")
+    start_worker(pool="threads", concurrency=4, env=env)
+    roles = {"db": 10, "cache": 5, "web": 0}
+    made = {role: [guests.create("idle", name=f"{prefix}{role}{i}-p{os.getpid()}",
+                                 metadata=_policy(prio)) for i in range(2)]
+            for role, prio in roles.items()}
+    role_of = {g.uuid: role for role, gs in made.items() for g in gs}
+
+    def spans(report: dict) -> dict[str, tuple[float, float]]:
+        """Per role: (earliest start, latest finish) of its actions."""
+        out: dict[str, tuple[float, float]] = {}
+        for e in report["entries"]:
+            end = e["at"]
+            start = end - e["duration_ms"] / 1000
+            lo, hi = out.get(role_of[e["instance"]], (start, end))
+            out[role_of[e["instance"]]] = (min(lo, start), max(hi, end))
+        return out
+
+    drained = _cli(redis_clean, host_name, env, "drain", host_name)
+    assert set(drained["manifest"]) == set(role_of)
+    assert [w[0] for w in drained["waves"]] == [0, 5, 10]
+    s = spans(drained)
+    assert s["web"][1] <= s["cache"][0] and s["cache"][1] <= s["db"][0], s
+
+    restored = _cli(redis_clean, host_name, env, "restore", drained["run_id"])
+    assert {e["outcome"] for e in restored["entries"]} == {"resumed"}
+    assert [w for w in restored["waves"]] == [[10, 2], [5, 2], [0, 2]]
+    assert {e["instance"]: e["priority"] for e in restored["entries"]} == {
+        g.uuid: roles[role] for role, gs in made.items() for g in gs}
+    s = spans(restored)
+    assert s["db"][1] <= s["cache"][0] and s["cache"][1] <= s["web"][0], s
+    # Within a wave both ran at once: the second started before the first finished.
+    db = sorted((e["at"] - e["duration_ms"] / 1000, e["at"]) for e in restored["entries"]
+                if role_of[e["instance"]] == "db")
+    assert db[1][0] < db[0][1], db
