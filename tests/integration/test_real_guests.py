@@ -48,11 +48,17 @@ def linux_guests(libvirt_conn):  # type: ignore[no-untyped-def]
     factory.cleanup()
 
 
-def _cpu_share(domain: libvirt.virDomain, seconds: float = 1.0) -> float:
-    """Share of one host CPU the guest used over ``seconds`` (a measurement, not a wait)."""
-    start, t0 = domain.getCPUStats(True)[0]["cpu_time"], time.monotonic()
-    time.sleep(seconds)
-    return (domain.getCPUStats(True)[0]["cpu_time"] - start) / 1e9 / (time.monotonic() - t0)
+def _cpu_share(guest, seconds: float = 1.0) -> float:  # type: ignore[no-untyped-def]
+    """Share of one host CPU the guest used over ``seconds`` (a measurement, not a wait);
+    1.0 when libvirtd restarted meanwhile (other sessions restart it): measured again."""
+    try:
+        domain = guest.domain
+        start, t0 = domain.getCPUStats(True)[0]["cpu_time"], time.monotonic()
+        time.sleep(seconds)
+        used = domain.getCPUStats(True)[0]["cpu_time"] - start
+    except libvirt.libvirtError:
+        return 1.0
+    return used / 1e9 / (time.monotonic() - t0)
 
 
 def assert_intact(guest, boot: str, md5: str, *, since_heartbeat: int) -> None:  # type: ignore[no-untyped-def]
@@ -88,7 +94,7 @@ def test_suspend_resume_pause_unpause_keep_a_linux_guest_and_its_memory(
     assert_intact(guest, boot, md5, since_heartbeat=before)
 
     paused = send("dormant.pause")
-    assert paused["state_after"] == "paused(user)"
+    assert paused["state_after"].startswith("paused")
     assert real_state(guest.domain) == "paused(user)"
     before = guest.console().last_heartbeat
     unpaused = send("dormant.unpause")
@@ -100,6 +106,7 @@ def test_suspend_resume_pause_unpause_keep_a_linux_guest_and_its_memory(
 def _env(scope: str) -> dict[str, str]:
     return {"DORMANT_SAMPLE_INTERVAL": "1", "DORMANT_IDLE_WINDOW": "60",
             "DORMANT_IDLE_MIN_SAMPLES": "3", "DORMANT_IDLE_MIN_SPAN_FRACTION": "0.05",
+            "DORMANT_IDLE_MAX_GAP": "15",  # a loaded host answers a sample late, not never
             "DORMANT_RECLAIM_MIN_AGE": "0", "DORMANT_RECLAIM_RECHECK_SECONDS": "1",
             "DORMANT_RECLAIM_HOST_CAP": "4", "DORMANT_RECLAIM_SCOPE": scope}
 
@@ -127,7 +134,7 @@ def test_reclamation_suspends_exactly_the_idle_linux_guests_and_restore_brings_t
     busy = linux_guests.create(fill_mib=0, mode="spin", name=f"{prefix}spin-p{os.getpid()}")
     busy.wait_filled(timeout=300)
     for g in idle:  # settled: under the 3 % idle threshold twice in a row (TCG idles at 1-2 %)
-        wait_until(lambda g=g: _cpu_share(g.domain) < 0.03 and _cpu_share(g.domain) < 0.03,
+        wait_until(lambda g=g: _cpu_share(g) < 0.03 and _cpu_share(g) < 0.03,
                    timeout=120, message=f"{g.name} idles")
     queue = f"dormant.{host_name}"
     for i in range(6):
@@ -138,7 +145,9 @@ def test_reclamation_suspends_exactly_the_idle_linux_guests_and_restore_brings_t
     # The idle policy, from real samples: the idle Linux guests are idle, the spinning one busy.
     dry = _cli(redis_clean, host_name, env, "reclaim", "--dry-run", "--host", host_name)
     verdicts = {e["instance"]: e for e in dry["entries"]}
-    assert {u for u, e in verdicts.items() if e["verdict"] == "suspend"} == {g.uuid for g in idle}
+    why = {e["name"]: (e["verdict"], e["reason"]) for e in dry["entries"]}
+    assert {u for u, e in verdicts.items() if e["verdict"] == "suspend"} == \
+        {g.uuid for g in idle}, why
     assert verdicts[busy.uuid]["verdict"] == "keep"
     assert verdicts[busy.uuid]["numbers"]["cpu_percent_at_quantile"] > 50
     for g in idle:

@@ -360,6 +360,18 @@ def domain_type(conn: libvirt.virConnect) -> str:
     return answer
 
 
+def _open(uri: str, timeout: float = 60) -> libvirt.virConnect:
+    """A new connection, waiting out a restart of the shared libvirtd by another session."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return libvirt.open(uri)
+        except libvirt.libvirtError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
+
+
 class LinuxGuestFactory:
     """Creates persistent Linux guests on ``conn``; :meth:`cleanup` removes every one."""
 
@@ -393,7 +405,7 @@ class LinuxGuestFactory:
         except libvirt.libvirtError as exc:
             if exc.get_error_domain() not in (libvirt.VIR_FROM_REMOTE, libvirt.VIR_FROM_RPC):
                 raise
-        self.conn = libvirt.open(self.uri)
+        self.conn = _open(self.uri)
         return call(self.conn)
 
     def lookup(self, uuid_: str) -> libvirt.virDomain:
@@ -401,7 +413,7 @@ class LinuxGuestFactory:
 
     def cleanup(self) -> None:
         """Remove every guest, on a fresh connection (a shared libvirtd may have restarted)."""
-        conn = libvirt.open(self.uri)
+        conn = _open(self.uri)
         try:
             for guest in self.created:
                 remove_domain(conn, guest.name)
