@@ -31,6 +31,7 @@ LINUX_TIMEOUT = pytest.mark.timeout(900)  # TCG on a loaded 2-core host fills me
 
 FILL_MIB = 256  # the transition test
 RECLAIM_FILL_MIB = 96  # per idle guest of the reclamation test
+IDLE_CPU_PERCENT = 10
 SAVE_DIR = "/var/lib/libvirt/qemu/save"
 
 
@@ -107,6 +108,9 @@ def _env(scope: str) -> dict[str, str]:
     return {"DORMANT_SAMPLE_INTERVAL": "1", "DORMANT_IDLE_WINDOW": "60",
             "DORMANT_IDLE_MIN_SAMPLES": "3", "DORMANT_IDLE_MIN_SPAN_FRACTION": "0.05",
             "DORMANT_IDLE_MAX_GAP": "15",  # a loaded host answers a sample late, not never
+            # An idle Linux guest under TCG costs 1-2 % of a CPU on a quiet host and 3-5 % on
+            # this shared, loaded one (measured); a spinning one ~100 %.
+            "DORMANT_IDLE_CPU_PERCENT": str(IDLE_CPU_PERCENT),
             "DORMANT_RECLAIM_MIN_AGE": "0", "DORMANT_RECLAIM_RECHECK_SECONDS": "1",
             "DORMANT_RECLAIM_HOST_CAP": "4", "DORMANT_RECLAIM_SCOPE": scope}
 
@@ -133,8 +137,9 @@ def test_reclamation_suspends_exactly_the_idle_linux_guests_and_restore_brings_t
     # Started once the others have filled their memory: it burns one of the host's cores.
     busy = linux_guests.create(fill_mib=0, mode="spin", name=f"{prefix}spin-p{os.getpid()}")
     busy.wait_filled(timeout=300)
-    for g in idle:  # settled: under the 3 % idle threshold twice in a row (TCG idles at 1-2 %)
-        wait_until(lambda g=g: _cpu_share(g) < 0.03 and _cpu_share(g) < 0.03,
+    limit = IDLE_CPU_PERCENT / 100
+    for g in idle:  # settled: under the idle threshold twice in a row
+        wait_until(lambda g=g: _cpu_share(g) < limit and _cpu_share(g) < limit,
                    timeout=120, message=f"{g.name} idles")
     queue = f"dormant.{host_name}"
     for i in range(6):
@@ -151,7 +156,7 @@ def test_reclamation_suspends_exactly_the_idle_linux_guests_and_restore_brings_t
     assert verdicts[busy.uuid]["verdict"] == "keep"
     assert verdicts[busy.uuid]["numbers"]["cpu_percent_at_quantile"] > 50
     for g in idle:
-        assert verdicts[g.uuid]["numbers"]["cpu_percent_at_quantile"] < 3
+        assert verdicts[g.uuid]["numbers"]["cpu_percent_at_quantile"] < IDLE_CPU_PERCENT
 
     # The real run suspends exactly those; restore brings them back with their memory.
     rid = f"{host_name}:2026-12-01"
