@@ -539,15 +539,16 @@ _shared: dict[str, Hypervisor] = {}
 _shared_lock = threading.Lock()
 
 
-def shared(uri: str, **deadlines: float) -> Hypervisor:
+def shared(uri: str, *, bypass_cache: bool = True, **deadlines: float) -> Hypervisor:
     """The process-wide Hypervisor for ``uri`` (connections are still per thread).
 
-    ``deadlines`` (``timeout``, ``save_timeout``, ``save_seconds_per_gib``) apply when it is
-    first made.
+    ``deadlines`` (``timeout``, ``save_timeout``, ``save_seconds_per_gib``) and
+    ``bypass_cache`` apply when it is first made.
     """
     with _shared_lock:
         if uri not in _shared:
-            _shared[uri] = Hypervisor(uri, on_connect=_seed_demo_fleet, **deadlines)
+            _shared[uri] = Hypervisor(uri, on_connect=_seed_demo_fleet,
+                                      bypass_cache=bypass_cache, **deadlines)
         return _shared[uri]
 
 
