@@ -158,7 +158,7 @@ def services(pool: str, concurrency: int) -> Iterator[Client]:
     worker = WorkerProcess(
         name=unique("bench"),
         env=test_env(server, host, DORMANT_LIBVIRT_URI=URI,
-                     **_passthrough("DORMANT_LOG_LEVEL", "DORMANT_LOG_JSON")),
+                     **_passthrough("DORMANT_LOG_LEVEL", "DORMANT_LOG_JSON", "DORMANT_EVENTS")),
         log_path=server.workdir / "worker.log",
         args=["-P", pool, "-c", str(concurrency)],
     )

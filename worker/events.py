@@ -132,6 +132,37 @@ def attribute(events: Sequence[tuple[str, str]], state: str) -> tuple[str, str] 
     return min(fitting, key=lambda e: _PRIORITY.index(e[0]) if e[0] in _PRIORITY else 99)
 
 
+# The state an event leaves a guest in, when the event alone says so for sure (None: read it).
+_PAUSE_REASONS = {"paused": "user", "ioerror": "ioerror", "watchdog": "watchdog",
+                  "api_error": "api_error"}
+_STOPPED_OFF = frozenset({"shutdown", "destroyed", "crashed", "failed"})
+
+
+def implied(event: str, detail: str) -> tuple[str, str] | None:
+    """(state, reason) that ``event``/``detail`` leaves the guest in, or None if unsure."""
+    if event in ("started", "resumed"):
+        return ("running", "")
+    if event == "suspended" and detail in _PAUSE_REASONS:
+        return ("paused", _PAUSE_REASONS[detail])
+    if event == "stopped" and detail == "saved":
+        return ("suspended", "")
+    if event == "stopped" and detail in _STOPPED_OFF:
+        return ("shutoff", "")
+    if event == "undefined" and detail == "removed":
+        return ("missing", "")
+    return None
+
+
+def already_recorded(known: Known | None, events: Sequence[tuple[str, str]]) -> bool:
+    """True when the burst's last event leaves the guest in the state dormant recorded: the
+    common case of dormant's own transition, answered without asking libvirt."""
+    if known is None or not events:
+        return False
+    state = implied(*events[-1])
+    return state is not None and state[0] == known.state and (
+        state[0] != "paused" or not known.reason or state[1] == known.reason)
+
+
 @dataclass(frozen=True)
 class Known:
     """The state dormant last recorded for a guest (plain state, libvirt's reason apart)."""
@@ -378,6 +409,8 @@ class Watcher:
                 return "uncertain"
             if known is None and source == "reconciliation":
                 return "unknown"
+            if already_recorded(known, events):
+                return "same"
             try:
                 guest, observed = self.ctx.hypervisor.observe(uuid)
             except UnknownInstance:  # undefined between the lookup and the state read

@@ -25,6 +25,7 @@ from worker.events import (
     UNCERTAIN,
     Known,
     Watcher,
+    already_recorded,
     attribute,
     describe,
     differs,
@@ -85,6 +86,20 @@ def test_differs_compares_plain_states_and_a_pause_reason() -> None:
 def test_a_burst_is_attributed_to_the_event_that_explains_the_state(events, state,
                                                                      expected) -> None:
     assert attribute(events, state) == expected
+
+
+@pytest.mark.parametrize(("known", "events", "expected"), [
+    (Known("paused", "user"), [("suspended", "paused")], True),
+    (Known("paused", "user"), [("suspended", "ioerror")], False),  # another reason: look
+    (Known("running"), [("started", "restored"), ("resumed", "from_snapshot")], True),
+    (Known("suspended"), [("suspended", "paused"), ("stopped", "saved")], True),
+    (Known("running"), [("suspended", "paused")], False),
+    (Known("running"), [("defined", "updated")], False),  # says nothing of the state: look
+    (None, [("started", "booted")], False),
+])
+def test_an_event_that_leaves_the_recorded_state_needs_no_libvirt_read(
+        known, events, expected) -> None:
+    assert already_recorded(known, events) is expected
 
 
 # -- the Watcher -----------------------------------------------------------------------------
