@@ -2,7 +2,7 @@
 
 The kernel is ``/boot/vmlinuz-*`` (``linux-image-amd64``); the userland is the static busybox of
 ``busybox-static`` in a tiny initramfs written here, at test time, and cached per machine under
-``$DORMANT_CACHE`` (default ``/var/cache/dormant`` when writable, else ``~/.cache/dormant``),
+``$LINUX_GUEST_CACHE`` (default ``/var/cache/dormant`` when writable, else ``~/.cache/dormant``),
 keyed by its inputs so a changed busybox or init script builds a new one.
 
 The guest boots directly (``<kernel>``/``<initrd>``), has no disk, no network and no balloon,
@@ -13,6 +13,11 @@ command line, fills ``fill_mib`` of RAM with incompressible data, then idles or 
     DORMANT HB <boot id> <n>             every second (n counts up from 0)
     DORMANT FILLED <boot id> <md5>       once, the checksum of the filled memory
     DORMANT SUM <boot id> <token> <md5>  when the host asks (:meth:`LinuxGuest.checksum`)
+
+The fill is a 16 MiB block from /dev/urandom written over and over (urandom alone is ~10x
+slower under TCG): no compressor libvirt offers finds the repeats (their windows are at most
+8 MiB) and QEMU skips only zero pages, so every filled MiB is written on save.
+``LINUX_GUEST_TYPE=kvm|qemu`` overrides the KVM probe.
 
 so a test can tell that a restored guest is the same boot (same boot id, counters continue) with
 the same memory (same checksum). KVM is used where this kernel boots under it, TCG otherwise:
@@ -138,7 +143,7 @@ def _version_key(name: str) -> list[int | str]:
 
 
 def cache_dir() -> Path:
-    configured = os.environ.get("DORMANT_CACHE")
+    configured = os.environ.get("LINUX_GUEST_CACHE")
     candidates = [Path(configured)] if configured else [
         Path("/var/cache/dormant"), Path.home() / ".cache" / "dormant"]
     for candidate in candidates:
@@ -335,7 +340,7 @@ def _probe_key() -> str:
 def domain_type(conn: libvirt.virConnect) -> str:
     """``kvm`` where this kernel boots under KVM here, else ``qemu`` (TCG); probed once per
     machine (a guest booted under KVM for up to KVM_PROBE_SECONDS) and cached."""
-    override = os.environ.get("DORMANT_LINUX_GUEST_TYPE")
+    override = os.environ.get("LINUX_GUEST_TYPE")
     if override in {"kvm", "qemu"}:
         return override
     if not kvm_usable():
