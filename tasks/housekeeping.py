@@ -23,7 +23,7 @@ def _describe(guest: Any, observed: Any, host: str) -> dict[str, Any]:
     }
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.STATUS.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.STATUS.name)
 def status(self: TransitionTask, instance: Any = None) -> dict[str, Any] | list[dict[str, Any]]:
     """One instance's real state, or every instance of this host when none is given."""
     ctx = context()
@@ -43,7 +43,7 @@ def status(self: TransitionTask, instance: Any = None) -> dict[str, Any] | list[
     return _describe(guest, observed, ctx.host)
 
 
-@app.task(base=DormantTask, name=contract.PING.name)
+@app.task(base=DormantTask, shared=False, name=contract.PING.name)
 def ping() -> dict[str, Any]:
     """Which worker process answered, for health checks and the test harness."""
     import os

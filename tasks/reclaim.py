@@ -46,7 +46,7 @@ def reclaimer() -> Reclaimer:
 
 
 # -- sampling ----------------------------------------------------------------------------------
-@app.task(base=DormantTask, name=contract.SAMPLE.name)
+@app.task(base=DormantTask, shared=False, name=contract.SAMPLE.name)
 def sample() -> dict[str, Any]:
     """Take one sample of every guest of this host now."""
     return reclaimer().sample()
@@ -56,7 +56,7 @@ def _hosts(s: Settings) -> list[str]:
     return registry.hosts(context().store.redis, max_age=s.registry_interval * TTL_INTERVALS)
 
 
-@app.task(base=DormantTask, name=contract.SAMPLE_FLEET.name, ignore_result=True)
+@app.task(base=DormantTask, shared=False, name=contract.SAMPLE_FLEET.name, ignore_result=True)
 def sample_fleet() -> int:
     """Beat: ask every registered host for a sample (once per tick, however many beats)."""
     s = settings()
@@ -70,7 +70,7 @@ def sample_fleet() -> int:
     return len(hosts)
 
 
-@app.task(base=DormantTask, name=contract.RECLAIM_FLEET.name, ignore_result=True)
+@app.task(base=DormantTask, shared=False, name=contract.RECLAIM_FLEET.name, ignore_result=True)
 def reclaim_fleet() -> list[str]:
     """Nightly crontab: one reclamation per host, id ``<host>:<local date>`` (the run's claim
     makes a second beat or a second trigger a no-op). With ``DORMANT_RECLAIM_EVERY`` the id is
@@ -90,13 +90,13 @@ def reclaim_fleet() -> list[str]:
 
 
 # -- runs --------------------------------------------------------------------------------------
-@app.task(base=DormantTask, bind=True, name=contract.RECLAIM.name)
+@app.task(base=DormantTask, shared=False, bind=True, name=contract.RECLAIM.name)
 def reclaim(self: Task, run_id: Any = None, dry_run: Any = False) -> dict[str, Any]:
     """Decide every guest of this host, write the report, start the capped suspends."""
     return reclaimer().reclaim(run_id, dry_run, owner=self.request.id or "")
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.RUN_ITEM.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.RUN_ITEM.name)
 def run_item(self: TransitionTask, run_id: Any, instance: Any) -> dict[str, Any]:
     """One action of a run: re-check, then suspend (reclaim, drain) or resume (restore)."""
 
@@ -107,14 +107,14 @@ def run_item(self: TransitionTask, run_id: Any, instance: Any) -> dict[str, Any]
     return reclaimer().run_item(run_id, instance, transition=transition, final=final)
 
 
-@app.task(base=DormantTask, bind=True, name=contract.RESTORE.name)
+@app.task(base=DormantTask, shared=False, bind=True, name=contract.RESTORE.name)
 def restore(self: Task, run_id: Any, restore_id: Any = None) -> dict[str, Any]:
     """Resume exactly what run ``run_id`` suspended (its manifest); skip what is running or
     gone. Each call is its own restore run, reported like any other."""
     return reclaimer().restore(run_id, restore_id, owner=self.request.id or "")
 
 
-@app.task(base=DormantTask, bind=True, name=contract.DRAIN.name)
+@app.task(base=DormantTask, shared=False, bind=True, name=contract.DRAIN.name)
 def drain(self: Task, run_id: Any = None, instances: Any = None) -> dict[str, Any]:
     """Maintenance: suspend every running guest of this host (or only ``instances``, names or
     UUIDs), capped, with a manifest for ``dormant restore``."""

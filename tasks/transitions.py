@@ -51,7 +51,7 @@ class TransitionTask(DormantTask):
             )
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.PAUSE.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.PAUSE.name)
 def pause(self: TransitionTask, instance: Any, request_id: Any = None,
           max_seconds: Any = None) -> dict[str, Any]:
     """Stop the guest's vCPUs, keep it in RAM; unpause automatically after max_seconds."""
@@ -59,24 +59,24 @@ def pause(self: TransitionTask, instance: Any, request_id: Any = None,
                            max_seconds=max_seconds)
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.UNPAUSE.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.UNPAUSE.name)
 def unpause(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
     return self.transition(Action.UNPAUSE, instance, request_id=request_id)
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.SUSPEND.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.SUSPEND.name)
 def suspend(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
     """Save the guest's memory to disk and free the host (managed save)."""
     return self.transition(Action.SUSPEND, instance, request_id=request_id)
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.RESUME.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.RESUME.name)
 def resume(self: TransitionTask, instance: Any, request_id: Any = None) -> dict[str, Any]:
     """Restore the guest from its managed-save image."""
     return self.transition(Action.RESUME, instance, request_id=request_id)
 
 
-@app.task(base=TransitionTask, bind=True, name=contract.ENSURE.name)
+@app.task(base=TransitionTask, shared=False, bind=True, name=contract.ENSURE.name)
 def ensure(self: TransitionTask, instance: Any, target: Any,
            request_id: Any = None) -> dict[str, Any]:
     """Make the instance running, paused or suspended, whatever it is now."""

@@ -60,8 +60,9 @@ def test_acquire_gets_a_lock_that_is_released_meanwhile(store: Store) -> None:
     held = store.acquire("r1", INSTANCE, wait=0)
     assert isinstance(held, Held)
     other = Store(store.redis, lock_ttl=30, result_ttl=3600)
-    # The holder's lock lapses (as if its worker died): the waiter gets it with a newer fence.
-    store.redis.pexpire(keys.lock(INSTANCE), 100)
+    # The lock now belongs to a worker that died: nobody renews it (this process's keeper
+    # renews only its own token), it lapses, and the waiter gets it with a newer fence.
+    store.redis.set(keys.lock(INSTANCE), f"{held.fence}:dead-worker", px=100)
     got = other.acquire("r2", INSTANCE, wait=5)
     assert isinstance(got, Held) and got.fence == held.fence + 1
 
