@@ -43,15 +43,6 @@ from worker import runs
 URI = "qemu:///system"
 
 
-def _client(redis_server: RedisServer):  # type: ignore[no-untyped-def]
-    from celery import Celery
-
-    app = Celery("bench", broker=redis_server.url(0), backend=redis_server.url(1))
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    result_accept_content=["json"])
-    return app
-
-
 def _all_suspended(conn: libvirt.virConnect, guests: list[TestGuest]) -> bool:
     for g in guests:
         d = conn.lookupByUUIDString(g.uuid)
@@ -72,7 +63,7 @@ def _restore(conn: libvirt.virConnect, guests: list[TestGuest]) -> None:
 
 def through_dormant(conn: libvirt.virConnect, guests: list[TestGuest], host: str,
                     redis_server: RedisServer) -> dict[str, float]:
-    app = _client(redis_server)
+    app = redis_server.celery_client("bench")
     state = redis_server.client(2)
     rid = f"drain:{host}:bench-{unique('')}"
     started = time.perf_counter()
@@ -166,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         worker.start()
         guests = [factory.create("idle", name=f"dormant-test-bulk{token}-{i}-p{os.getpid()}")
                   for i in range(args.guests)]
-        app = _client(redis_server)
+        app = redis_server.celery_client("bench")
         wait_until(lambda: worker.alive() and app.control.ping(
             destination=[worker.nodename], timeout=0.5), timeout=60, interval=0.2,
             message="worker answers")

@@ -95,11 +95,7 @@ class Suite:
         self.workers: list[WorkerProcess] = []
 
     def client(self) -> Celery:
-        app = Celery("faults", broker=self.redis.url(0), backend=self.redis.url(1))
-        app.conf.update(task_serializer="json", result_serializer="json",
-                        accept_content=["json"], result_accept_content=["json"],
-                        broker_connection_retry_on_startup=True)
-        return app
+        return self.redis.celery_client("faults")
 
     def worker(self, host: str, *, pool: str = "threads", concurrency: int = 4,
                env: dict[str, str] | None = None, wait: bool = True) -> WorkerProcess:

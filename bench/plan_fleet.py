@@ -145,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     try:
         client = server.client(2)
-        app = Celery("bench", broker=server.url(0))
-        app.conf.update(task_serializer="json", accept_content=["json"])
+        app = server.celery_client("bench", results=False)
         now = time.time()
         t0 = time.perf_counter()
         fleet, truth = build(client, args.hosts, args.instances, now, args.seed)

@@ -215,9 +215,7 @@ def main(argv: list[str] | None = None) -> int:
                                  name=f"dormant-test-real{token}-{i}-p{os.getpid()}")
                   for i in range(args.guests)]
         sums = {g.uuid: g.wait_filled(timeout=1800) for g in guests}
-        from celery import Celery
-        app = Celery("bench", broker=redis_server.url(0), backend=redis_server.url(1))
-        app.conf.update(task_serializer="json", accept_content=["json"])
+        app = redis_server.celery_client("bench")
         state = redis_server.client(2)
         wait_until(lambda: app.control.ping(destination=[worker.nodename], timeout=0.5),
                    timeout=60, interval=0.2, message="worker answers")

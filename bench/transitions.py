@@ -162,9 +162,7 @@ def services(pool: str, concurrency: int) -> Iterator[Client]:
         log_path=server.workdir / "worker.log",
         args=["-P", pool, "-c", str(concurrency)],
     )
-    app = Celery("bench-client", broker=server.url(0))
-    app.conf.update(task_serializer="json", accept_content=["json"],
-                    broker_connection_retry_on_startup=True)
+    app = server.celery_client("bench-client", results=False)
     try:
         worker.start()
 

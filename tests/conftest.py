@@ -140,7 +140,7 @@ def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer,
 
 def wait_for_worker(worker: WorkerProcess, redis_server: RedisServer, timeout: float = 60) -> None:
     """Ready means it answers a broadcast ping by name."""
-    app = client_app_for(redis_server)
+    app = redis_server.celery_client()
 
     def answered() -> bool:
         if not worker.alive():
@@ -150,18 +150,8 @@ def wait_for_worker(worker: WorkerProcess, redis_server: RedisServer, timeout: f
     wait_until(answered, timeout=timeout, interval=0.2, message=f"worker {worker.nodename} ping")
 
 
-def client_app_for(redis_server: RedisServer):  # type: ignore[no-untyped-def]
-    """A plain Celery client that does not import dormant: it only knows task names."""
-    from celery import Celery
-
-    app = Celery("client", broker=redis_server.url(0), backend=redis_server.url(1))
-    app.conf.update(task_serializer="json", result_serializer="json", accept_content=["json"],
-                    result_accept_content=["json"], broker_connection_retry_on_startup=True)
-    return app
-
-
 @pytest.fixture
 def client_app(redis_clean: RedisServer):  # type: ignore[no-untyped-def]
-    app = client_app_for(redis_clean)
+    app = redis_clean.celery_client()
     yield app
     app.close()

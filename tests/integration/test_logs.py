@@ -10,7 +10,6 @@ import json
 import re
 
 import pytest
-from celery import Celery
 
 from tests.support.services import RedisServer, free_port, new_workdir, wait_until
 
@@ -42,9 +41,7 @@ def test_worker_logs_json_lines_without_the_broker_password(locked_redis, start_
     }
     worker = start_worker(pool="threads", concurrency=2, env=env, args=["-l", "debug"],
                           wait=False)
-    client = Celery("client", broker=locked_redis.url(0), backend=locked_redis.url(1))
-    client.conf.update(task_serializer="json", accept_content=["json"],
-                       result_accept_content=["json"])
+    client = locked_redis.celery_client()
     try:
         def ready() -> bool:
             if not worker.alive():

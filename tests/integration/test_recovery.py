@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import client_app_for, wait_for_worker
+from tests.conftest import wait_for_worker
 from tests.support.journal import journal, real_state, record, saving
 from tests.support.services import RedisServer, free_port, new_workdir, wait_until
 
@@ -71,7 +71,7 @@ def test_a_retry_that_cannot_be_published_runs_once_redis_is_back(
                   "DORMANT_STATE_URL": persistent_redis.url(2)}
     worker = start_worker(pool="threads", concurrency=2, env=redis_urls, wait=False)
     wait_for_worker(worker, persistent_redis)
-    app = client_app_for(persistent_redis)
+    app = persistent_redis.celery_client()
     guest = guests.create("idle")
     rid = f"outage-{uuid.uuid4().hex[:8]}"
     sent = app.send_task("dormant.suspend", args=[guest.uuid], kwargs={"request_id": rid},

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import redis
+from celery import Celery
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,6 +71,17 @@ class RedisServer:
 
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis.from_url(self.url(db), decode_responses=True)
+
+    def celery_client(self, main: str = "client", *, results: bool = True) -> Celery:
+        """A Celery app as a caller outside dormant has it: broker, backend, JSON, task names.
+
+        It imports nothing from dormant, so it proves the contract holds for any client.
+        """
+        app = Celery(main, broker=self.url(0), backend=self.url(1) if results else None)
+        app.conf.update(task_serializer="json", result_serializer="json",
+                        accept_content=["json"], result_accept_content=["json"],
+                        broker_connection_retry_on_startup=True)
+        return app
 
     def start(self) -> None:
         binary = shutil.which("redis-server")
