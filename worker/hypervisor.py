@@ -44,6 +44,7 @@ from worker.errors import (
     InvalidTransition,
     UnknownInstance,
 )
+from worker.forkgate import gate
 from worker.states import Observed, State
 from worker.transitions import Step
 
@@ -137,6 +138,17 @@ _abandoned: set[_Line] = set()
 _abandoned_lock = threading.Lock()
 
 
+def _forget_the_parents_calls() -> None:
+    """In a forked child: the parent's calls and stuck lines are not this process's."""
+    global _abandoned_lock
+    _inflight.clear()
+    _abandoned.clear()
+    _abandoned_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_the_parents_calls)
+
+
 class _Line:
     """One libvirt connection and the one daemon thread that makes every call on it.
 
@@ -176,7 +188,9 @@ class _Line:
             key = id(future)
             _inflight[key] = (what, time.monotonic())
             try:
-                future.set_result(fn())
+                with gate.calling():  # never inside libvirt while the process forks
+                    result = fn()
+                future.set_result(result)
             except BaseException as exc:  # handed to the waiting task thread
                 future.set_exception(exc)
             finally:
