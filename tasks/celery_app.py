@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
@@ -174,6 +175,21 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
     _presence.append(presence)
 
 
+def _held_here() -> frozenset[str] | None:
+    """Task ids this worker runs, holds (prefetched) or has scheduled (a retry's countdown);
+    None if they kept changing while read (Celery's pool threads change them)."""
+    from celery.worker import state
+
+    for _attempt in range(5):
+        try:
+            held = (*state.active_requests, *state.reserved_requests,
+                    *getattr(state, "scheduled_requests", ()))
+            return frozenset(r.id for r in held) | frozenset(state.requests)
+        except RuntimeError:  # changed size during iteration: read again
+            continue
+    return None
+
+
 class ReconnectRecoveryStep(bootsteps.StartStopStep):
     """On every consumer restart after the first (a lost broker connection came back), restore
     this host's messages that the old connection delivered and nothing here will finish."""
@@ -188,19 +204,67 @@ class ReconnectRecoveryStep(bootsteps.StartStopStep):
         self.starts += 1
         if self.starts == 1 or not _presence:
             return  # the first start: worker_init already recovered
-        from celery.worker.state import active_requests, reserved_requests
-
         from worker import recovery
 
-        keep = frozenset(r.id for r in (*active_requests, *reserved_requests))
+        held = _held_here()
+        if held is None:
+            return  # the orphan sweep restores them instead
         try:
             recovery.recover_after_reconnect(app, _presence[0],  # type: ignore[arg-type]
-                                             queue=settings_mod.get().host_queue, keep=keep)
-        except Exception as exc:  # the visibility timeout still applies
+                                             queue=settings_mod.get().host_queue, keep=held)
+        except Exception as exc:  # the orphan sweep tries again
             logging.getLogger("dormant.recovery").error("recovery after reconnect: %s", exc)
 
 
 app.steps["consumer"].add(ReconnectRecoveryStep)
+
+
+_sweeping = threading.Lock()
+
+
+def _sweep_orphans_in_background() -> None:
+    """Restore this host's messages nobody holds (worker/recovery.py), on a thread of its own
+    so a slow broker never holds up the worker's timer; at most one sweep at a time."""
+    held = _held_here()
+    if not _presence or held is None or not _sweeping.acquire(blocking=False):
+        return
+
+    def sweep() -> None:
+        from worker import recovery
+
+        s = settings_mod.get()
+        try:
+            recovery.restore_orphans(app, _presence[0],  # type: ignore[arg-type]
+                                     queue=s.host_queue, keep=held,
+                                     older_than=2 * s.orphan_sweep_interval)
+        except Exception as exc:  # the next sweep tries again
+            logging.getLogger("dormant.recovery").warning("orphan sweep failed: %s", exc)
+        finally:
+            _sweeping.release()
+
+    threading.Thread(target=sweep, name="dormant-orphans", daemon=True).start()
+
+
+class OrphanSweepStep(bootsteps.StartStopStep):
+    """On a host's worker: every ``DORMANT_ORPHAN_SWEEP_INTERVAL`` seconds, restore the host
+    queue's unacknowledged messages that this worker does not hold (worker/recovery.py)."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def start(self, parent: object) -> None:
+        self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
+            settings_mod.get().orphan_sweep_interval, _sweep_orphans_in_background)
+
+    def stop(self, parent: object) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+
+
+app.steps["worker"].add(OrphanSweepStep)
 
 
 @worker_shutdown.connect

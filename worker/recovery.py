@@ -21,6 +21,11 @@ a worker announces itself, waits (at most one TTL) for other entries to lapse, t
 The same holds after the worker's broker connection drops and comes back (a Redis restart):
 messages the old connection delivered that the worker no longer runs or holds would never be
 acknowledged, so the sole worker of a host restores them too (:func:`recover_after_reconnect`).
+And as a safety net for every other way a message can be left behind (a task whose result and
+acknowledgement both met a broker outage, seen in the fault suite), the sole worker sweeps its
+queue's unacked messages every ``DORMANT_ORPHAN_SWEEP_INTERVAL`` seconds and restores those
+it does not hold that are older than twice that (:func:`restore_orphans`). A message restored
+by mistake would only run as a duplicate: request ids make that a no-op.
 
 Messages of ``dormant.control`` are never touched: they may belong to any live worker.
 """
@@ -174,15 +179,31 @@ def recover_after_reconnect(app: Any, presence: Presence, *, queue: str,
     when the connection died, or one whose task ended while the broker was down) — never one
     it still runs or holds (``keep``). Only a host's sole worker may do this.
     """
-    started = time.time()
+    return _restore_not_held(app, presence, queue=queue, keep=keep,
+                             delivered_before=time.time(),
+                             why="the lost broker connection had delivered")
+
+
+def restore_orphans(app: Any, presence: Presence, *, queue: str, keep: frozenset[str],
+                    older_than: float) -> list[str]:
+    """Restore this host's unacked messages delivered more than ``older_than`` seconds ago
+    that this worker does not run or hold (``keep``): nobody will ever acknowledge them."""
+    return _restore_not_held(app, presence, queue=queue, keep=keep,
+                             delivered_before=time.time() - older_than,
+                             why="nobody held (orphaned)")
+
+
+def _restore_not_held(app: Any, presence: Presence, *, queue: str, keep: frozenset[str],
+                      delivered_before: float, why: str) -> list[str]:
     others = presence.others()
     if others:
-        log.error("not restoring after reconnect: host %s is also served by %s", presence.host,
-                  ", ".join(sorted(others)))
+        log.error("not restoring messages %s: host %s is also served by %s", why,
+                  presence.host, ", ".join(sorted(others)))
         return []
     with app.connection_for_write() as connection:
-        restored = restore_unacked(connection, queue, delivered_before=started, keep=keep)
+        restored = restore_unacked(connection, queue, delivered_before=delivered_before,
+                                   keep=keep)
     if restored:
-        log.warning("host %s: restored %d message(s) the lost broker connection had delivered: "
-                    "%s", presence.host, len(restored), ", ".join(restored))
+        log.warning("host %s: restored %d message(s) %s: %s", presence.host, len(restored),
+                    why, ", ".join(restored))
     return restored

@@ -54,6 +54,7 @@ class Settings:
     libvirt_save_seconds_per_gib: float = 30.0  # added per GiB of guest memory (~35 MB/s)
     save_bypass_cache: bool = True  # O_DIRECT save images (false where the save dir lacks it)
     host_claim_ttl: int = 15  # seconds a dead worker's claim on its host outlives it
+    orphan_sweep_interval: int = 30  # seconds between sweeps for messages nobody holds
     concurrency: int = 0  # worker pool size (threads or processes); 0 = Celery's default
 
     # Registry of which host serves which instance.
@@ -204,6 +205,7 @@ RANGES: dict[str, Range] = {
     "libvirt_timeout": _POSITIVE, "libvirt_save_timeout": _POSITIVE,
     # Intervals: a beat slot, a timer period, a window length.
     "registry_interval": _POSITIVE, "deadline_check_interval": _POSITIVE,
+    "orphan_sweep_interval": _POSITIVE,
     "sample_interval": _POSITIVE, "idle_window": _POSITIVE,
     "idle_min_samples": Range(1), "reclaim_host_cap": Range(1),
     "idle_cpu_quantile": Range(0.0, 1.0, open=True),

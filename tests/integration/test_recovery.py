@@ -6,6 +6,7 @@ Real redis-server, real worker processes (SIGKILLed mid-managedSave), real KVM g
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Iterator
@@ -94,3 +95,30 @@ def test_a_retry_that_cannot_be_published_runs_once_redis_is_back(
     assert result["outcome"] == "changed" and result["state_after"] == "suspended", result
     assert real_state(guest.domain) == "suspended"
     app.close()
+
+
+def test_a_message_nobody_holds_is_restored_by_the_hosts_worker(
+        start_worker, client_app, host_name, guests, redis_clean):
+    """The orphan sweep: an unacknowledged message of this host's queue that the running worker
+    does not hold (left behind as when a task's result and acknowledgement both met a broker
+    outage) runs within a few sweeps instead of after the visibility timeout (an hour)."""
+    worker = start_worker(pool="threads", concurrency=2,
+                          env={"DORMANT_ORPHAN_SWEEP_INTERVAL": "1"})
+    guest = guests.create("idle")
+    broker = redis_clean.client(0)
+    parked = f"parked-{uuid.uuid4().hex[:8]}"  # a queue nobody consumes: the message waits
+    sent = client_app.send_task("dormant.pause", args=[guest.uuid], queue=parked)
+    raw = wait_until(lambda: broker.rpop(parked), timeout=10, message="the parked message")
+    payload = json.loads(raw)
+    tag = payload["properties"]["delivery_tag"]
+    queue = f"dormant.{host_name}"
+    # As kombu leaves a delivered message: in `unacked` with its exchange and routing key.
+    broker.hset("unacked", tag, json.dumps([payload, queue, queue]))
+    broker.zadd("unacked_index", {tag: time.time() - 60})
+
+    result = sent.get(timeout=30)
+    assert result["outcome"] == "changed" and result["state_after"] == "paused", result
+    assert real_state(guest.domain) == "paused(user)"
+    assert f"restored 1 message(s) nobody held (orphaned): {sent.id}" in worker.log()
+    wait_until(lambda: not broker.hexists("unacked", tag), timeout=10,
+               message="the restored message acknowledged")
