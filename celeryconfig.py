@@ -38,6 +38,13 @@ broker_transport_options = {
     "unacked_restore_throttle": 1,
 }
 result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
+# A result that cannot be stored because Redis is down is stored once it is back (backoff up
+# to 10 s, for about ten minutes). Without this Celery gives up at once; on the way out it
+# fails to record the failure too, and the request is never finished: its message stays
+# unacknowledged and the caller waits for the visibility timeout (seen in `make faults`).
+result_backend_always_retry = True
+result_backend_max_retries = 60
+result_backend_max_sleep_between_retries_ms = 10_000
 result_expires = _s.result_ttl
 result_extended = True  # Flower and clients see task name and arguments with the result
 
