@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -156,6 +157,16 @@ def domain_state(guest: TestGuest) -> tuple[int, int, bool]:
 RUNNING = (libvirt.VIR_DOMAIN_RUNNING,)
 PAUSED = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER, False)
 SAVED = (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_SAVED, True)
+
+
+def saving_or_saved(guest: TestGuest) -> str:
+    """'saving' while its managed save runs, 'saved' once done, '' before it starts."""
+    try:
+        if guest.domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE:
+            return "saving"
+    except libvirt.libvirtError:  # not running any more
+        pass
+    return "saved" if domain_state(guest) == SAVED else ""
 
 
 def expect_state(guest: TestGuest, wanted: tuple[Any, ...], what: str) -> None:
@@ -312,9 +323,15 @@ def main() -> int:
             worker = container(WORKER)
             grace = int(inspect(worker, "{{.Config.StopTimeout}}") or 10)
             expect(grace >= 60, f"stop grace period {grace}s would cut a save short")
-            pending = call("send", "suspend", c.uuid, "--queue", QUEUE)["task_id"]
-            wait_until(lambda: c.domain.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE,
-                       timeout=60, interval=0.01, message="the managed save running")
+            # The client's own start-up (a fresh interpreter importing Celery) can outlast a
+            # tiny guest's save: watch for the save from here while the client sends.
+            with ThreadPoolExecutor(1) as pool:
+                sending = pool.submit(call, "send", "suspend", c.uuid, "--queue", QUEUE)
+                wait_until(lambda: saving_or_saved(c), timeout=60, interval=0.005,
+                           message="the managed save running")
+                expect(saving_or_saved(c) == "saving",
+                       "the save finished before docker stop could interrupt it")
+                pending = sending.result()["task_id"]
             stopped_at = time.monotonic()
             docker("stop", worker, timeout=grace + 30)  # no -t: the container's grace period
             took = time.monotonic() - stopped_at
