@@ -33,6 +33,7 @@ log = logging.getLogger("dormant.delivery")
 # longest pause between two tries (seconds).
 RETRY_PUBLISH_PATIENCE = 600.0
 RETRY_PUBLISH_PAUSE_MAX = 2.0
+MIN_RETRY_COUNTDOWN = 1.0  # seconds; see KeepsMessageOnRetry.retry
 
 
 class KeepsMessageOnRetry:
@@ -41,6 +42,10 @@ class KeepsMessageOnRetry:
     Request = "tasks.delivery:Request"  # settles messages whose channel a reconnect closed
 
     def retry(self, *args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("eta") is None and kwargs.get("countdown") is not None:
+            # Full jitter can draw 0 s: the next attempt could then finish before this one has
+            # sent its task-retried event, and Flower would show a failed task as RETRY.
+            kwargs["countdown"] = max(kwargs["countdown"], MIN_RETRY_COUNTDOWN)
         deadline = time.monotonic() + RETRY_PUBLISH_PATIENCE
         pause = 0.25
         while True:

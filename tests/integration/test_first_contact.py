@@ -151,6 +151,11 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
         killed = wait_until(lambda: fleet_running(conn), timeout=120,
                             message=f"demo fleet up\n{first.log()}")
         old_ids = {n: d.ID() for n, d in killed.items()}
+        # Killed once it is up: a SIGKILL in the instant between run.sh starting a child and
+        # setpriv arming that child's parent-death signal would orphan it (a race of
+        # setpriv's, not the property tested here; it failed CI once).
+        wait_until(lambda: "dormant is running on host" in first.log(), timeout=120,
+                   message=f"make run's banner\n{first.log()}")
         first.signal(signal.SIGKILL)
         wait_until(first.group_gone, timeout=60, message="worker, beat and Flower follow run.sh")
         assert set(demo_domains(conn)) == set(old_ids)  # left behind
