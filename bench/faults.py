@@ -287,7 +287,7 @@ def redis_kill(suite: Suite, count: int) -> Row:
                     for t in missing)
     resent = {app.send_task("dormant.ensure", args=args, kwargs={"request_id": rid},
                             queue=f"dormant.{host}").id: tid
-              for tid, (rid, args) in sent.items() if tid not in got}
+              for tid, (rid, args) in sent.items() if tid in missing}
     app.close()
     if resent:
         got.update({resent[t]: m for t, m in suite.wait_results(list(resent), 120).items()})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery, bootsteps
@@ -18,7 +19,11 @@ from celery.signals import (
     worker_shutdown,
 )
 
-from tasks.timers import expire_deadlines_in_background, refresh_registry_in_background
+from tasks.timers import (
+    expire_deadlines_in_background,
+    in_background,
+    refresh_registry_in_background,
+)
 from worker import contract, logs, metrics
 from worker import settings as settings_mod
 
@@ -51,52 +56,56 @@ app.conf.beat_schedule = {
 STARTUP_REGISTRY_WAIT = 10.0  # seconds start-up waits for the first registry refresh
 
 
-class RegistryStep(bootsteps.StartStopStep):
+# seconds between calls, the function, its arguments
+TimerPlan = tuple[float, Callable[..., object], tuple[Any, ...]]
+
+
+class TimerStep(bootsteps.StartStopStep):
+    """Calls what :meth:`every` names on the worker's timer, repeatedly, until the worker
+    stops; nothing when it names nothing."""
+
+    requires = ("celery.worker.components:Timer",)
+
+    def __init__(self, parent: object, **kwargs: object) -> None:
+        super().__init__(parent, **kwargs)
+        self.tref = None
+
+    def every(self, parent: Any) -> TimerPlan | None:
+        raise NotImplementedError
+
+    def start(self, parent: Any) -> None:
+        plan = self.every(parent)
+        if plan is not None:
+            self.tref = parent.timer.call_repeatedly(*plan)
+
+    def stop(self, parent: object) -> None:
+        if self.tref is not None:
+            self.tref.cancel()
+
+
+class RegistryStep(TimerStep):
     """Publish this host's instances now and every ``DORMANT_REGISTRY_INTERVAL`` seconds.
 
     Each refresh runs on a thread of its own (libvirt calls there have deadlines, but the
     timer and, with prefork, the event loop must not wait even that long).
     """
 
-    requires = ("celery.worker.components:Timer",)
-
-    def __init__(self, parent: object, **kwargs: object) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref = None
-
-    def start(self, parent: object) -> None:
-        interval = settings_mod.get().registry_interval
-        self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
-            interval, refresh_registry_in_background)
-
-    def stop(self, parent: object) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
+    def every(self, parent: Any) -> TimerPlan:
+        return settings_mod.get().registry_interval, refresh_registry_in_background, ()
 
 
-class DeadlineStep(bootsteps.StartStopStep):
+class DeadlineStep(TimerStep):
     """On workers that consume ``dormant.control``: every ``DORMANT_DEADLINE_CHECK_INTERVAL``
     seconds, send the unpause of each due auto-unpause deadline (claimed by one worker only)."""
 
-    requires = ("celery.worker.components:Timer",)
-
-    def __init__(self, parent: object, **kwargs: object) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref = None
-
-    def start(self, parent: object) -> None:
-        worker_app = parent.app  # type: ignore[attr-defined]
+    def every(self, parent: Any) -> TimerPlan | None:
+        worker_app = parent.app
         queues = worker_app.amqp.queues
         consumed = queues.consume_from if queues.consume_from is not None else queues
         if settings_mod.CONTROL_QUEUE not in consumed:
-            return
-        interval = settings_mod.get().deadline_check_interval
-        self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
-            interval, expire_deadlines_in_background, (worker_app,))
-
-    def stop(self, parent: object) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
+            return None
+        return (settings_mod.get().deadline_check_interval, expire_deadlines_in_background,
+                (worker_app,))
 
 
 app.steps["worker"].add(RegistryStep)
@@ -224,9 +233,9 @@ _sweeping = threading.Lock()
 
 def _sweep_orphans_in_background() -> None:
     """Restore this host's messages nobody holds (worker/recovery.py), on a thread of its own
-    so a slow broker never holds up the worker's timer; at most one sweep at a time."""
-    held = _held_here()
-    if not _presence or held is None or not _sweeping.acquire(blocking=False):
+    (tasks/timers.py ``in_background``)."""
+    held = _held_here()  # read on the timer's thread: where Celery changes them, with asynloop
+    if not _presence or held is None:
         return
 
     def sweep() -> None:
@@ -239,29 +248,16 @@ def _sweep_orphans_in_background() -> None:
                                      older_than=2 * s.orphan_sweep_interval)
         except Exception as exc:  # the next sweep tries again
             logging.getLogger("dormant.recovery").warning("orphan sweep failed: %s", exc)
-        finally:
-            _sweeping.release()
 
-    threading.Thread(target=sweep, name="dormant-orphans", daemon=True).start()
+    in_background(_sweeping, "dormant-orphans", sweep)
 
 
-class OrphanSweepStep(bootsteps.StartStopStep):
+class OrphanSweepStep(TimerStep):
     """On a host's worker: every ``DORMANT_ORPHAN_SWEEP_INTERVAL`` seconds, restore the host
     queue's unacknowledged messages that this worker does not hold (worker/recovery.py)."""
 
-    requires = ("celery.worker.components:Timer",)
-
-    def __init__(self, parent: object, **kwargs: object) -> None:
-        super().__init__(parent, **kwargs)
-        self.tref = None
-
-    def start(self, parent: object) -> None:
-        self.tref = parent.timer.call_repeatedly(  # type: ignore[attr-defined]
-            settings_mod.get().orphan_sweep_interval, _sweep_orphans_in_background)
-
-    def stop(self, parent: object) -> None:
-        if self.tref is not None:
-            self.tref.cancel()
+    def every(self, parent: Any) -> TimerPlan:
+        return settings_mod.get().orphan_sweep_interval, _sweep_orphans_in_background, ()
 
 
 app.steps["worker"].add(OrphanSweepStep)

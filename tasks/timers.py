@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
@@ -21,6 +22,25 @@ from worker.settings import queue_for_host
 from worker.validation import MAX_REQUEST_ID
 
 log = logging.getLogger("dormant.timers")
+
+
+def in_background(lock: threading.Lock, name: str,
+                  work: Callable[[], object]) -> threading.Thread | None:
+    """Run ``work`` on a daemon thread of its own, unless its last run (holding ``lock``) is
+    still going: a slow libvirtd or Redis never holds up the worker's start-up, event loop or
+    timer, and runs never pile up."""
+    if not lock.acquire(blocking=False):
+        return None
+
+    def run() -> None:
+        try:
+            work()
+        finally:
+            lock.release()
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
 
 
 _refreshing = threading.Lock()
@@ -52,38 +72,16 @@ def refresh_registry_now() -> None:
 
 
 def refresh_registry_in_background() -> threading.Thread | None:
-    """Refresh on a thread of its own, so a slow or hung libvirtd never holds up the worker's
-    start-up, its event loop or its timer; at most one refresh runs at a time."""
-    if not _refreshing.acquire(blocking=False):
-        return None
-
-    def refresh() -> None:
-        try:
-            refresh_registry_now()
-        finally:
-            _refreshing.release()
-
-    thread = threading.Thread(target=refresh, name="dormant-registry", daemon=True)
-    thread.start()
-    return thread
+    """Refresh on a thread of its own (:func:`in_background`)."""
+    return in_background(_refreshing, "dormant-registry", refresh_registry_now)
 
 
 _expiring = threading.Lock()
 
 
 def expire_deadlines_in_background(app: Celery) -> None:
-    """Check the deadlines on a thread of its own (a slow state store never holds up the
-    worker's timer); at most one check runs at a time."""
-    if not _expiring.acquire(blocking=False):
-        return
-
-    def check() -> None:
-        try:
-            expire_deadlines(app)
-        finally:
-            _expiring.release()
-
-    threading.Thread(target=check, name="dormant-deadlines", daemon=True).start()
+    """Check the deadlines on a thread of its own (:func:`in_background`)."""
+    in_background(_expiring, "dormant-deadlines", lambda: expire_deadlines(app))
 
 
 def expire_deadlines(app: Celery, now: float | None = None) -> int:
