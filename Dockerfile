@@ -29,7 +29,7 @@ COPY README.md celeryconfig.py ./
 COPY worker ./worker
 COPY tasks ./tasks
 RUN /opt/dormant/bin/pip install --no-cache-dir --no-deps . \
- && /opt/dormant/bin/python -c 'import libvirt, celery, flower, tasks, worker.cli'
+ && /opt/dormant/bin/python -c 'import libvirt, celery, flower, tasks, worker.cli, worker.reclaim.run_store'
 
 FROM debian:bookworm-slim
 RUN apt-get update \

@@ -6,7 +6,7 @@ idempotent; serialisation is JSON only.
 
 from kombu import Exchange, Queue
 
-from worker import settings as _settings
+from worker.core import settings as _settings
 
 _s = _settings.get()
 

@@ -38,7 +38,7 @@ from tests.support.services import (
     unique,
     wait_until,
 )
-from worker import runs
+from worker.reclaim import run_store
 
 URI = "qemu:///system"
 
@@ -71,7 +71,7 @@ def through_dormant(conn: libvirt.virConnect, guests: list[TestGuest], host: str
                   queue=f"dormant.{host}")
 
     def done() -> dict | None:
-        report = runs.load(state, rid)
+        report = run_store.load(state, rid)
         return report if report and report["status"] == "done" else None
 
     report = wait_until(done, timeout=300, interval=0.01, message="drain finished")

@@ -53,7 +53,7 @@ from tests.support.services import (
     unique,
     wait_until,
 )
-from worker import keys
+from worker.store import keys
 
 URI = "qemu:///system"
 LIBVIRTD_LOCK = "/tmp/dormant-libvirtd.lock"
@@ -548,7 +548,7 @@ def pickled_message(suite: Suite) -> Row:
 
 def call_overhead(suite: Suite, calls: int) -> Row:
     """What the deadline costs per libvirt call: direct ``state()`` vs through its thread."""
-    from worker.hypervisor import Hypervisor
+    from worker.hypervisor.host import Hypervisor
 
     guest = suite.new_guest("idle")
     hv = Hypervisor(URI)

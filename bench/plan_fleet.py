@@ -2,13 +2,15 @@
 
 Synthetic samples (24 per instance, hourly, over a 24 h window) are written to a private
 redis-server first (not timed). Then, timed, for every host -- exactly what ``dormant.reclaim``
-does per host, minus libvirt: decide (``worker.idle.decide``),
-apply the safety rules (``worker.reclaim.select``), write the report and the run's work queue
-(``worker.runs.create``), and enqueue the first ``cap`` actions as real Celery messages on the
-host's queue (the rest wait in the run's queue and are sent as actions finish: the host cap).
+does per host, minus libvirt: decide (``worker.reclaim.idle.decide``), apply the safety rules
+(``worker.reclaim.selection.select``), write the report and the run's work queue
+(``worker.reclaim.run_store.create``), and enqueue the first ``cap`` actions as real Celery
+messages on the host's queue (the rest wait in the run's queue and are sent as actions finish:
+the host cap).
 
 The headline number starts from samples already in memory (decisions + enqueue); a second,
-separately reported pass also loads every sample from Redis (``worker.sampling.load``) first.
+separately reported pass also loads every sample from Redis
+(``worker.reclaim.sampling.load``) first.
 
 The mix: 50 % idle, 30 % busy, 10 % idle with a counter reset (a reboot), 10 % with a sampling
 gap and a paused hour. Run:
@@ -30,9 +32,9 @@ from collections import Counter
 from celery import Celery
 
 from tests.support.services import RedisServer, free_port, new_workdir
-from worker import idle, keys, runs, sampling
-from worker import reclaim as rc
-from worker.sampling import Sample
+from worker.reclaim import idle, run_store, sampling, selection
+from worker.reclaim.sampling import Sample
+from worker.store import keys
 
 WINDOW = 86400.0
 STEP = 3600.0
@@ -92,7 +94,7 @@ def plan(client, app: Celery, fleet: dict[str, list[str]], *, now: float, cap: i
     t_load = t_decide = t_write = t_send = 0.0
     decided = queued = sent = 0
     verdicts: Counter[str] = Counter()
-    safety = rc.Safety(min_age=86400)
+    safety = selection.Safety(min_age=86400)
     with app.producer_or_acquire() as producer:
         for host, uuids in fleet.items():
             t0 = time.perf_counter()
@@ -102,20 +104,21 @@ def plan(client, app: Celery, fleet: dict[str, list[str]], *, now: float, cap: i
             else:
                 history, first = memory[host]
             t1 = time.perf_counter()
-            candidates = [rc.Candidate(uuid=u, name=u[:8], state="running",
+            candidates = [selection.Candidate(uuid=u, name=u[:8], state="running",
                                        decision=idle.decide(u, history[u], policy, now=now),
                                        first_seen=first[u]) for u in uuids]
             rid = f"{host}:{tag}"
-            result = rc.select(candidates, safety, now=now, run_id=rid)
+            result = selection.select(candidates, safety, now=now, run_id=rid)
             t2 = time.perf_counter()
-            entries = [{**e.as_dict(), "outcome": "pending" if e.verdict is rc.Verdict.SUSPEND
-                        else "none"} for e in result.entries]
+            suspend = selection.Verdict.SUSPEND
+            entries = [{**e.as_dict(), "outcome": "pending" if e.verdict is suspend else "none"}
+                       for e in result.entries]
             queue = [e.instance for e in result.to_suspend]
-            runs.create(client, rid, {"run_id": rid, "kind": "reclaim", "host": host,
+            run_store.create(client, rid, {"run_id": rid, "kind": "reclaim", "host": host,
                                       "started_at": now, "status": "acting"},
                         entries, queue=queue, ttl=3600)
             t3 = time.perf_counter()
-            for instance in runs.take(client, rid, cap):
+            for instance in run_store.take(client, rid, cap):
                 app.send_task("dormant.run_item", args=[rid, instance],
                               queue=f"dormant.{host}", producer=producer)
                 sent += 1

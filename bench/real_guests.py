@@ -48,8 +48,8 @@ from tests.support.services import (
     unique,
     wait_until,
 )
-from worker import runs
-from worker.hypervisor import Hypervisor
+from worker.hypervisor.host import Hypervisor
+from worker.reclaim import run_store
 
 URI = "qemu:///system"
 _FLAGS = Hypervisor(URI)  # the flags dormant uses by default
@@ -137,7 +137,7 @@ def through_dormant(app, state, host: str, guests: list[LinuxGuest], kind: str, 
     else:
         app.send_task("dormant.restore", kwargs={"run_id": of_run, "restore_id": rid},
                       queue=f"dormant.{host}")
-    report = wait_until(lambda: (r := runs.load(state, rid)) and r["status"] == "done" and r,
+    report = wait_until(lambda: (r := run_store.load(state, rid)) and r["status"] == "done" and r,
                         timeout=900, interval=0.02, message=f"{kind} finished")
     elapsed = time.perf_counter() - started
     outcomes = {e["outcome"] for e in report["entries"]}
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
 
-    from worker.settings import Settings
+    from worker.core.settings import Settings
     cap = args.cap or Settings(host="x").reclaim_host_cap
     libvirt.registerErrorHandler(lambda _c, _e: None, None)
     conn = libvirt.open(URI)

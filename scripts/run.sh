@@ -86,7 +86,7 @@ stop() {
   kill -TERM "${pids[@]}" 2>/dev/null || true
   wait "${pids[@]}" 2>/dev/null || true
   if [[ $mode == real ]]; then
-    $PY -m worker.demo down --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&- || true
+    $PY -m worker.demo.bringup down --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&- || true
   fi
 }
 trap stop EXIT
@@ -94,7 +94,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if [[ $mode == real ]]; then
-  $PY -m worker.demo up --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&-
+  $PY -m worker.demo.bringup up --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&-
 fi
 
 # A fresh beat schedule: the demo's first reclamation run comes DORMANT_RECLAIM_EVERY after now.
@@ -116,7 +116,7 @@ while not app.control.ping(destination=[sys.argv[1]], timeout=1):
     if time.monotonic() > deadline:
         sys.exit(1)
 PY
-broker=$($PY -c 'from worker.logs import redact_url; from worker.settings import get; print(redact_url(get().broker_url))' 2>/dev/null || echo "(see DORMANT_BROKER_URL)")
+broker=$($PY -c 'from worker.core.logs import redact_url; from worker.core.settings import get; print(redact_url(get().broker_url))' 2>/dev/null || echo "(see DORMANT_BROKER_URL)")
 case $mode in
   real) what="a demo fleet of tiny real guests on this host's libvirtd ($DORMANT_LIBVIRT_URI)" ;;
   fake) what="libvirt's in-process test driver ($DORMANT_LIBVIRT_URI), the fallback where libvirtd

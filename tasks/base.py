@@ -16,16 +16,17 @@ from celery import Task
 
 from tasks.context import context, settings
 from tasks.delivery import KeepsMessageOnRetry
-from worker import contract, metrics
-from worker.errors import InvalidInput, PermanentError, TransientError
-from worker.runner import journal_rejection
+from worker.api import contract
+from worker.core import metrics
+from worker.core.errors import InvalidInput, PermanentError, TransientError
+from worker.transition.runner import journal_rejection
 
 log = logging.getLogger("dormant.contract")
 _s = settings()
 
 
 class DormantTask(KeepsMessageOnRetry, Task):
-    """Checks the call against :mod:`worker.contract`; retries only transient errors (a retry
+    """Checks the call against :mod:`worker.api.contract`; retries only transient errors (a retry
     the broker cannot take keeps its message: :mod:`tasks.delivery`)."""
 
     autoretry_for = (TransientError,)

@@ -24,11 +24,12 @@ from tasks.timers import (
     in_background,
     refresh_registry_in_background,
 )
-from worker import contract, logs, metrics
-from worker import settings as settings_mod
+from worker.api import contract
+from worker.core import logs, metrics
+from worker.core import settings as settings_mod
 
 if TYPE_CHECKING:
-    from worker.events import Watcher
+    from worker.drift.watcher import Watcher
 
 app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping", "tasks.reclaim"])
 app.config_from_object("celeryconfig")
@@ -125,7 +126,7 @@ class EventsStep(bootsteps.StartStopStep):
 
     def start(self, parent: object) -> None:
         from tasks.context import context
-        from worker.events import Watcher
+        from worker.drift.watcher import Watcher
 
         s = settings_mod.get()
         if not s.events:
@@ -166,7 +167,8 @@ def _keep_running_messages_on_reconnect() -> None:
 @worker_init.connect
 def _on_worker_init(sender: object = None, **_: object) -> None:
     """Before consuming: announce this host's worker, restore a dead incarnation's messages."""
-    from worker import recovery, state_redis
+    from worker.fleet import recovery
+    from worker.store import connection
 
     _keep_running_messages_on_reconnect()
     s = settings_mod.get()
@@ -175,7 +177,7 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
         return  # not serving a host (e.g. a control-only worker): nothing of a host to restore
     try:
         presence, _restored = recovery.recover(
-            app, state_redis.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
+            app, connection.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
             queue=s.host_queue, node=str(getattr(sender, "hostname", "") or s.host),
             ttl=s.host_claim_ttl)
     except Exception as exc:  # Redis down at start: the visibility timeout still applies
@@ -213,7 +215,7 @@ class ReconnectRecoveryStep(bootsteps.StartStopStep):
         self.starts += 1
         if self.starts == 1 or not _presence:
             return  # the first start: worker_init already recovered
-        from worker import recovery
+        from worker.fleet import recovery
 
         held = _held_here()
         if held is None:
@@ -239,7 +241,7 @@ def _sweep_orphans_in_background() -> None:
         return
 
     def sweep() -> None:
-        from worker import recovery
+        from worker.fleet import recovery
 
         s = settings_mod.get()
         try:

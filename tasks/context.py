@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import threading
 
-from worker import settings as settings_mod
-from worker import state_redis
-from worker import store as store_mod
-from worker.hypervisor import shared
-from worker.registry import TTL_INTERVALS
-from worker.runner import Context
+from worker.core import settings as settings_mod
+from worker.fleet.registry import TTL_INTERVALS
+from worker.hypervisor.host import shared
+from worker.store import connection
+from worker.transition import guards as store_mod
+from worker.transition.runner import Context
 
 _lock = threading.Lock()
 _cached: dict[int, Context] = {}
@@ -33,7 +33,7 @@ def context() -> Context:
             ctx = _cached.get(pid)
             if ctx is None:
                 s = settings()
-                client = state_redis.connect(s.state_url, tls_ca=s.tls_ca)
+                client = connection.connect(s.state_url, tls_ca=s.tls_ca)
                 ctx = Context(
                     hypervisor=shared(
                         s.libvirt_uri, timeout=s.libvirt_timeout,

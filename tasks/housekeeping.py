@@ -9,8 +9,9 @@ from tasks.base import DormantTask
 from tasks.celery_app import app
 from tasks.context import context
 from tasks.transitions import TransitionTask
-from worker import contract, validation
-from worker.errors import UnknownInstance
+from worker.api import contract
+from worker.core import validation
+from worker.core.errors import UnknownInstance
 
 
 def _describe(guest: Any, observed: Any, host: str) -> dict[str, Any]:

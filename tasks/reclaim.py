@@ -11,7 +11,7 @@
 * ``dormant.restore`` / ``dormant.drain`` (host queue): resume a run's manifest / suspend every
   running guest of the host.
 
-The bodies are one call into :class:`worker.reclaimer.Reclaimer`; what stays here is Celery:
+The bodies are one call into :class:`worker.reclaim.actions.Reclaimer`; what stays here is Celery:
 how a queued action is sent. Every task retries with the settings' one policy (DormantTask).
 """
 
@@ -28,11 +28,13 @@ from tasks.base import DormantTask
 from tasks.celery_app import app
 from tasks.context import context, settings
 from tasks.transitions import TransitionTask
-from worker import contract, registry, runs, ticks
-from worker.reclaimer import Reclaimer
-from worker.registry import TTL_INTERVALS
-from worker.settings import Settings, queue_for_host
-from worker.transitions import Action
+from worker.api import contract
+from worker.core.settings import Settings, queue_for_host
+from worker.fleet import registry
+from worker.fleet.registry import TTL_INTERVALS
+from worker.reclaim import run_store, ticks
+from worker.reclaim.actions import Reclaimer
+from worker.transition.table import Action
 
 
 def reclaimer() -> Reclaimer:
@@ -81,8 +83,8 @@ def reclaim_fleet() -> list[str]:
     period_start = now - now % s.reclaim_every if s.reclaim_every else 0.0
     sent = []
     for host in _hosts(s):
-        rid = runs.manual_id(host, period_start) if s.reclaim_every else \
-            runs.nightly_id(host, day)
+        rid = run_store.manual_id(host, period_start) if s.reclaim_every else \
+            run_store.nightly_id(host, day)
         app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
                       queue=queue_for_host(host))
         sent.append(rid)

@@ -17,9 +17,11 @@ from typing import Any
 from celery import Celery
 
 from tasks.context import context, settings
-from worker import contract, metrics, registry
-from worker.settings import queue_for_host
-from worker.validation import MAX_REQUEST_ID
+from worker.api import contract
+from worker.core import metrics
+from worker.core.settings import queue_for_host
+from worker.core.validation import MAX_REQUEST_ID
+from worker.fleet import registry
 
 log = logging.getLogger("dormant.timers")
 

@@ -1,7 +1,7 @@
 """The transition tasks, addressable by name with JSON arguments (the public contract).
 
 ``app.send_task("dormant.suspend", args=[instance], kwargs={"request_id": ...})``. Shared
-concerns live in :class:`TransitionTask`; each body is one call into ``worker.runner``.
+concerns live in :class:`TransitionTask`; each body is one call into ``worker.transition.runner``.
 """
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from typing import Any
 from tasks.base import DormantTask
 from tasks.celery_app import app
 from tasks.context import context
-from worker import contract, registry, validation
-from worker.errors import PermanentError
-from worker.runner import Request, run
-from worker.settings import CONTROL_QUEUE, queue_for_host
-from worker.transitions import Action
+from worker.api import contract
+from worker.core import validation
+from worker.core.errors import PermanentError
+from worker.core.settings import CONTROL_QUEUE, queue_for_host
+from worker.fleet import registry
+from worker.transition.runner import Request, run
+from worker.transition.table import Action
 
 
 class TransitionTask(DormantTask):

@@ -10,7 +10,7 @@ import pytest
 
 from tests.support.journal import STATE_DB, journal, real_state
 from tests.support.services import wait_until
-from worker import keys
+from worker.store import keys
 
 pytestmark = pytest.mark.integration
 

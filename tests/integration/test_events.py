@@ -24,7 +24,7 @@ from tests.support.journal import (
     revive,
 )
 from tests.support.services import ROOT, wait_until
-from worker import keys
+from worker.store import keys
 
 pytestmark = [pytest.mark.integration]
 

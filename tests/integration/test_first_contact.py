@@ -26,7 +26,8 @@ import pytest
 
 from tests.conftest import unavailable
 from tests.support.services import ROOT, free_port, test_env, unique, wait_until
-from worker import demo, runs
+from worker.demo import bringup as demo
+from worker.reclaim import run_store
 
 pytestmark = pytest.mark.integration
 
@@ -198,8 +199,8 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
 
         def reports_of_suspends() -> dict[str, dict] | None:
             found = {}
-            for rid in runs.latest(state, count=10):
-                report = runs.load(state, rid) or {}
+            for rid in run_store.latest(state, count=10):
+                report = run_store.load(state, rid) or {}
                 for e in report.get("entries", []):
                     if e["name"] in idle and e.get("outcome") == "suspended":
                         found[e["name"]] = report
@@ -239,7 +240,7 @@ def test_make_run_stack_answers_the_readme_and_reclaims_idle_demo_guests(
         for s in (first, stack):
             s.kill_all()
         # Whatever happened, no demo guest outlives the test (a connection of its own).
-        subprocess.run([sys.executable, "-m", "worker.demo", "down"], cwd=ROOT, check=False,
+        subprocess.run([sys.executable, "-m", "worker.demo.bringup", "down"], cwd=ROOT, check=False,
                        timeout=120, capture_output=True)
         conn.close()
 

@@ -135,8 +135,8 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
 
     # A task sent by dormant's own client (the CLI's) shows up as queued at once: here to a
     # host queue no worker consumes, so only the task-sent event can tell Flower about it.
-    from worker import settings as settings_mod
-    from worker.client import Client
+    from worker.api.client import Client
+    from worker.core import settings as settings_mod
 
     own = settings_mod.load(dormant_environment(redis_clean, host_name))
     with Client.from_settings(own) as client:

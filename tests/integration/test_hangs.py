@@ -23,7 +23,7 @@ import pytest
 from tests.conftest import wait_for_worker
 from tests.support.journal import journal, libvirtd_pid, real_state, revive, start_libvirtd
 from tests.support.services import wait_until
-from worker import keys
+from worker.store import keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -24,7 +24,7 @@ from tests.support import services
 from tests.support.guests import NAME_PREFIX
 from tests.support.journal import real_state
 from tests.support.services import ROOT, wait_until
-from worker import runs
+from worker.reclaim import run_store
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 LINUX_TIMEOUT = pytest.mark.timeout(900)  # TCG on a loaded 2-core host fills memory slowly
@@ -165,7 +165,7 @@ def test_reclamation_suspends_exactly_the_idle_linux_guests_and_restore_brings_t
     rid = f"{host_name}:2026-12-01"
     client_app.send_task("dormant.reclaim", kwargs={"run_id": rid}, queue=queue).get(timeout=60)
     state = redis_clean.client(2)
-    report = wait_until(lambda: (r := runs.load(state, rid)) and r["status"] == "done" and r,
+    report = wait_until(lambda: (r := run_store.load(state, rid)) and r["status"] == "done" and r,
                         timeout=240, interval=0.2, message=f"run {rid} done")
     assert set(report["manifest"]) == {g.uuid for g in idle}
     assert {g.uuid: real_state(g.domain) for g in [*idle, busy]} == {

@@ -23,7 +23,7 @@ from tests.support import services
 from tests.support.guests import NAME_PREFIX, boot_sector
 from tests.support.services import ROOT, wait_until
 from tests.support.webhook import WebhookReceiver
-from worker import killswitch, runs
+from worker.reclaim import killswitch, run_store
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +81,7 @@ class Scene:
 
     def finished(self, rid: str) -> dict:
         def done():
-            report = runs.load(self.state, rid)
+            report = run_store.load(self.state, rid)
             return report if report and report["status"] in {"done", "disabled"} else None
         return wait_until(done, timeout=90, interval=0.1, message=f"run {rid} finished")
 
@@ -150,7 +150,7 @@ def test_dry_run_real_run_second_trigger_and_restore(guests, start_worker, clien
         assert "CPU" in entries[g.uuid]["reason"]
         assert entries[g.uuid]["numbers"]["cpu_percent_at_quantile"] > 50
     assert all(state_of(libvirt_conn, g) == "running" for g in everyone)
-    assert runs.manifest(scene.state, report["run_id"]) == set()
+    assert run_store.manifest(scene.state, report["run_id"]) == set()
 
     # The real run suspends exactly those three.
     rid = f"{host_name}:2026-11-27"
@@ -167,7 +167,7 @@ def test_dry_run_real_run_second_trigger_and_restore(guests, start_worker, clien
     # A second trigger of the same run does nothing more.
     again = scene.send("dormant.reclaim", run_id=rid)
     assert again["status"] == "duplicate"
-    assert runs.load(scene.state, rid)["manifest"] == report["manifest"]
+    assert run_store.load(scene.state, rid)["manifest"] == report["manifest"]
     assert all(state_of(libvirt_conn, g) == "running" for g in [*busy, exempt])
 
     # Someone resumes one by hand; restore brings back the other two and skips that one.

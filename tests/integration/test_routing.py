@@ -7,9 +7,9 @@ import pytest
 
 from tests.support.journal import STATE_DB, journal, real_state
 from tests.support.services import wait_until
-from worker import keys
-from worker.client import Client
-from worker.settings import Settings
+from worker.api.client import Client
+from worker.core.settings import Settings
+from worker.store import keys
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from tests.support.services import wait_until
-from worker import sampling
-from worker.hypervisor import Hypervisor
-from worker.idle import IdlePolicy, decide
+from worker.hypervisor.host import Hypervisor
+from worker.reclaim import sampling
+from worker.reclaim.idle import IdlePolicy, decide
 
 pytestmark = pytest.mark.integration
 

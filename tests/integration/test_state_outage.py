@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.support.services import RedisServer, free_port, new_workdir, wait_until
-from worker import sampling
+from worker.reclaim import sampling
 
 pytestmark = pytest.mark.integration
 

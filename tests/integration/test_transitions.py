@@ -146,8 +146,8 @@ def test_a_guest_restored_paused_reads_as_paused_and_can_be_unpaused(
     is a settled pause, not a job in progress (it used to read as busy forever)."""
     import libvirt
 
-    from worker.hypervisor import connected
-    from worker.states import State
+    from worker.core.states import State
+    from worker.hypervisor.host import connected
 
     start_worker(pool="threads", concurrency=2)
     guest = guests.create("idle")

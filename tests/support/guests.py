@@ -18,7 +18,7 @@ from pathlib import Path
 
 import libvirt
 
-from worker.bootsector import BOOT_SECTORS, boot_sector, domain_type, domain_xml, kvm_usable
+from worker.demo.bootsector import BOOT_SECTORS, boot_sector, domain_type, domain_xml, kvm_usable
 
 __all__ = ["BOOT_SECTORS", "NAME_PREFIX", "GuestFactory", "TestGuest", "boot_sector",
            "kvm_usable", "remove_domain", "remove_leftovers"]

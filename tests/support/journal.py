@@ -19,7 +19,7 @@ from typing import Any
 import libvirt
 
 from tests.support.services import RedisServer, wait_until
-from worker import keys
+from worker.store import keys
 
 STATE_DB = 2  # test_env puts DORMANT_STATE_URL on db 2 of the private redis-server
 URI = "qemu:///system"

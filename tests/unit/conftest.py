@@ -14,9 +14,9 @@ import fakeredis
 import libvirt
 import pytest
 
-from worker.hypervisor import Hypervisor
-from worker.state_redis import Boundary
-from worker.store import Store
+from worker.hypervisor.host import Hypervisor
+from worker.store.connection import Boundary
+from worker.transition.guards import Store
 
 TEST_URI = "test:///default"
 

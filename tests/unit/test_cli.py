@@ -17,18 +17,18 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 from click.testing import CliRunner
 from kombu.exceptions import OperationalError
 
-from worker import registry
+from worker.api.client import Client
 from worker.cli import main
 from worker.cli import transitions as cli
-from worker.client import Client
-from worker.errors import (
+from worker.core.errors import (
     ConfigurationError,
     HypervisorUnavailable,
     InvalidInput,
     InvalidTransition,
     UnknownInstance,
 )
-from worker.settings import CONTROL_QUEUE, Settings
+from worker.core.settings import CONTROL_QUEUE, Settings
+from worker.fleet import registry
 
 UUID = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
 
@@ -47,7 +47,7 @@ class FakeResult:
 
 @dataclass
 class ScriptedClient:
-    """Stands in for worker.client.Client: records what was sent, answers from a script."""
+    """Stands in for worker.api.client.Client: records what was sent, answers from a script."""
 
     answers: dict[str, Any] = field(default_factory=dict)  # instance or "host:<h>" -> outcome
     hosts: list[str] = field(default_factory=list)
@@ -404,7 +404,7 @@ def test_client_falls_back_to_the_control_queue(routed) -> None:  # type: ignore
 
 
 def test_client_rejects_bad_input_before_sending(routed) -> None:  # type: ignore[no-untyped-def]
-    from worker.errors import InvalidInput
+    from worker.core.errors import InvalidInput
 
     client, app, domain = routed
     for call in (lambda: client.pause("bad name"),

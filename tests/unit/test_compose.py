@@ -2,7 +2,7 @@
 
 Every command must parse with the real CLI that will run it (Celery's click commands with this
 project's app, Flower's option table, the ``dormant`` console script), every ``DORMANT_*``
-variable must load through worker.settings, and the image must contain every package.
+variable must load through worker.core.settings, and the image must contain every package.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from worker import settings as settings_mod
+from worker.core import settings as settings_mod
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())

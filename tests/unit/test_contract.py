@@ -12,13 +12,14 @@ import libvirt
 import pytest
 
 from tests.unit.conftest import DomainFactory
-from worker import contract, keys
-from worker.contract import Fingerprint
-from worker.errors import InvalidInput
-from worker.hypervisor import Hypervisor
-from worker.runner import Context, Request, run
-from worker.store import Held, Reused, Store
-from worker.transitions import Action
+from worker.api import contract
+from worker.api.contract import Fingerprint
+from worker.core.errors import InvalidInput
+from worker.hypervisor.host import Hypervisor
+from worker.store import keys
+from worker.transition.guards import Held, Reused, Store
+from worker.transition.runner import Context, Request, run
+from worker.transition.table import Action
 
 
 @pytest.fixture

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from worker import bootsector, demo
-from worker.hypervisor import Hypervisor
-from worker.states import State
+from worker.core.states import State
+from worker.demo import bootsector
+from worker.demo import bringup as demo
+from worker.hypervisor.host import Hypervisor
 
 
 @pytest.fixture
@@ -76,7 +77,7 @@ def test_every_dormant_variable_run_sh_reads_is_a_setting() -> None:
     """`DORMANT_CONCURRENCY=4 make run` once died: run.sh read a name the settings reject."""
     from dataclasses import fields
 
-    from worker import settings
+    from worker.core import settings
 
     script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
     used = set(re.findall(r"\bDORMANT_[A-Z0-9_]+", script))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from celery import Celery
 
-from worker import errors
+from worker.core import errors
 
 CLASSES = sorted((c for c in vars(errors).values()
                   if isinstance(c, type) and issubclass(c, errors.DormantError)),

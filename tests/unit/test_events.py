@@ -16,9 +16,10 @@ import time
 import libvirt
 import pytest
 
-from worker import keys, metrics, registry
-from worker.errors import HypervisorBusy, UnknownInstance
-from worker.events import (
+from worker.core import metrics
+from worker.core.errors import HypervisorBusy, UnknownInstance
+from worker.core.states import Observed, State
+from worker.drift.watcher import (
     DETAILS,
     EVENTS,
     RECONCILED,
@@ -31,8 +32,9 @@ from worker.events import (
     differs,
     last_known,
 )
-from worker.runner import Action, Context, Request, run
-from worker.states import Observed, State
+from worker.fleet import registry
+from worker.store import keys
+from worker.transition.runner import Action, Context, Request, run
 
 # -- pure policy ----------------------------------------------------------------------------
 
@@ -272,7 +274,7 @@ def test_one_guests_trouble_never_ends_a_reconciliation(watcher, ctx, make_domai
 def test_event_stream_delivers_lifecycle_events_of_the_test_driver() -> None:
     script = textwrap.dedent("""
         import json, threading, time, libvirt
-        from worker.hypervisor import EventStream
+        from worker.hypervisor.host import EventStream
         got, status, stop = [], [], threading.Event()
         stream = EventStream("test:///default")
         t = threading.Thread(target=stream.run,

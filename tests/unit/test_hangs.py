@@ -16,13 +16,13 @@ import pytest
 
 from tests.support.services import wait_until
 from tests.unit.conftest import TEST_URI, DomainFactory
-from worker import keys
-from worker import metrics as metrics_mod
-from worker.errors import HypervisorBusy, HypervisorUnavailable
-from worker.hypervisor import Hypervisor, calls_in_flight
-from worker.runner import Context, Request, run
-from worker.store import Store
-from worker.transitions import Action
+from worker.core import metrics as metrics_mod
+from worker.core.errors import HypervisorBusy, HypervisorUnavailable
+from worker.hypervisor.host import Hypervisor, calls_in_flight
+from worker.store import keys
+from worker.transition.guards import Store
+from worker.transition.runner import Context, Request, run
+from worker.transition.table import Action
 
 T = TypeVar("T")
 

@@ -9,8 +9,7 @@ import libvirt
 import pytest
 
 from tests.unit.conftest import TEST_URI, DomainFactory
-from worker import hypervisor as hv_module
-from worker.errors import (
+from worker.core.errors import (
     HypervisorBusy,
     HypervisorRefused,
     HypervisorUnavailable,
@@ -19,9 +18,10 @@ from worker.errors import (
     TransientError,
     UnknownInstance,
 )
-from worker.hypervisor import Hypervisor, translate
-from worker.states import Observed, State
-from worker.transitions import Step
+from worker.core.states import Observed, State
+from worker.hypervisor import host as hv_module
+from worker.hypervisor.host import Hypervisor, translate
+from worker.transition.table import Step
 
 
 def _error(code: int | None, domain: int | None, message: str = "boom") -> libvirt.libvirtError:
@@ -184,7 +184,7 @@ def test_metadata_absent_is_none(hypervisor: Hypervisor, make_domain: DomainFact
 
 
 def test_shared_hypervisor_seeds_the_demo_fleet_once() -> None:
-    from worker.demo import FLEET
+    from worker.demo.bringup import FLEET
 
     shared = hv_module.shared(TEST_URI)
     assert hv_module.shared(TEST_URI) is shared

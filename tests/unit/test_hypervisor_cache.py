@@ -7,8 +7,8 @@ import threading
 import libvirt
 
 from tests.unit.conftest import DomainFactory
-from worker.hypervisor import Hypervisor
-from worker.states import State
+from worker.core.states import State
+from worker.hypervisor.host import Hypervisor
 
 
 def _lookups(monkeypatch, hypervisor: Hypervisor) -> list[str]:  # type: ignore[no-untyped-def]

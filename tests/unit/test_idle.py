@@ -14,10 +14,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker import idle
-from worker import settings as dormant_settings
-from worker.idle import IdlePolicy, decide
-from worker.sampling import Sample
+from worker.core import settings as dormant_settings
+from worker.reclaim import idle
+from worker.reclaim.idle import IdlePolicy, decide
+from worker.reclaim.sampling import Sample
 
 NOW = 1_800_000_000.0
 DEFAULT = IdlePolicy()

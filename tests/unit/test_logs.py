@@ -6,7 +6,7 @@ import io
 import json
 import logging
 
-from worker import logs
+from worker.core import logs
 
 
 def _record(msg: str, *args: object, fields: dict | None = None,
@@ -76,7 +76,7 @@ def test_configure_sets_the_formatter_on_every_handler_of_the_logger():
 
 def test_every_logger_is_under_dormant_so_the_log_level_setting_reaches_it() -> None:
     """DORMANT_LOG_LEVEL sets the "dormant" logger; a module logging under ``__name__``
-    ("worker.store") would escape it."""
+    ("worker.transition.guards") would escape it."""
     import ast
     from pathlib import Path
 

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.support.services import free_port
-from worker import metrics
+from worker.core import metrics
 
 
 def value(name: str, **labels: str) -> float:
@@ -84,7 +84,7 @@ def test_timed_outcomes(outcome):
 
 
 def test_libvirt_calls_in_flight_are_read_from_the_hypervisor_at_scrape_time() -> None:
-    import worker.hypervisor as hv
+    import worker.hypervisor.host as hv
 
     assert REGISTRY.get_sample_value("dormant_libvirt_calls_in_flight") == hv.calls_in_flight()[0]
     hv._inflight[-1] = ("a test call", 0.0)  # started at the monotonic clock's origin

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from worker.order import bounds, metadata_priority, room, waves
+from worker.reclaim.order import bounds, metadata_priority, room, waves
 
 NS = 'xmlns:dormant="https://dormant.dev/xmlns/1"'
 
@@ -67,30 +67,32 @@ def test_room_without_waves_is_the_cap() -> None:
 
 
 def test_a_run_queue_hands_out_one_wave_at_a_time(fake_redis) -> None:
-    from worker import runs
+    from worker.reclaim import run_store
 
     queue = ["db1", "db2", "web1", "web2", "web3"]
-    runs.create(fake_redis, "r1", {"run_id": "r1", "kind": "restore", "host": "h"},
+    run_store.create(fake_redis, "r1", {"run_id": "r1", "kind": "restore", "host": "h"},
                 [{"instance": i} for i in queue], queue=queue, ttl=600, wave_ends=[2, 5])
 
     def taken(n: int) -> list[str]:
-        return [i.decode() if isinstance(i, bytes) else i for i in runs.take(fake_redis, "r1", n)]
+        taken = run_store.take(fake_redis, "r1", n)
+        return [i.decode() if isinstance(i, bytes) else i for i in taken]
 
     def finish(i: str) -> int:
-        return runs.record(fake_redis, "r1", i, {"outcome": "resumed"}, suspended=False,
+        return run_store.record(fake_redis, "r1", i, {"outcome": "resumed"}, suspended=False,
                            ttl=600)[1]
 
     assert taken(8) == ["db1", "db2"]  # the cap is 8, the first wave is 2
     assert finish("db1") == 1 and taken(1) == []  # a finisher of wave 1 starts nothing of 2
     done = finish("db2")
-    assert runs.wave_end(fake_redis, "r1", done)  # the last of wave 1 starts the next wave
+    assert run_store.wave_end(fake_redis, "r1", done)  # the last of wave 1 starts the next wave
     assert taken(2) == ["web1", "web2"]  # ... as far as the cap allows
-    assert finish("web1") == 3 and not runs.wave_end(fake_redis, "r1", 3)
+    assert finish("web1") == 3 and not run_store.wave_end(fake_redis, "r1", 3)
     assert taken(1) == ["web3"] and taken(1) == []
 
 
 def test_a_run_without_waves_takes_up_to_the_cap(fake_redis) -> None:
-    from worker import runs
+    from worker.reclaim import run_store
 
-    runs.create(fake_redis, "r2", {"run_id": "r2"}, [], queue=["a", "b", "c"], ttl=600)
-    assert len(runs.take(fake_redis, "r2", 2)) == 2 and len(runs.take(fake_redis, "r2", 5)) == 1
+    run_store.create(fake_redis, "r2", {"run_id": "r2"}, [], queue=["a", "b", "c"], ttl=600)
+    assert len(run_store.take(fake_redis, "r2", 2)) == 2
+    assert len(run_store.take(fake_redis, "r2", 5)) == 1

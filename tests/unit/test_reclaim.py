@@ -9,12 +9,12 @@ import time
 import pytest
 
 from tests.support.webhook import WebhookReceiver
-from worker import exemptions, keys, killswitch, marks, notify, runs, ticks
-from worker import reclaim as rc
-from worker.errors import InvalidInput
-from worker.idle import Decision, IdlePolicy
-from worker.reclaim import Candidate, Mark, Safety, Verdict
-from worker.sampling import Sample
+from worker.core.errors import InvalidInput
+from worker.reclaim import exemptions, killswitch, marks, notify, run_store, selection, ticks
+from worker.reclaim.idle import Decision, IdlePolicy
+from worker.reclaim.sampling import Sample
+from worker.reclaim.selection import Candidate, Mark, Safety, Verdict
+from worker.store import keys
 
 NOW = 1_800_000_000.0
 IDLE = Decision("u", True, "idle: CPU < 3% per vCPU in 100.0% of intervals", {"intervals": 20})
@@ -29,7 +29,7 @@ def cand(uuid: str = "u1", *, decision: Decision = IDLE, state: str = "running",
 
 
 def judge(c: Candidate, safety: Safety | None = None, run_id: str = "h:2026-11-27"):
-    [entry] = rc.select([c], safety or Safety(), now=NOW, run_id=run_id).entries
+    [entry] = selection.select([c], safety or Safety(), now=NOW, run_id=run_id).entries
     return entry
 
 
@@ -73,7 +73,7 @@ def test_minimum_age_is_inclusive_and_never_seen_is_too_young(age, verdict):
 
 def test_kill_switch_turns_every_suspend_into_disabled_with_the_reason():
     safety = Safety(disabled_reason="kill switch on: set by ops")
-    plan = rc.select([cand("a"), cand("b", decision=BUSY)], safety, now=NOW, run_id="r")
+    plan = selection.select([cand("a"), cand("b", decision=BUSY)], safety, now=NOW, run_id="r")
     assert [e.verdict for e in plan.entries] == [Verdict.DISABLED, Verdict.KEEP]
     assert "kill switch on: set by ops" in plan.entries[0].reason
     assert plan.to_suspend == []
@@ -105,7 +105,7 @@ def test_an_instance_that_became_active_or_exempt_is_unmarked():
 
 
 def test_plan_counts_and_order():
-    plan = rc.select([cand("a"), cand("b", decision=BUSY), cand("c", state="paused"),
+    plan = selection.select([cand("a"), cand("b", decision=BUSY), cand("c", state="paused"),
                       cand("d")], Safety(), now=NOW, run_id="r")
     assert [e.instance for e in plan.to_suspend] == ["a", "d"]
     assert plan.counts() == {"suspend": 2, "keep": 1, "not_running": 1}
@@ -115,29 +115,30 @@ def test_plan_counts_and_order():
 # -- metadata, scope, request ids ----------------------------------------------------------------
 @pytest.mark.parametrize(("xml", "exempt"), [
     (None, False), ("", False),
-    (rc.metadata_element(exempt=True), True), (rc.metadata_element(exempt=False), False),
+    (selection.metadata_element(exempt=True), True),
+    (selection.metadata_element(exempt=False), False),
     ('<policy xmlns="https://dormant.dev/xmlns/1" exempt="YES"/>', True),
     ('<policy xmlns="https://dormant.dev/xmlns/1"/>', False)])
 def test_metadata_exemption(xml, exempt):
-    assert rc.metadata_exempt(xml) is exempt
+    assert selection.metadata_exempt(xml) is exempt
 
 
 def test_unreadable_metadata_raises_so_the_caller_keeps_the_instance():
     with pytest.raises(ValueError, match="unreadable"):
-        rc.metadata_exempt("<policy exempt=")
+        selection.metadata_exempt("<policy exempt=")
 
 
 def test_scope_is_a_glob_and_empty_means_everything():
-    assert rc.in_scope("web-1", "")
-    assert rc.in_scope("dormant-test-ab-idle0", "dormant-test-ab-*")
-    assert not rc.in_scope("prod-db", "dormant-test-ab-*")
+    assert selection.in_scope("web-1", "")
+    assert selection.in_scope("dormant-test-ab-idle0", "dormant-test-ab-*")
+    assert not selection.in_scope("prod-db", "dormant-test-ab-*")
 
 
 def test_request_ids_are_stable_and_fit_the_contract():
-    rid = rc.request_id("h:2026-11-27", "suspend", "u1")
-    assert rid == "suspend:h:2026-11-27:u1" == rc.request_id("h:2026-11-27", "suspend", "u1")
-    long = rc.request_id("h" * 100, "suspend", "9" * 36)
-    assert len(long) <= 128 and long != rc.request_id("g" * 100, "suspend", "9" * 36)
+    rid = selection.request_id("h:2026-11-27", "suspend", "u1")
+    assert rid == "suspend:h:2026-11-27:u1" == selection.request_id("h:2026-11-27", "suspend", "u1")
+    long = selection.request_id("h" * 100, "suspend", "9" * 36)
+    assert len(long) <= 128 and long != selection.request_id("g" * 100, "suspend", "9" * 36)
 
 
 # -- recheck -----------------------------------------------------------------------------------
@@ -154,7 +155,7 @@ STORED = [smp(NOW - 10 + i, i * 1000) for i in range(8)]  # ~0 % CPU
 def check(before: Sample | None, after: Sample | None, **kw):
     args = {"state": "running", "exempt": "", "disabled_reason": "", "stored": STORED,
             "before": before, "after": after, "policy": POLICY, **kw}
-    return rc.recheck("u1", **args)
+    return selection.recheck("u1", **args)
 
 
 def test_recheck_passes_for_a_still_idle_instance():
@@ -203,36 +204,37 @@ def test_recheck_needs_the_window_to_stay_idle():
 
 # -- runs in Redis -------------------------------------------------------------------------------
 def test_claim_is_once_per_run_but_a_redelivery_keeps_it(fake_redis):
-    assert runs.claim(fake_redis, "h:d", "task-1", ttl=60)
-    assert runs.claim(fake_redis, "h:d", "task-1", ttl=60)  # same task redelivered
-    assert not runs.claim(fake_redis, "h:d", "task-2", ttl=60)  # a second beat
+    assert run_store.claim(fake_redis, "h:d", "task-1", ttl=60)
+    assert run_store.claim(fake_redis, "h:d", "task-1", ttl=60)  # same task redelivered
+    assert not run_store.claim(fake_redis, "h:d", "task-2", ttl=60)  # a second beat
     assert 0 < fake_redis.ttl(keys.run_claim("h:d")) <= 60
 
 
 def test_report_queue_record_and_manifest(fake_redis):
     entries = [{"instance": u, "name": f"vm-{u}", "verdict": "suspend", "outcome": "pending"}
                for u in ("a", "b", "c")]
-    runs.create(fake_redis, "r1", {"run_id": "r1", "kind": "reclaim", "host": "h",
+    run_store.create(fake_redis, "r1", {"run_id": "r1", "kind": "reclaim", "host": "h",
                                    "status": "acting", "started_at": NOW},
                 entries, queue=["a", "b", "c"], ttl=600)
-    assert runs.take(fake_redis, "r1", 2) == ["a", "b"]
-    assert runs.record(fake_redis, "r1", "a", {"outcome": "suspended"}, suspended=True,
+    assert run_store.take(fake_redis, "r1", 2) == ["a", "b"]
+    assert run_store.record(fake_redis, "r1", "a", {"outcome": "suspended"}, suspended=True,
                        ttl=600) == (True, 1, 3)
     # A redelivered task records the same entry again: counted once.
-    assert runs.record(fake_redis, "r1", "a", {"outcome": "suspended"}, suspended=True,
+    assert run_store.record(fake_redis, "r1", "a", {"outcome": "suspended"}, suspended=True,
                        ttl=600) == (False, 1, 3)
-    assert runs.record(fake_redis, "r1", "b", {"outcome": "failed", "error": "boom"},
+    assert run_store.record(fake_redis, "r1", "b", {"outcome": "failed", "error": "boom"},
                        suspended=False, ttl=600) == (True, 2, 3)
-    assert runs.next_item(fake_redis, "r1") == "c"
-    assert runs.next_item(fake_redis, "r1") is None
-    report = runs.load(fake_redis, "r1")
+    assert run_store.next_item(fake_redis, "r1") == "c"
+    assert run_store.next_item(fake_redis, "r1") is None
+    report = run_store.load(fake_redis, "r1")
     assert report["manifest"] == ["a"]
     assert report["todo"] == 3 and report["done"] == 2
     by = {e["instance"]: e for e in report["entries"]}
     assert by["b"]["error"] == "boom" and by["b"]["name"] == "vm-b"
     assert by["c"]["outcome"] == "pending"
-    assert runs.latest(fake_redis) == ["r1"]
-    assert runs._record_script(fake_redis) is runs._record_script(fake_redis)  # registered once
+    assert run_store.latest(fake_redis) == ["r1"]
+    # registered once
+    assert run_store._record_script(fake_redis) is run_store._record_script(fake_redis)
 
 
 def test_kill_switch_from_redis_or_settings(fake_redis):
@@ -264,15 +266,15 @@ def test_exemptions_and_tick_claims(fake_redis):
 @pytest.mark.parametrize("bad", ["", "a b", "x" * 101, None, "semi;colon"])
 def test_run_ids_are_validated(bad):
     with pytest.raises(InvalidInput):
-        runs.run_id(bad)
+        run_store.run_id(bad)
 
 
 def test_run_id_builders():
     import datetime as dt
 
-    assert runs.nightly_id("h1", dt.date(2026, 11, 27)) == "h1:2026-11-27"
-    assert runs.manual_id("h1", 0, dry_run=True) == "h1:19700101T000000Z:dry"
-    assert runs.run_id(runs.restore_id(runs.drain_id("h1", 0), 0))
+    assert run_store.nightly_id("h1", dt.date(2026, 11, 27)) == "h1:2026-11-27"
+    assert run_store.manual_id("h1", 0, dry_run=True) == "h1:19700101T000000Z:dry"
+    assert run_store.run_id(run_store.restore_id(run_store.drain_id("h1", 0), 0))
 
 
 # -- notify ------------------------------------------------------------------------------------
@@ -311,7 +313,7 @@ def fanout(fake_redis, monkeypatch):
     import time as _time
 
     import tasks.reclaim as tr
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
     settings = Settings(host="ctl", sample_interval=300, reclaim_timezone="Pacific/Kiritimati")
     monkeypatch.setattr(tr, "settings", lambda: settings)
@@ -345,7 +347,8 @@ def test_periodic_fan_out_names_each_run_by_the_start_of_its_period(fanout, monk
     sent_ids = tr.reclaim_fleet.run()
     after = time.time()
     starts = {t - t % 240 for t in (before, after)}  # the period may turn during the call
-    assert any(sent_ids == [f"kvm-1:{runs.stamp(t)}", f"kvm-2:{runs.stamp(t)}"] for t in starts)
+    assert any(sent_ids == [f"kvm-1:{run_store.stamp(t)}", f"kvm-2:{run_store.stamp(t)}"]
+               for t in starts)
     assert [queue for _n, _kw, queue in sent] == ["dormant.kvm-1", "dormant.kvm-2"]
 
 
@@ -363,9 +366,9 @@ def cli(fake_redis, monkeypatch):
     from click.testing import CliRunner
 
     import worker.cli.reclaim as cr
+    from worker.api.client import Client
     from worker.cli import main
-    from worker.client import Client
-    from worker.settings import Settings
+    from worker.core.settings import Settings
 
     class FakeClient(Client):
         """The real client's reads on fakeredis; no broker."""
@@ -382,7 +385,7 @@ def cli(fake_redis, monkeypatch):
 
 
 def _a_report(client, rid="h:2026-11-27", outcome="suspended"):
-    runs.create(client, rid, {"run_id": rid, "kind": "reclaim", "host": "h", "status": "done",
+    run_store.create(client, rid, {"run_id": rid, "kind": "reclaim", "host": "h", "status": "done",
                               "reason": "1 action(s) finished", "started_at": NOW},
                 [{"instance": "u1", "name": "web-1", "verdict": "suspend", "reason": "idle: x",
                   "outcome": outcome, "error": "boom" if outcome == "failed" else None}],

@@ -12,14 +12,14 @@ import libvirt
 import pytest
 
 from tests.unit.conftest import DomainFactory
-from worker import exemptions, killswitch, runs
-from worker.errors import HypervisorUnavailable, InvalidInput
-from worker.hypervisor import Hypervisor
-from worker.reclaimer import Precheck, Reclaimer, closing, outcome_of, run_status
-from worker.runner import Context, Request, run
-from worker.settings import Settings
-from worker.store import Store
-from worker.transitions import Action
+from worker.core.errors import HypervisorUnavailable, InvalidInput
+from worker.core.settings import Settings
+from worker.hypervisor.host import Hypervisor
+from worker.reclaim import exemptions, killswitch, run_store
+from worker.reclaim.actions import Precheck, Reclaimer, closing, outcome_of, run_status
+from worker.transition.guards import Store
+from worker.transition.runner import Context, Request, run
+from worker.transition.table import Action
 
 RUNNING, PAUSED, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, \
     libvirt.VIR_DOMAIN_SHUTOFF
@@ -117,7 +117,7 @@ def test_drain_then_restore_round_trip_one_action_at_a_time(
     assert scene.work()[0]["outcome"] == "changed"
     assert {a.state()[0], b.state()[0]} == {SHUTOFF}
     assert a.hasManagedSaveImage() and b.hasManagedSaveImage()
-    done = runs.load(scene.ctx.store.redis, "drain:t1")
+    done = run_store.load(scene.ctx.store.redis, "drain:t1")
     assert done["status"] == "done" and done["outcomes"] == {"suspended": 2}
     assert done["manifest"] == sorted([a.UUIDString(), b.UUIDString()])
 
@@ -125,7 +125,7 @@ def test_drain_then_restore_round_trip_one_action_at_a_time(
     assert restored["kind"] == "restore" and restored["of_run"] == "drain:t1"
     scene.work()
     assert {a.state()[0], b.state()[0]} == {RUNNING}
-    back = runs.load(scene.ctx.store.redis, "restore:t1")
+    back = run_store.load(scene.ctx.store.redis, "restore:t1")
     assert back["status"] == "done" and back["outcomes"] == {"resumed": 2}
 
 
@@ -148,7 +148,7 @@ def test_an_instance_gone_before_its_turn_is_skipped_and_closes_the_run(
     [result] = scene.work()
     assert result["outcome"] == "skipped"
     assert result["reason"] == "skipped: the instance no longer exists"
-    report = runs.load(scene.ctx.store.redis, "drain:t3")
+    report = run_store.load(scene.ctx.store.redis, "drain:t3")
     assert report["status"] == "done" and report["outcomes"] == {"skipped": 1}
     assert report["manifest"] == []
 
@@ -175,10 +175,10 @@ def test_a_transient_failure_is_left_pending_until_the_final_attempt(
 
     with pytest.raises(HypervisorUnavailable):
         scene.reclaimer.run_item(rid, instance, transition=down, final=False)
-    assert runs.load(scene.ctx.store.redis, rid)["done"] == 0  # retried, not recorded
+    assert run_store.load(scene.ctx.store.redis, rid)["done"] == 0  # retried, not recorded
     with pytest.raises(HypervisorUnavailable):
         scene.reclaimer.run_item(rid, instance, transition=down, final=True)
-    report = runs.load(scene.ctx.store.redis, rid)
+    report = run_store.load(scene.ctx.store.redis, rid)
     assert report["status"] == "done" and report["outcomes"] == {"failed": 1}
     assert report["entries"][0]["error_type"] == "HypervisorUnavailable"
 
@@ -188,7 +188,7 @@ def test_unknown_run_and_foreign_run_are_bad_input(scene: Scene) -> None:
         scene.reclaimer.run_item("no:such", "u", transition=scene.transition("u"), final=True)
     with pytest.raises(InvalidInput, match="unknown run"):
         scene.reclaimer.restore("no:such")
-    runs.create(scene.ctx.store.redis, "elsewhere:1", {"run_id": "elsewhere:1",
+    run_store.create(scene.ctx.store.redis, "elsewhere:1", {"run_id": "elsewhere:1",
                 "kind": "drain", "host": "hv2"}, [], queue=[], ttl=60)
     with pytest.raises(InvalidInput, match="belongs to host hv2"):
         scene.reclaimer.restore("elsewhere:1")

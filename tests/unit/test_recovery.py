@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fakeredis
 
-from worker import recovery
-from worker.recovery import Presence
+from worker.fleet import recovery
+from worker.fleet.recovery import Presence
 
 
 def test_presence_sees_other_workers_of_the_host_until_they_lapse(
@@ -43,10 +43,11 @@ def test_start_up_reports_a_live_worker_of_the_same_host(
 def test_worker_start_up_wires_presence_and_recovery_to_the_state_store(
         fake_redis: fakeredis.FakeRedis, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     from tasks import celery_app
-    from worker import settings, state_redis
+    from worker.core import settings
+    from worker.store import connection
 
     calls = []
-    monkeypatch.setattr(state_redis, "connect", lambda url, tls_ca="": fake_redis)
+    monkeypatch.setattr(connection, "connect", lambda url, tls_ca="": fake_redis)
     monkeypatch.setattr(recovery, "recover",
                         lambda app, client, **kw: calls.append((client, kw)) or (None, []))
     monkeypatch.setattr(celery_app, "_presence", [])

@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 
 from tasks import app
-from worker import contract, settings
-from worker.errors import TransientError
+from worker.api import contract
+from worker.core import settings
+from worker.core.errors import TransientError
 
 app.loader.import_default_modules()  # the worker's task modules (app.conf.include)
 TASKS = sorted(name for name in app.tasks if name.startswith("dormant."))

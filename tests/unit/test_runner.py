@@ -16,8 +16,7 @@ import libvirt
 import pytest
 
 from tests.unit.conftest import DomainFactory
-from worker import keys
-from worker.errors import (
+from worker.core.errors import (
     HypervisorBusy,
     HypervisorRefused,
     InstanceBusy,
@@ -26,10 +25,11 @@ from worker.errors import (
     StaleLock,
     UnknownInstance,
 )
-from worker.hypervisor import Hypervisor
-from worker.runner import Context, Request, run
-from worker.store import Held, Store
-from worker.transitions import Action
+from worker.hypervisor.host import Hypervisor
+from worker.store import keys
+from worker.transition.guards import Held, Store
+from worker.transition.runner import Context, Request, run
+from worker.transition.table import Action
 
 T = TypeVar("T")
 NOW = 1_000_000.0

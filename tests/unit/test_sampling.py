@@ -7,10 +7,11 @@ import fakeredis
 import pytest
 import redis
 
-from worker import keys, sampling
-from worker.hypervisor import Hypervisor
-from worker.idle import IdlePolicy, decide
-from worker.sampling import Sample
+from worker.hypervisor.host import Hypervisor
+from worker.reclaim import sampling
+from worker.reclaim.idle import IdlePolicy, decide
+from worker.reclaim.sampling import Sample
+from worker.store import keys
 
 T0 = 1_800_000_000.0
 WINDOW = 3600.0

@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from worker import settings
-from worker.errors import ConfigurationError
+from worker.core import settings
+from worker.core.errors import ConfigurationError
 
 
 def test_defaults_match_the_contract() -> None:
@@ -120,7 +120,7 @@ def test_the_range_is_named_in_the_message() -> None:
 
 
 def test_every_setting_default_is_in_range_and_the_policy_accepts_it() -> None:
-    from worker.idle import IdlePolicy
+    from worker.reclaim.idle import IdlePolicy
 
     IdlePolicy.from_settings(settings.Settings())
     s = settings.load({"DORMANT_IDLE_CPU_QUANTILE": "1", "DORMANT_LOG_LEVEL": "debug",
@@ -153,7 +153,7 @@ def test_queue_names() -> None:
 def test_tls_options_are_defined_once_for_worker_and_client() -> None:
     import ssl
 
-    from worker.client import celery_client
+    from worker.api.client import celery_client
 
     plain = settings.Settings()
     assert settings.celery_tls(plain) == {}

@@ -11,18 +11,19 @@ import pytest
 import redis
 
 from tests.unit.conftest import FakeStateRedis
-from worker import exemptions, killswitch, marks, registry, runs, sampling, ticks
-from worker.errors import StateStoreUnavailable
-from worker.sampling import Sample
-from worker.state_redis import StateRedis, connect
+from worker.core.errors import StateStoreUnavailable
+from worker.fleet import registry
+from worker.reclaim import exemptions, killswitch, marks, run_store, sampling, ticks
+from worker.reclaim.sampling import Sample
+from worker.store.connection import StateRedis, connect
 
 SAMPLE = Sample(t=100.0, state="running", cpu_ns=1, vcpus=1, rx=0, tx=0, rd=0, wr=0)
 
 CALLS: dict[str, Callable[[Any], Any]] = {
-    "runs.load (command)": lambda c: runs.load(c, "r1"),
-    "runs.create (transaction)": lambda c: runs.create(c, "r1", {"run_id": "r1"}, [],
+    "run_store.load (command)": lambda c: run_store.load(c, "r1"),
+    "run_store.create (transaction)": lambda c: run_store.create(c, "r1", {"run_id": "r1"}, [],
                                                        queue=["a"], ttl=60),
-    "runs.record (Lua script)": lambda c: runs.record(c, "r1", "a", {}, suspended=True,
+    "run_store.record (Lua script)": lambda c: run_store.record(c, "r1", "a", {}, suspended=True,
                                                       ttl=60),
     "sampling.store (pipeline)": lambda c: sampling.store(c, "h", [("u", "n", SAMPLE)],
                                                           window=600, now=100.0),
@@ -73,15 +74,15 @@ def test_a_refused_connection_is_unavailable_after_redis_py_retries() -> None:
 
 
 def test_no_module_opens_a_redis_client_of_its_own() -> None:
-    """Every state-store client comes from state_redis.connect, the boundary: no other module
-    of worker/ or tasks/ builds a redis.Redis (Celery's broker and backend are Celery's)."""
+    """Every state-store client comes from worker.store.connection, the boundary: no other
+    module of worker/ or tasks/ builds a redis.Redis (Celery's broker and backend are Celery's)."""
     import ast
     from pathlib import Path
 
     root = Path(__file__).parents[2]
     opened = []
     for path in [*root.glob("worker/**/*.py"), *root.glob("tasks/*.py")]:
-        if path.name == "state_redis.py":
+        if path.relative_to(root).as_posix() == "worker/store/connection.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Call):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from worker.states import Observed, State, from_libvirt, needs_job_check
+from worker.core.states import Observed, State, from_libvirt, needs_job_check
 
 
 @pytest.mark.parametrize(

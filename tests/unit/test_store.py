@@ -8,9 +8,9 @@ import fakeredis
 import pytest
 
 from tests.support.services import wait_until
-from worker import keys
-from worker.errors import InstanceBusy, StaleLock, StateStoreUnavailable
-from worker.store import Done, Held, Store
+from worker.core.errors import InstanceBusy, StaleLock, StateStoreUnavailable
+from worker.store import keys
+from worker.transition.guards import Done, Held, Store
 
 INSTANCE = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
 OTHER = "11111111-2222-3333-4444-555555555555"

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from worker.errors import HypervisorBusy, InvalidTransition, UnknownInstance
-from worker.states import Observed, State, Target
-from worker.transitions import STEP_RESULT, VERB_TARGET, Action, Plan, Step, plan
+from worker.core.errors import HypervisorBusy, InvalidTransition, UnknownInstance
+from worker.core.states import Observed, State, Target
+from worker.transition.table import STEP_RESULT, VERB_TARGET, Action, Plan, Step, plan
 
 A, S, T, P = Action, State, Target, Step
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from worker import validation
-from worker.errors import InvalidInput
-from worker.states import Target
+from worker.core import validation
+from worker.core.errors import InvalidInput
+from worker.core.states import Target
 
 UUID = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
 

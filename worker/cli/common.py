@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from worker.errors import (
+from worker.core.errors import (
     BrokerUnavailable,
     ConfigurationError,
     DormantError,

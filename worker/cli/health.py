@@ -16,8 +16,8 @@ from worker.cli.common import EXIT_UNAVAILABLE, emit, fail, json_option, main
 
 
 def _libvirt(uri: str, timeout: float) -> dict[str, Any]:
-    from worker.errors import DormantError
-    from worker.hypervisor import Hypervisor
+    from worker.core.errors import DormantError
+    from worker.hypervisor.host import Hypervisor
 
     hv = Hypervisor(uri, timeout=timeout)
     started = time.monotonic()
@@ -52,7 +52,7 @@ def _worker(node: str, timeout: float) -> dict[str, Any]:
 @json_option
 def health(node: str | None, timeout: float | None, as_json: bool) -> None:
     """Exit 0 when libvirtd (and the worker NODE) answer in time, else 3."""
-    from worker import settings
+    from worker.core import settings
 
     s = settings.get()
     limit = timeout if timeout is not None else min(s.libvirt_timeout, 10.0)

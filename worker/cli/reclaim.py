@@ -18,7 +18,7 @@ from typing import Any
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from worker import exemptions, idle, killswitch, registry, runs, sampling, validation
+from worker.api.client import Client
 from worker.cli.common import (
     EXIT_FAILED,
     EXIT_UNAVAILABLE,
@@ -30,7 +30,9 @@ from worker.cli.common import (
     main,
     stderr,
 )
-from worker.client import Client
+from worker.core import validation
+from worker.fleet import registry
+from worker.reclaim import exemptions, idle, killswitch, run_store, sampling
 
 DEFAULT_TIMEOUT = 600.0  # seconds to follow a run (a capped batch of saves, a few s each)
 ENTRY_COLUMNS = ("host", "name", "instance", "verdict", "outcome", "reason")
@@ -81,7 +83,7 @@ def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | N
     status open; the report is printed as it is then)."""
     all_recorded: float | None = None
     while True:
-        report = runs.load(client.state, rid)
+        report = run_store.load(client.state, rid)
         if progress is not None and report is not None:
             progress.update(task, total=max(report["todo"], 1), completed=report["done"])
         if _finished(report):
@@ -140,7 +142,7 @@ def reclaim(ctx: click.Context, dry_run: bool, hosts: tuple[str, ...], timeout: 
     deadline = time.monotonic() + timeout
     with make_client() as client:
         now = time.time()
-        sent = {h: client.reclaim(h, run_id=runs.manual_id(h, now, dry_run=dry_run),
+        sent = {h: client.reclaim(h, run_id=run_store.manual_id(h, now, dry_run=dry_run),
                                   dry_run=dry_run)
                 for h in _hosts(client, hosts)}
         reports = []
@@ -162,7 +164,7 @@ def report(run_id: str | None, as_json: bool) -> None:
     """Show a run's report (the newest run when RUN_ID is left out)."""
     with make_client() as client:
         if run_id is None:
-            newest = runs.latest(client.state)
+            newest = run_store.latest(client.state)
             if not newest:
                 fail("no run has been recorded yet: nothing to show", EXIT_USAGE)
             run_id = newest[0]
@@ -287,7 +289,7 @@ def drain(host: str, instances: tuple[str, ...], timeout: float, as_json: bool) 
     exit 2 at once (naming the live hosts) and nothing is queued."""
     wanted = [validation.instance(i, "--instance") for i in instances]
     with make_client() as client:
-        result = client.drain(host, run_id=runs.drain_id(host, time.time()),
+        result = client.drain(host, run_id=run_store.drain_id(host, time.time()),
                               instances=wanted or None)
         _run_with_progress(client, result, f"draining {host}", timeout, as_json)
 
@@ -299,7 +301,7 @@ def drain(host: str, instances: tuple[str, ...], timeout: float, as_json: bool) 
 @handles_errors
 def restore(run_id: str, timeout: float, as_json: bool) -> None:
     """Resume exactly what run RUN_ID suspended; skip what is running or gone."""
-    rid = runs.run_id(run_id)
+    rid = run_store.run_id(run_id)
     with make_client() as client:
-        result = client.restore(rid, restore_id=runs.restore_id(rid, time.time()))
+        result = client.restore(rid, restore_id=run_store.restore_id(rid, time.time()))
         _run_with_progress(client, result, f"restoring {rid}", timeout, as_json)

@@ -1,7 +1,7 @@
 """``dormant status|pause|unpause|suspend|resume|ensure|history``.
 
 Each command validates its input before any connection (exit 2), sends one task by name
-through :class:`worker.client.Client` and, with ``--wait``, prints the JSON result as a
+through :class:`worker.api.client.Client` and, with ``--wait``, prints the JSON result as a
 table or as one JSON document. See docs/cli.md for exit codes and examples.
 """
 
@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 from celery.result import AsyncResult
 
-from worker import validation
+from worker.api.client import Client
 from worker.cli.common import (
     EXIT_UNAVAILABLE,
     classify,
@@ -26,9 +26,9 @@ from worker.cli.common import (
     main,
     warn_error,
 )
-from worker.client import Client
-from worker.events import Known, differs, last_known
-from worker.states import Observed, State
+from worker.core import validation
+from worker.core.states import Observed, State
+from worker.drift.watcher import Known, differs, last_known
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -1,0 +1,1 @@
+"""``make run``'s demo fleet of tiny real guests."""

@@ -1,0 +1,1 @@
+"""Changes made behind dormant's back: libvirt lifecycle events and reconciliation."""

@@ -1,0 +1,1 @@
+"""The hypervisor side: the only subpackage that imports libvirt."""

@@ -1,0 +1,1 @@
+"""One transition of one guest: the table, the runner, its Redis guards and Lua scripts."""

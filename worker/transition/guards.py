@@ -1,0 +1,338 @@
+"""The Redis side of one transition: idempotency, the per-instance lock, the journal.
+
+Three Lua scripts (``worker/lua/*.lua``, each with a signature header naming its keys and
+arguments) keep a transition to two or three round trips:
+
+* ``begin``  — refuse a request id reused for something else (its fingerprint differs), return
+  the recorded result if the request already finished, otherwise take the instance lock
+  (bumping its fencing counter, binding a new id to its fingerprint) or report it busy;
+* ``intent`` — remember the state before a libvirt call, so a redelivered message knows the
+  call was its own;
+* ``finish`` — if (and only if) the lock still carries our fence, store the result, append the
+  journal entry, update the auto-unpause deadline and release the lock.
+
+A lock's value is ``<fence>:<token>``; a process-wide keeper thread renews every lock this
+process holds, so a long managedSave keeps it while a dead worker's lock lapses by its TTL.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from worker.core.errors import InstanceBusy, StaleLock, StateStoreUnavailable
+from worker.store import keys
+from worker.store.connection import translated
+
+log = logging.getLogger("dormant.store")
+
+JOURNAL_MAXLEN = 10_000  # entries kept per instance stream (approximate trim)
+JOURNAL_ALL_MAXLEN = 100_000
+
+_LUA = Path(__file__).with_name("lua")
+
+
+def _script(name: str) -> str:
+    """A Lua script of worker/lua/, read once at import (each opens with its signature)."""
+    return (_LUA / f"{name}.lua").read_text()
+
+
+_BEGIN, _INTENT, _FINISH, _RENEW, _EXTERNAL = (
+    _script(n) for n in ("begin", "intent", "finish", "renew", "external"))
+
+
+@dataclass
+class Held:
+    """A lock this process holds."""
+
+    instance: str
+    value: str  # "<fence>:<token>"
+    previous: dict[str, Any] | None  # a pending record left by an earlier, interrupted attempt
+
+    @property
+    def fence(self) -> int:
+        return int(self.value.split(":", 1)[0])
+
+
+@dataclass(frozen=True)
+class WatchPoint:
+    """What the journal said about an instance before its real state was read."""
+
+    fence: str  # '' when no transition ever locked it
+    entries: list[tuple[str, dict[str, Any]]]  # (stream id, entry), newest first
+
+
+@dataclass
+class Done:
+    """The request already finished: its recorded result."""
+
+    result: dict[str, Any]
+
+
+@dataclass
+class Reused:
+    """The request id was first used for something else: that request's record."""
+
+    record: dict[str, Any]
+
+
+class _Keeper:
+    """One daemon thread per process renewing every lock the process holds."""
+
+    def __init__(self) -> None:
+        self._held: dict[tuple[int, str], tuple[Store, str]] = {}
+        self._mutex = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+        self._interval = 0.0  # seconds the keeper sleeps now; a shorter-lived lock wakes it
+        self._wake = threading.Event()
+
+    def add(self, store: Store, key: str, value: str) -> None:
+        with self._mutex:
+            self._held[(id(store), key)] = (store, value)
+            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="dormant-lock-keeper",
+                                                daemon=True)
+                self._thread.start()
+            elif store.lock_ttl_ms / 3000 < self._interval:
+                self._wake.set()  # asleep for longer than this lock lives: renew sooner
+
+    def remove(self, store: Store, key: str) -> None:
+        with self._mutex:
+            self._held.pop((id(store), key), None)
+
+    def _run(self) -> None:
+        while True:
+            with self._mutex:
+                held = list(self._held.items())
+            interval = min((s.lock_ttl_ms for _, (s, _v) in held), default=30_000) / 3000
+            self._interval = max(interval, 0.05)
+            for (_, key), (store, value) in held:
+                try:
+                    store.renew(key, value)
+                except (redis.RedisError, StateStoreUnavailable) as exc:
+                    log.warning("could not renew %s: %s", key, exc)
+            self._wake.wait(self._interval)
+            self._wake.clear()
+
+
+_keeper = _Keeper()
+
+
+class Store:
+    """Idempotency records, per-instance locks and the journal, in the state Redis."""
+
+    def __init__(self, client: redis.Redis, *, lock_ttl: float, result_ttl: int,
+                 registry_ttl: int = 0) -> None:
+        self.redis = client
+        self.registry_ttl = registry_ttl  # >0: a recorded transition also refreshes `where`
+        self.lock_ttl_ms = int(lock_ttl * 1000)
+        self.result_ttl = result_ttl
+        self._begin = client.register_script(_BEGIN)
+        self._intent = client.register_script(_INTENT)
+        self._finish = client.register_script(_FINISH)
+        self._renew = client.register_script(_RENEW)
+        self._external = client.register_script(_EXTERNAL)
+
+    # -- the three steps of a transition ---------------------------------------------------
+    def begin(self, request_id: str, instance: str, token: str, *, fingerprint: str = "",
+              pending: dict[str, Any] | None = None) -> Held | Done | Reused | tuple[str, int]:
+        """Reused (the id was first used for another fingerprint), Done (already finished),
+        Held (lock taken; a new id is bound to ``fingerprint``) or ("busy", ms left)."""
+        record = "" if not fingerprint else json.dumps(
+            {"status": "pending", **(pending or {}), "fingerprint": fingerprint}, sort_keys=True)
+        with translated():
+            reply = self._begin(
+                keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
+                args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl],
+            )
+        status = reply[0]
+        if status == "mismatch":
+            return Reused(json.loads(reply[1]))
+        if status == "done":
+            return Done(json.loads(reply[1]))
+        if status == "busy":
+            return ("busy", int(reply[2]))
+        previous = json.loads(reply[2]) if reply[2] else None
+        _keeper.add(self, keys.lock(instance), reply[1])
+        return Held(instance=instance, value=reply[1], previous=previous)
+
+    def acquire(self, request_id: str, instance: str, *, wait: float, fingerprint: str = "",
+                pending: dict[str, Any] | None = None) -> Held | Done | Reused:
+        """Like :meth:`begin`, polling a busy lock for up to ``wait`` seconds."""
+        token = uuid.uuid4().hex
+        deadline = time.monotonic() + wait
+        pause = 0.005
+        while True:
+            outcome = self.begin(request_id, instance, token, fingerprint=fingerprint,
+                                 pending=pending)
+            if not isinstance(outcome, tuple):
+                return outcome
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise InstanceBusy(
+                    f"instance {instance} is locked by another transition "
+                    f"(lock expires in {outcome[1] / 1000:.1f}s)"
+                )
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 0.25)
+
+    def record_intent(self, held: Held, request_id: str, pending: dict[str, Any]) -> None:
+        """Remember what this request is about to do (for a redelivered retry of it)."""
+        with translated():
+            ok = self._intent(
+                keys=[keys.lock(held.instance), keys.request(request_id)],
+                args=[held.value, json.dumps({"status": "pending", **pending}), self.result_ttl],
+            )
+        if not ok:
+            raise StaleLock(f"lost the lock on {held.instance} before calling libvirt")
+
+    def finish(
+        self,
+        held: Held | None,
+        *,
+        instance: str,
+        request_id: str,
+        entry: dict[str, Any],
+        record: dict[str, Any] | None,
+        deadline: float | str | None = None,
+        host: str = "",
+        journal_instance: bool = True,
+    ) -> None:
+        """Store the result (``record``), journal ``entry``, set/clear the deadline, unlock.
+
+        A recorded result also refreshes the registry entry saying which host serves it.
+        ``journal_instance=False`` journals in the fleet journal only and leaves the registry
+        alone (an unknown instance gets no journal and no registry entry of its own).
+
+        With a held lock and a record to store, refuse (StaleLock) when the lock was lost:
+        a newer holder may already have changed the instance.
+        """
+        deadline_arg = "" if deadline is None else str(deadline)
+        must_own = held is not None and record is not None
+        if held is not None:  # whatever happens next, this process stops renewing the lock
+            _keeper.remove(self, keys.lock(instance))
+        with translated():
+            ok = self._finish(
+                keys=[
+                    keys.lock(instance),
+                    keys.request(request_id),
+                    keys.journal(instance),
+                    keys.JOURNAL_ALL,
+                    keys.DEADLINES,
+                    keys.deadline(instance),
+                    keys.where(instance),
+                ],
+                args=[
+                    held.value if held else "",
+                    json.dumps(record, sort_keys=True) if record is not None else "",
+                    self.result_ttl,
+                    json.dumps(entry, sort_keys=True),
+                    deadline_arg,
+                    "1" if must_own else "0",
+                    JOURNAL_MAXLEN,
+                    JOURNAL_ALL_MAXLEN,
+                    instance,
+                    request_id,
+                    host,
+                    self.registry_ttl if journal_instance else 0,  # never for an unknown one
+                    "1" if journal_instance else "0",
+                ],
+            )
+        if not ok:
+            raise StaleLock(
+                f"the lock on {instance} expired while held (fence {held.fence if held else '?'}); "
+                "a newer transition owns the instance, so this result was not recorded"
+            )
+
+    def holds(self, held: Held) -> bool:
+        """Whether the lock still carries this holder's fence (checked on slow paths only)."""
+        with translated():
+            return self.redis.get(keys.lock(held.instance)) == held.value
+
+    def renew(self, key: str, value: str) -> bool:
+        return bool(self._renew(keys=[key], args=[value, self.lock_ttl_ms]))
+
+    # -- reading -----------------------------------------------------------------------------
+    def journal(self, instance: str | None = None, *, count: int = 50) -> list[dict[str, Any]]:
+        """Newest-last journal entries of one instance, or of the whole fleet."""
+        key = keys.journal(instance) if instance else keys.JOURNAL_ALL
+        with translated():
+            rows = cast(list[tuple[str, dict[str, str]]], self.redis.xrevrange(key, count=count))
+        return [json.loads(fields["entry"]) for _id, fields in reversed(rows)]
+
+    def request(self, request_id: str) -> dict[str, Any] | None:
+        with translated():
+            raw = self.redis.get(keys.request(request_id))
+        return json.loads(raw) if raw else None
+
+    def started(self, request_id: str) -> bool:
+        """Whether a request got as far as a libvirt call or a result. The pending record
+        that binds a new id to its fingerprint (written with the lock) does not count."""
+        record = self.request(request_id)
+        return record is not None and (record.get("status") != "pending"
+                                       or "state_before" in record)
+
+    def journal_only(self, entry: dict[str, Any], instance: str | None = None) -> None:
+        """Journal an entry that has no lock or record (bad input, unknown instance)."""
+        body = json.dumps(entry, sort_keys=True)
+        with translated(), self.redis.pipeline(transaction=False) as pipe:
+            if instance:
+                pipe.xadd(keys.journal(instance), {"entry": body}, maxlen=JOURNAL_MAXLEN,
+                          approximate=True)
+            pipe.xadd(keys.JOURNAL_ALL, {"entry": body}, maxlen=JOURNAL_ALL_MAXLEN,
+                      approximate=True)
+            pipe.execute()
+
+    def claim_due_deadlines(self, now: float, *, limit: int = 100) -> list[dict[str, str]]:
+        """Take the auto-unpause deadlines that have passed: each is returned to one caller only.
+
+        A claimed deadline leaves the schedule; the unpause it leads to is a durable broker
+        message, so a crash after claiming loses nothing.
+        """
+        with translated():
+            due = cast(list[str], self.redis.zrangebyscore(keys.DEADLINES, "-inf", now,
+                                                            start=0, num=limit))
+            claimed: list[dict[str, str]] = []
+            for instance in due:
+                details = cast(dict[str, str], self.redis.hgetall(keys.deadline(instance)))
+                if self.redis.zrem(keys.DEADLINES, instance):
+                    self.redis.delete(keys.deadline(instance))
+                    claimed.append({"instance": instance, **details})
+        return claimed
+
+    # -- changes made outside dormant (worker/events.py) -----------------------------------
+    def watch_point(self, instance: str, *, count: int = 20) -> WatchPoint:
+        """The fence and newest journal entries, read *before* the real state is.
+
+        :meth:`record_external` journals only if neither changed since, so a transition that
+        ran in between is never mistaken for an outside change.
+        """
+        with translated(), self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.fence(instance))
+            pipe.xrevrange(keys.journal(instance), count=count)
+            fence, rows = pipe.execute()
+        return WatchPoint(fence=fence or "",
+                          entries=[(rid, json.loads(f["entry"])) for rid, f in rows])
+
+    def record_external(self, instance: str, entry: dict[str, Any], seen: WatchPoint, *,
+                        clear_deadline: bool) -> str:
+        """Journal ``entry``: ``journaled``, or ``locked`` / ``moved`` (a transition's doing)."""
+        with translated():
+            return str(self._external(
+                keys=[keys.lock(instance), keys.fence(instance), keys.journal(instance),
+                      keys.JOURNAL_ALL, keys.DEADLINES, keys.deadline(instance)],
+                args=[seen.fence, seen.entries[0][0] if seen.entries else "",
+                      json.dumps(entry, sort_keys=True), "1" if clear_deadline else "0",
+                      instance, JOURNAL_MAXLEN, JOURNAL_ALL_MAXLEN],
+            ))

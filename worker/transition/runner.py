@@ -1,0 +1,435 @@
+"""One transition, step by step: validate, deduplicate, lock, read, act, verify, record.
+
+Plain Python over a Hypervisor and a Store, so it runs the same inside a Celery task, a test
+or a benchmark. Errors leave the journal saying what happened and the lock released.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from worker.api.contract import Fingerprint, reused
+from worker.core import metrics, validation
+from worker.core.errors import (
+    DormantError,
+    InvalidInput,
+    StaleLock,
+    StateStoreUnavailable,
+    TransientError,
+    TransitionNotReached,
+    UnknownInstance,
+)
+from worker.core.states import Observed, State, Target
+from worker.fleet import registry
+from worker.hypervisor.host import Guest, Hypervisor
+from worker.transition.guards import Done, Held, Reused, Store
+from worker.transition.table import STEP_RESULT, Action, Plan, plan
+
+log = logging.getLogger("dormant.transition")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Request:
+    """What a caller asked for, as received (validated by :func:`run`)."""
+
+    action: Action
+    instance: Any
+    request_id: Any = None
+    target: Any = None
+    max_seconds: Any = None
+    task_id: str = ""
+    attempt: int = 1
+    final_attempt: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Context:
+    """What a worker brings: its hypervisor, its state store and how long to wait."""
+
+    hypervisor: Hypervisor
+    store: Store
+    host: str
+    lock_wait: float = 60.0
+    verify_timeout: float = 30.0
+    clock: Callable[[], float] = time.time
+
+
+def run(ctx: Context, req: Request) -> dict[str, Any]:
+    """Carry out one transition and return its JSON result (see README, "Results")."""
+    started = ctx.clock()
+    base = {
+        "action": str(req.action),
+        "host": ctx.host,
+        "task_id": req.task_id,
+        "attempts": req.attempt,
+        "started_at": started,
+    }
+    try:
+        instance = validation.instance(req.instance)
+        request_id = validation.request_id(req.request_id) or req.task_id
+        target = validation.target(req.target) if req.action is Action.ENSURE else None
+        max_seconds = validation.max_seconds(req.max_seconds)
+        if max_seconds is not None and req.action is not Action.PAUSE:
+            raise InvalidInput("max_seconds only applies to pause")
+        if not request_id:
+            raise InvalidInput("a request_id (or a task id) is required")
+    except InvalidInput as exc:
+        entry = {**base, "instance": str(req.instance)[:200], "outcome": "rejected",
+                 "request_id": str(req.request_id)[:200], **_error(exc, started, ctx)}
+        journal_rejection(ctx.store, entry, req.instance, ctx.hypervisor)
+        exc.journaled = True  # type: ignore[attr-defined]  # tasks/base.py: not twice
+        metrics.transition_finished(str(req.action), "rejected", 0.0)
+        raise
+    base["request_id"] = request_id
+    return _Transition(ctx, req, base, instance, request_id, target, max_seconds).run()
+
+
+def journal_rejection(store: Store, entry: dict[str, Any], instance: Any,
+                      hypervisor: Hypervisor | None = None) -> None:
+    """Journal a refused call: in the fleet journal, and in the instance's own journal only
+    when ``instance`` names a real guest -- one some worker has published, or one this
+    worker's hypervisor knows (a read, never a change). An unknown or malformed instance
+    never gets a journal of its own."""
+    uuid = None
+    try:
+        key = validation.instance(instance)
+        uuid, host = registry.resolve(store.redis, key)
+        uuid = uuid if host else None
+        if uuid is None and hypervisor is not None:
+            uuid = hypervisor.guest(key).uuid
+    except Exception as exc:  # malformed, unknown or unreachable: the fleet journal only
+        log.debug("no journal of its own for %r: %s", instance, exc)
+    store.journal_only(entry, uuid)
+
+
+def _error(exc: Exception, started: float, ctx: Context) -> dict[str, Any]:
+    finished = ctx.clock()
+    return {
+        "error_type": type(exc).__name__,
+        "error": str(exc),
+        "finished_at": finished,
+        "duration_ms": round((finished - started) * 1000, 3),
+    }
+
+
+class _Transition:
+    def __init__(self, ctx: Context, req: Request, base: dict[str, Any], instance: str,
+                 request_id: str, target: Target | None, max_seconds: float | None) -> None:
+        self.ctx, self.req, self.base = ctx, req, base
+        self.instance, self.request_id = instance, request_id
+        self.target, self.max_seconds = target, max_seconds
+        self.held: Held | None = None
+        self.guest: Guest | None = None
+        self.before: Observed | None = None
+        self.acted = False  # a state-changing libvirt call was made
+        self.refused = False  # a reused request id was refused (journaled already)
+
+    def fingerprint(self, uuid: str) -> Fingerprint:
+        """What this request asks for; its request id is bound to it."""
+        return Fingerprint(str(self.req.action), uuid, str(self.target or ""),
+                           self.max_seconds)
+
+    def run(self) -> dict[str, Any]:
+        key = self.instance
+        if not validation.is_uuid(key):
+            # A name: answer a finished request before touching libvirt, then lock by UUID.
+            recorded = self.ctx.store.request(self.request_id)
+            if recorded is not None and (answer := self._recorded(recorded)) is not None:
+                return answer
+            key = self._lookup().uuid
+        try:
+            waited = time.monotonic()
+            outcome = self.ctx.store.acquire(
+                self.request_id, key, wait=self.ctx.lock_wait,
+                fingerprint=self.fingerprint(key).key(),
+                pending={"action": str(self.req.action), "instance": key,
+                         "name": self.guest.name if self.guest else None,
+                         "task_id": self.req.task_id})
+            metrics.lock_waited(time.monotonic() - waited)
+            if isinstance(outcome, Reused):
+                self._refuse(outcome.record)
+            if isinstance(outcome, Done):
+                return self._duplicate(outcome.result)
+            self.held = outcome
+            # The journal interval [started_at, finished_at] is the time the lock was held,
+            # so entries of one instance never overlap; the wait for the lock is before it.
+            self.base["received_at"] = self.base["started_at"]
+            self.base["started_at"] = self.ctx.clock()
+            return self._locked(key)
+        except Exception as exc:  # not only DormantError: a held lock must never outlive us
+            if not self.refused:
+                self._fail(key, exc)
+            raise
+
+    def _recorded(self, recorded: dict[str, Any]) -> dict[str, Any] | None:
+        """For a request by name: the duplicate answer, a refusal, or None to go on."""
+        bound = recorded.get("fingerprint")
+        if not bound:  # recorded before ids were bound to a fingerprint
+            return self._duplicate(recorded) if recorded.get("status") == "done" else None
+        if not Fingerprint.parse(bound).same_request(self.fingerprint("")):
+            self._refuse(recorded)
+        if recorded.get("status") == "done" and recorded.get("name") == self.instance:
+            return self._duplicate(recorded)
+        return None  # another spelling of the instance: begin compares the UUIDs
+
+    def _refuse(self, recorded: dict[str, Any]) -> NoReturn:
+        """The request id was first used for something else: journal and raise, no lock."""
+        self.refused = True
+        exc = reused(self.request_id, Fingerprint.parse(recorded["fingerprint"]),
+                     recorded.get("name"))
+        entry = {**self.base, "instance": self.guest.uuid if self.guest else self.instance,
+                 "name": self.guest.name if self.guest else None, "outcome": "rejected",
+                 "first_used_for": recorded["fingerprint"],
+                 **_error(exc, self.base["started_at"], self.ctx)}
+        journal_rejection(self.ctx.store, entry, entry["instance"], self.ctx.hypervisor)
+        exc.journaled = True  # type: ignore[attr-defined]
+        metrics.transition_finished(str(self.req.action), "rejected", 0.0)
+        log.info("%s %s: rejected: %s", self.req.action, entry["instance"], exc,
+                 extra={"dormant": _log_fields(entry)})
+        raise exc
+
+    def _lookup(self) -> Guest:
+        try:
+            self.guest = self.ctx.hypervisor.guest(self.instance)
+        except UnknownInstance as exc:
+            self._fail(self.instance, exc)
+            raise UnknownInstance(f"unknown instance {self.instance!r}: {exc}") from None
+        except DormantError as exc:
+            self._fail(self.instance, exc)
+            raise
+        return self.guest
+
+    def _duplicate(self, recorded: dict[str, Any]) -> dict[str, Any]:
+        result = {k: v for k, v in recorded.items() if k != "status"}
+        result.update(outcome="duplicate", original_task_id=recorded.get("task_id"),
+                      task_id=self.req.task_id)
+        metrics.transition_finished(str(self.req.action), "duplicate", 0.0)
+        return result
+
+    def _locked(self, uuid: str) -> dict[str, Any]:
+        if self.guest is None:
+            guest, observed = self.ctx.hypervisor.observe(uuid)
+            if guest is None:
+                raise UnknownInstance(f"unknown instance {self.instance!r}: no such domain")
+            self.guest = guest
+        else:
+            observed = self.guest.observe()
+        self.before = observed
+        steps = plan(self.req.action, observed, self.target)
+        previous = self.held.previous if self.held else None
+        before = observed
+        if steps.already:
+            # An earlier delivery of this very request may have done the work before dying.
+            # Only a pending intent counts: a failed record may come from a refusal that
+            # never called libvirt.
+            if (previous and previous.get("status") == "pending"
+                    and previous.get("state_before") not in (None, str(observed.state))):
+                outcome = "changed"
+                before = Observed(State(previous["state_before"].split("(")[0]),
+                                  previous.get("reason_before") or "")
+            else:
+                outcome = "already"
+            after = observed
+        else:
+            assert self.held is not None
+            self.ctx.store.record_intent(
+                self.held, self.request_id,
+                {"state_before": str(observed.state), "reason_before": observed.reason,
+                 "task_id": self.req.task_id, "action": str(self.req.action),
+                 "instance": uuid, "name": self.guest.name, "fence": self.held.fence,
+                 "fingerprint": self.fingerprint(uuid).key()},
+            )
+            after = self._act(steps)
+            outcome = "changed"
+        return self._succeed(outcome, before, after, steps)
+
+    def _act(self, steps: Plan) -> Observed:
+        assert self.guest is not None
+        observed = self.before
+        for step in steps.steps:
+            self.acted = True
+            self.guest.run(step)
+            observed = self._wait_for(STEP_RESULT[step])
+        assert observed is not None
+        return observed
+
+    def _wait_for(self, state: State) -> Observed:
+        """Post-condition: read the state back until it is ``state`` or the deadline passes."""
+        assert self.guest is not None
+        deadline = time.monotonic() + self.ctx.verify_timeout
+        pause = 0.01
+        while True:
+            observed = self.guest.observe()
+            if observed.state is state:
+                return observed
+            if self.held is not None and not self.ctx.store.holds(self.held):
+                # A newer holder owns the guest and may have moved it on: stop waiting.
+                raise StaleLock(
+                    f"lost the lock on {self.guest.uuid} while waiting for {state}; "
+                    f"the guest is {observed} and a newer transition owns it"
+                )
+            if time.monotonic() >= deadline:
+                raise TransitionNotReached(
+                    f"{self.guest.name} is {observed} {self.ctx.verify_timeout:g}s after the "
+                    f"call; expected {state}"
+                )
+            time.sleep(pause)
+            pause = min(pause * 2, 0.5)
+
+    def _succeed(self, outcome: str, before: Observed, after: Observed,
+                 steps: Plan) -> dict[str, Any]:
+        assert self.guest is not None and self.held is not None
+        finished = self.ctx.clock()
+        result = {
+            **self.base,
+            "instance": self.guest.uuid,
+            "name": self.guest.name,
+            "target": str(steps.target),
+            "outcome": outcome,
+            # Plain states, as ensure targets and dormant.status name them; libvirt's reason
+            # (a pause by the user, an I/O error, ...) apart.
+            "state_before": str(before.state),
+            "reason_before": before.reason,
+            "state_after": str(after.state),
+            "reason_after": after.reason,
+            "steps": [str(s) for s in steps.steps] if outcome == "changed" else [],
+            "fence": self.held.fence,
+            "finished_at": finished,
+            "duration_ms": round((finished - self.base["started_at"]) * 1000, 3),
+        }
+        deadline: float | str | None = None
+        if self.max_seconds is not None:
+            deadline = round(finished + self.max_seconds, 3)
+            result["unpause_at"] = deadline
+        elif outcome == "changed":
+            deadline = "clear"
+        try:
+            self.ctx.store.finish(
+                self.held, instance=self.guest.uuid, request_id=self.request_id,
+                entry=result, deadline=deadline,
+                record={**result, "status": "done",
+                        "fingerprint": self.fingerprint(self.guest.uuid).key()},
+                host=self.ctx.host,
+            )
+        except StaleLock as exc:
+            self.held = None
+            self.ctx.store.journal_only(
+                {**result, "outcome": "stale", **_error(exc, self.base["started_at"], self.ctx)},
+                self.guest.uuid,
+            )
+            raise
+        self.held = None
+        metrics.transition_finished(str(self.req.action), outcome,
+                                    result["duration_ms"] / 1000)
+        log.info("%s %s: %s (%s -> %s)", self.req.action, self.guest.name, outcome,
+                 before, after, extra={"dormant": _log_fields(result)})
+        return result
+
+    def _fail(self, key: str, exc: Exception) -> None:
+        """Journal a failed attempt and release the lock (also before a retry)."""
+        retrying = isinstance(exc, TransientError) and not self.req.final_attempt
+        entry = {
+            **self.base,
+            "instance": self.guest.uuid if self.guest else key,
+            "name": self.guest.name if self.guest else None,
+            "target": str(self.target or ""),
+            "outcome": "retrying" if retrying else "failed",
+            "state_before": str(self.before.state) if self.before else None,
+            "reason_before": self.before.reason if self.before else None,
+            **_error(exc, self.base["started_at"], self.ctx),
+        }
+        entry["error_class"] = "transient" if isinstance(exc, TransientError) else "permanent"
+        held, self.held = self.held, None
+        instance = entry["instance"]
+        outstanding = getattr(exc, "outstanding", None)
+        if held is not None and outstanding is not None:
+            # libvirt may still carry the abandoned call out: keep the guest locked (the
+            # keeper goes on renewing) until it returns, then release and journal that.
+            entry["lock"] = "kept until the abandoned call returns"
+            outstanding.add_done_callback(_Release(self.ctx, held, entry, str(exc)))
+            held = None
+        record = None if retrying else {**entry, "status": "failed"}
+        if record is not None and validation.is_uuid(instance):
+            # Bound like a success; a name that never resolved binds nothing.
+            record["fingerprint"] = self.fingerprint(instance).key()
+        try:
+            _patiently(held, lambda: self.ctx.store.finish(
+                held, instance=instance, request_id=self.request_id, entry=entry,
+                record=record, deadline=None, host=self.ctx.host,
+                # Only a real instance's UUID gets a journal of its own.
+                journal_instance=(validation.is_uuid(instance)
+                                  and not isinstance(exc, UnknownInstance)),
+            ), self.ctx.store.lock_ttl_ms / 1000)
+        except DormantError as store_exc:  # the store itself is down: say so in the log
+            if isinstance(store_exc, StaleLock):  # lost the lock: journal it, record nothing
+                lost = {**entry, "lock_error": str(store_exc)}
+                if not isinstance(exc, StaleLock) or self.acted:
+                    lost["outcome"] = "stale"  # libvirt was called; its result is discarded
+                with suppress(DormantError):
+                    self.ctx.store.journal_only(lost, instance)
+            log.error("could not record %s on %s: %s", exc, instance, store_exc)
+        if retrying:
+            metrics.transition_retried(str(self.req.action), type(exc).__name__)
+        else:
+            metrics.transition_finished(str(self.req.action), "failed",
+                                        (self.ctx.clock() - self.base["started_at"]))
+        log.warning("%s %s: %s %s", self.req.action, instance, entry["outcome"], exc,
+                    extra={"dormant": _log_fields(entry)})
+
+
+def _patiently(held: Held | None, finish: Callable[[], None], patience: float) -> None:
+    """Release a held lock even across a short state-store outage (the retry would otherwise
+    wait for the lock's TTL); without a lock, one try."""
+    deadline = time.monotonic() + (patience if held is not None else 0)
+    pause = 0.1
+    while True:
+        try:
+            return finish()
+        except StateStoreUnavailable:
+            if time.monotonic() + pause > deadline:
+                raise
+            time.sleep(pause)
+            pause = min(pause * 2, 1.0)
+
+
+class _Release:
+    """Unlock a guest once the libvirt call a task abandoned has returned, and journal it."""
+
+    def __init__(self, ctx: Context, held: Held, entry: dict[str, Any], call: str) -> None:
+        self.ctx, self.held, self.entry, self.call = ctx, held, entry, call
+        self.since = time.monotonic()
+
+    def __call__(self, future: Any) -> None:
+        if future.cancelled():
+            returned = "never started"
+        elif future.exception() is not None:
+            returned = f"raised {future.exception()}"
+        else:
+            returned = "returned"
+        entry = {**self.entry, "outcome": "released", "call": self.call,
+                 "call_returned": returned,
+                 "seconds_after_abandon": round(time.monotonic() - self.since, 3),
+                 "finished_at": self.ctx.clock()}
+        entry.pop("lock", None)
+        try:
+            self.ctx.store.finish(self.held, instance=self.held.instance,
+                                  request_id=entry.get("request_id") or "", entry=entry,
+                                  record=None)
+        except DormantError as exc:  # the lock lapses by its TTL: the keeper dropped it
+            log.error("could not release %s after the abandoned call: %s",
+                      self.held.instance, exc)
+            return
+        log.warning("%s: abandoned libvirt call %s; lock released",
+                    self.held.instance, returned, extra={"dormant": _log_fields(entry)})
+
+
+def _log_fields(entry: dict[str, Any]) -> dict[str, Any]:
+    wanted = ("instance", "name", "request_id", "task_id", "host", "action", "attempts",
+              "outcome", "state_before", "reason_before", "state_after", "reason_after",
+              "duration_ms", "error_type")
+    return {k: entry.get(k) for k in wanted if entry.get(k) is not None}
