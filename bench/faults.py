@@ -548,7 +548,7 @@ def pickled_message(suite: Suite) -> Row:
 
 def call_overhead(suite: Suite, calls: int) -> Row:
     """What the deadline costs per libvirt call: direct ``state()`` vs through its thread."""
-    from worker.hypervisor.host import Hypervisor
+    from worker.hypervisor import Hypervisor
 
     guest = suite.new_guest("idle")
     hv = Hypervisor(URI)

@@ -48,7 +48,7 @@ from tests.support.services import (
     unique,
     wait_until,
 )
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.reclaim import run_store
 
 URI = "qemu:///system"

@@ -11,7 +11,7 @@ import threading
 
 from worker.core import settings as settings_mod
 from worker.fleet.registry import TTL_INTERVALS
-from worker.hypervisor.host import shared
+from worker.hypervisor import shared
 from worker.store import connection
 from worker.transition import guards as store_mod
 from worker.transition.runner import Context

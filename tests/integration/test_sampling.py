@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.support.services import wait_until
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.reclaim import sampling
 from worker.reclaim.idle import IdlePolicy, decide
 

@@ -147,7 +147,7 @@ def test_a_guest_restored_paused_reads_as_paused_and_can_be_unpaused(
     import libvirt
 
     from worker.core.states import State
-    from worker.hypervisor.host import connected
+    from worker.hypervisor import connected
 
     start_worker(pool="threads", concurrency=2)
     guest = guests.create("idle")

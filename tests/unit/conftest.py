@@ -14,7 +14,7 @@ import fakeredis
 import libvirt
 import pytest
 
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.store.connection import Boundary
 from worker.transition.guards import Store
 

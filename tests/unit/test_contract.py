@@ -15,7 +15,7 @@ from tests.unit.conftest import DomainFactory
 from worker.api import contract
 from worker.api.contract import Fingerprint
 from worker.core.errors import InvalidInput
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.store import keys
 from worker.transition.guards import Held, Reused, Store
 from worker.transition.runner import Context, Request, run

@@ -12,7 +12,7 @@ import pytest
 from worker.core.states import State
 from worker.demo import bootsector
 from worker.demo import bringup as demo
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 
 
 @pytest.fixture

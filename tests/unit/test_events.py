@@ -274,7 +274,7 @@ def test_one_guests_trouble_never_ends_a_reconciliation(watcher, ctx, make_domai
 def test_event_stream_delivers_lifecycle_events_of_the_test_driver() -> None:
     script = textwrap.dedent("""
         import json, threading, time, libvirt
-        from worker.hypervisor.host import EventStream
+        from worker.hypervisor.events import EventStream
         got, status, stop = [], [], threading.Event()
         stream = EventStream("test:///default")
         t = threading.Thread(target=stream.run,

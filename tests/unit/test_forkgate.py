@@ -7,8 +7,8 @@ import signal
 import threading
 import time
 
+from worker.hypervisor import Hypervisor
 from worker.hypervisor.forkgate import ForkGate
-from worker.hypervisor.host import Hypervisor
 
 TEST_URI = "test:///default"
 

@@ -18,7 +18,7 @@ from tests.support.services import wait_until
 from tests.unit.conftest import TEST_URI, DomainFactory
 from worker.core import metrics as metrics_mod
 from worker.core.errors import HypervisorBusy, HypervisorUnavailable
-from worker.hypervisor.host import Hypervisor, calls_in_flight
+from worker.hypervisor import Hypervisor, calls_in_flight
 from worker.store import keys
 from worker.transition.guards import Store
 from worker.transition.runner import Context, Request, run

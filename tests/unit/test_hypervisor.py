@@ -9,6 +9,7 @@ import libvirt
 import pytest
 
 from tests.unit.conftest import TEST_URI, DomainFactory
+from worker import hypervisor as hv_module
 from worker.core.errors import (
     HypervisorBusy,
     HypervisorRefused,
@@ -19,8 +20,7 @@ from worker.core.errors import (
     UnknownInstance,
 )
 from worker.core.states import Observed, State
-from worker.hypervisor import host as hv_module
-from worker.hypervisor.host import Hypervisor, translate
+from worker.hypervisor import Hypervisor, translate
 from worker.transition.table import Step
 
 

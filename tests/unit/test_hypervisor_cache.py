@@ -8,7 +8,7 @@ import libvirt
 
 from tests.unit.conftest import DomainFactory
 from worker.core.states import State
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 
 
 def _lookups(monkeypatch, hypervisor: Hypervisor) -> list[str]:  # type: ignore[no-untyped-def]

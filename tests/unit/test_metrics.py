@@ -84,7 +84,7 @@ def test_timed_outcomes(outcome):
 
 
 def test_libvirt_calls_in_flight_are_read_from_the_hypervisor_at_scrape_time() -> None:
-    import worker.hypervisor.host as hv
+    import worker.hypervisor.calls as hv
 
     assert REGISTRY.get_sample_value("dormant_libvirt_calls_in_flight") == hv.calls_in_flight()[0]
     hv._inflight[-1] = ("a test call", 0.0)  # started at the monotonic clock's origin

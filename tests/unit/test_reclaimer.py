@@ -14,7 +14,7 @@ import pytest
 from tests.unit.conftest import DomainFactory
 from worker.core.errors import HypervisorUnavailable, InvalidInput
 from worker.core.settings import Settings
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.reclaim import exemptions, killswitch, run_store
 from worker.reclaim.actions import Precheck, Reclaimer, closing, outcome_of, run_status
 from worker.transition.guards import Store

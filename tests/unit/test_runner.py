@@ -25,7 +25,7 @@ from worker.core.errors import (
     StaleLock,
     UnknownInstance,
 )
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.store import keys
 from worker.transition.guards import Held, Store
 from worker.transition.runner import Context, Request, run

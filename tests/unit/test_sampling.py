@@ -7,7 +7,7 @@ import fakeredis
 import pytest
 import redis
 
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.reclaim import sampling
 from worker.reclaim.idle import IdlePolicy, decide
 from worker.reclaim.sampling import Sample

@@ -5,7 +5,7 @@ from __future__ import annotations
 import libvirt
 
 from worker.core.settings import load
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 
 
 def test_saves_and_restores_bypass_the_page_cache_by_default() -> None:

@@ -17,7 +17,7 @@ from worker.cli.common import EXIT_UNAVAILABLE, emit, fail, json_option, main
 
 def _libvirt(uri: str, timeout: float) -> dict[str, Any]:
     from worker.core.errors import DormantError
-    from worker.hypervisor.host import Hypervisor
+    from worker.hypervisor import Hypervisor
 
     hv = Hypervisor(uri, timeout=timeout)
     started = time.monotonic()

@@ -9,7 +9,7 @@ the managed-save image) and deletes the disks. scripts/run.sh holds a machine-wi
 both, so two demos never share the names.
 
 Where libvirtd cannot run, the same names and UUIDs are seeded into libvirt's in-process test
-driver instead (``worker.hypervisor.host``, from the data in
+driver instead (``worker.hypervisor.testdriver``, from the data in
 ``worker.demo.fleet``).
 
     python -m worker.demo.bringup up|down [--uri qemu:///system] [--disks DIR]
@@ -26,7 +26,7 @@ from worker.core.errors import DormantError
 from worker.demo import bootsector
 from worker.demo.fleet import FLEET, PREFIX, DemoGuest
 from worker.demo.fleet import demo_uuid as demo_uuid  # re-exported: the demo's public name
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 
 DEFAULT_URI = "qemu:///system"
 DEFAULT_DISKS = Path("/var/lib/libvirt/images/dormant-demo")

@@ -1,5 +1,5 @@
 """The demo fleet's names and UUIDs: plain data, shared by ``make run``'s real guests
-(:mod:`worker.demo.bringup`) and the test driver's stand-ins (``worker.hypervisor.host``),
+(:mod:`worker.demo.bringup`) and the test driver's stand-ins (``worker.hypervisor.testdriver``),
 without either importing the other.
 """
 

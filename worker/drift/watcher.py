@@ -8,7 +8,7 @@ it as ``outcome: external``.
 The pieces:
 
 * a **pump** process (``python -m worker.drift.watcher``) runs libvirt's event loop and
-  :class:`worker.hypervisor.host.EventStream` and prints one JSON line per event. It is a process
+  :class:`worker.hypervisor.events.EventStream` and prints one JSON line per event. It is a process
   of its own because registering libvirt's event loop is for good and inherited by a forked
   Celery pool child, whose idle connections libvirtd would then drop (see
   ``hypervisor._ensure_event_loop``);
@@ -488,7 +488,7 @@ def _end(process: subprocess.Popen[bytes], timeout: float) -> None:
 # -- the pump process ------------------------------------------------------------------------
 def pump(uri: str, out: IO[str], stdin: IO[str]) -> None:
     """Print libvirt's lifecycle events of ``uri`` as JSON lines until stdin closes."""
-    from worker.hypervisor.host import DomainEvent, EventStream
+    from worker.hypervisor.events import DomainEvent, EventStream
 
     stop = threading.Event()
     write_lock = threading.Lock()

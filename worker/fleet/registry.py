@@ -14,7 +14,7 @@ from typing import Any, cast
 import redis
 
 from worker.core import validation
-from worker.hypervisor.host import Hypervisor
+from worker.hypervisor import Hypervisor
 from worker.store import keys
 
 TTL_INTERVALS = 3

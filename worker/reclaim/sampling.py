@@ -24,7 +24,7 @@ from worker.store import keys
 if TYPE_CHECKING:
     import redis
 
-    from worker.hypervisor.host import Hypervisor
+    from worker.hypervisor import Hypervisor
 
 
 class Sample(NamedTuple):

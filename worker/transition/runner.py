@@ -26,7 +26,7 @@ from worker.core.errors import (
 )
 from worker.core.states import Observed, State, Target
 from worker.fleet import registry
-from worker.hypervisor.host import Guest, Hypervisor
+from worker.hypervisor import Guest, Hypervisor
 from worker.transition.guards import Done, Held, Reused, Store
 from worker.transition.table import STEP_RESULT, Action, Plan, plan
 
