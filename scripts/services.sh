@@ -21,18 +21,21 @@ if virsh -c qemu:///system version >/dev/null 2>&1; then
   exit 0
 fi
 if [[ $(id -u) -ne 0 ]]; then
-  if pgrep -x libvirtd >/dev/null; then
+  if [[ -S /var/run/libvirt/libvirt-sock ]]; then
     die "libvirtd runs but $(id -un) cannot reach qemu:///system: run as root, or join the group that owns /var/run/libvirt/libvirt-sock"
   fi
   die "libvirtd is not running and starting it needs root: sudo $0"
 fi
+# A daemon of *this* machine runs: its pid file names a live process of that name. (pgrep would
+# also see a libvirtd inside a container on this host, and then none would be started here.)
+running() { local pid; pid=$(cat "/var/run/$1.pid" 2>/dev/null) && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$1" ]]; }
 for group in kvm libvirt-qemu; do getent group "$group" >/dev/null || groupadd --system "$group"; done
 getent passwd libvirt-qemu >/dev/null || useradd --system --no-create-home -g kvm libvirt-qemu
 # qemu.conf is written only where libvirt was not configured before (see qemu-conf.sh).
 "$(dirname "$0")/qemu-conf.sh" || die "not starting libvirtd: see the settings above"
 mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu/save
-pgrep -x virtlogd >/dev/null || virtlogd -d
-pgrep -x libvirtd >/dev/null || { say "starting libvirtd"; libvirtd -d; }
+running virtlogd || virtlogd -d
+running libvirtd || { say "starting libvirtd"; libvirtd -d; }
 for _ in $(seq 100); do virsh -c qemu:///system version >/dev/null 2>&1 && break; sleep 0.2; done
 virsh -c qemu:///system version >/dev/null 2>&1 || die "libvirtd did not answer on qemu:///system (see /var/log/libvirt/libvirtd.log)"
 [[ -w /dev/kvm ]] || say "note: /dev/kvm is not usable; guests will run under TCG emulation"

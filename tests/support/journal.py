@@ -84,8 +84,12 @@ def libvirtd_pid() -> int:
 
 
 def libvirtd_running() -> bool:
-    return subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True,
-                          check=False).returncode == 0
+    """This machine's libvirtd, by its pid file (pgrep would also see one in a container)."""
+    try:
+        libvirtd_pid()
+    except (OSError, ValueError, RuntimeError):
+        return False
+    return True
 
 
 def start_libvirtd() -> None:
