@@ -184,7 +184,7 @@ class WorkerProcess:
 
 def _event_pump(pid: int) -> bool:
     try:
-        return b"worker.drift.watcher" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"worker.drift.pump" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

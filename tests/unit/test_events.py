@@ -19,19 +19,19 @@ import pytest
 from worker.core import metrics
 from worker.core.errors import HypervisorBusy, UnknownInstance
 from worker.core.states import Observed, State
-from worker.drift.watcher import (
+from worker.drift.policy import (
     DETAILS,
     EVENTS,
     RECONCILED,
     UNCERTAIN,
     Known,
-    Watcher,
     already_recorded,
     attribute,
     describe,
     differs,
     last_known,
 )
+from worker.drift.watcher import Watcher
 from worker.fleet import registry
 from worker.store import keys
 from worker.transition.runner import Action, Context, Request, run

@@ -257,7 +257,7 @@ class Client:
 
     def recorded(self, uuids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """The newest journal entries of each instance (newest first), in one round trip:
-        what :func:`worker.drift.watcher.last_known` reads the last recorded state from."""
+        what :func:`worker.drift.policy.last_known` reads the last recorded state from."""
         uuids = list(uuids)
         with self.state.pipeline(transaction=False) as pipe:
             for uuid in uuids:

@@ -28,7 +28,7 @@ from worker.cli.common import (
 )
 from worker.core import validation
 from worker.core.states import Observed, State
-from worker.drift.watcher import Known, differs, last_known
+from worker.drift.policy import Known, differs, last_known
 
 F = TypeVar("F", bound=Callable[..., Any])
 
