@@ -14,7 +14,7 @@ from worker.fleet.registry import TTL_INTERVALS
 from worker.hypervisor import shared
 from worker.store import connection
 from worker.transition import guards as store_mod
-from worker.transition.runner import Context
+from worker.transition.context import Context
 
 _lock = threading.Lock()
 _cached: dict[int, Context] = {}

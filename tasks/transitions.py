@@ -16,7 +16,8 @@ from worker.core import validation
 from worker.core.errors import PermanentError
 from worker.core.settings import CONTROL_QUEUE, queue_for_host
 from worker.fleet import registry
-from worker.transition.runner import Request, run
+from worker.transition.context import Request
+from worker.transition.runner import run
 from worker.transition.table import Action
 
 

@@ -17,8 +17,9 @@ from worker.api.contract import Fingerprint
 from worker.core.errors import InvalidInput
 from worker.hypervisor import Hypervisor
 from worker.store import keys
+from worker.transition.context import Context, Request
 from worker.transition.guards import Held, Reused, Store
-from worker.transition.runner import Context, Request, run
+from worker.transition.runner import run
 from worker.transition.table import Action
 
 

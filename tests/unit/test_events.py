@@ -34,7 +34,9 @@ from worker.drift.policy import (
 from worker.drift.watcher import Watcher
 from worker.fleet import registry
 from worker.store import keys
-from worker.transition.runner import Action, Context, Request, run
+from worker.transition.context import Context, Request
+from worker.transition.runner import run
+from worker.transition.table import Action
 
 # -- pure policy ----------------------------------------------------------------------------
 

@@ -20,8 +20,9 @@ from worker.core import metrics as metrics_mod
 from worker.core.errors import HypervisorBusy, HypervisorUnavailable
 from worker.hypervisor import Hypervisor, calls_in_flight
 from worker.store import keys
+from worker.transition.context import Context, Request
 from worker.transition.guards import Store
-from worker.transition.runner import Context, Request, run
+from worker.transition.runner import run
 from worker.transition.table import Action
 
 T = TypeVar("T")

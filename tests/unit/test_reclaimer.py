@@ -17,8 +17,9 @@ from worker.core.settings import Settings
 from worker.hypervisor import Hypervisor
 from worker.reclaim import exemptions, killswitch, run_store
 from worker.reclaim.actions import Precheck, Reclaimer, closing, outcome_of, run_status
+from worker.transition.context import Context, Request
 from worker.transition.guards import Store
-from worker.transition.runner import Context, Request, run
+from worker.transition.runner import run
 from worker.transition.table import Action
 
 RUNNING, PAUSED, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, \

@@ -27,8 +27,9 @@ from worker.core.errors import (
 )
 from worker.hypervisor import Hypervisor
 from worker.store import keys
+from worker.transition.context import Context, Request
 from worker.transition.guards import Held, Store
-from worker.transition.runner import Context, Request, run
+from worker.transition.runner import run
 from worker.transition.table import Action
 
 T = TypeVar("T")

@@ -40,8 +40,8 @@ from worker.drift.policy import (
     last_known,
 )
 from worker.fleet import registry
+from worker.transition.context import Context
 from worker.transition.guards import WatchPoint
-from worker.transition.runner import Context
 
 log = logging.getLogger("dormant.events")
 

@@ -33,7 +33,7 @@ from worker.reclaim import (
     sampling,
     selection,
 )
-from worker.transition.runner import Context
+from worker.transition.context import Context
 from worker.transition.table import Action
 
 log = logging.getLogger("dormant.reclaim")

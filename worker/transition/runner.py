@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from contextlib import suppress
-from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from worker.api.contract import Fingerprint, reused
@@ -19,7 +17,6 @@ from worker.core.errors import (
     DormantError,
     InvalidInput,
     StaleLock,
-    StateStoreUnavailable,
     TransientError,
     TransitionNotReached,
     UnknownInstance,
@@ -27,36 +24,12 @@ from worker.core.errors import (
 from worker.core.states import Observed, State, Target
 from worker.fleet import registry
 from worker.hypervisor import Guest, Hypervisor
+from worker.transition.context import Context, Request
 from worker.transition.guards import Done, Held, Reused, Store
+from worker.transition.release import Release, log_fields, patiently
 from worker.transition.table import STEP_RESULT, Action, Plan, plan
 
 log = logging.getLogger("dormant.transition")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Request:
-    """What a caller asked for, as received (validated by :func:`run`)."""
-
-    action: Action
-    instance: Any
-    request_id: Any = None
-    target: Any = None
-    max_seconds: Any = None
-    task_id: str = ""
-    attempt: int = 1
-    final_attempt: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class Context:
-    """What a worker brings: its hypervisor, its state store and how long to wait."""
-
-    hypervisor: Hypervisor
-    store: Store
-    host: str
-    lock_wait: float = 60.0
-    verify_timeout: float = 30.0
-    clock: Callable[[], float] = time.time
 
 
 def run(ctx: Context, req: Request) -> dict[str, Any]:
@@ -190,7 +163,7 @@ class _Transition:
         exc.journaled = True  # type: ignore[attr-defined]
         metrics.transition_finished(str(self.req.action), "rejected", 0.0)
         log.info("%s %s: rejected: %s", self.req.action, entry["instance"], exc,
-                 extra={"dormant": _log_fields(entry)})
+                 extra={"dormant": log_fields(entry)})
         raise exc
 
     def _lookup(self) -> Guest:
@@ -327,7 +300,7 @@ class _Transition:
         metrics.transition_finished(str(self.req.action), outcome,
                                     result["duration_ms"] / 1000)
         log.info("%s %s: %s (%s -> %s)", self.req.action, self.guest.name, outcome,
-                 before, after, extra={"dormant": _log_fields(result)})
+                 before, after, extra={"dormant": log_fields(result)})
         return result
 
     def _fail(self, key: str, exc: Exception) -> None:
@@ -351,14 +324,14 @@ class _Transition:
             # libvirt may still carry the abandoned call out: keep the guest locked (the
             # keeper goes on renewing) until it returns, then release and journal that.
             entry["lock"] = "kept until the abandoned call returns"
-            outstanding.add_done_callback(_Release(self.ctx, held, entry, str(exc)))
+            outstanding.add_done_callback(Release(self.ctx, held, entry, str(exc)))
             held = None
         record = None if retrying else {**entry, "status": "failed"}
         if record is not None and validation.is_uuid(instance):
             # Bound like a success; a name that never resolved binds nothing.
             record["fingerprint"] = self.fingerprint(instance).key()
         try:
-            _patiently(held, lambda: self.ctx.store.finish(
+            patiently(held, lambda: self.ctx.store.finish(
                 held, instance=instance, request_id=self.request_id, entry=entry,
                 record=record, deadline=None, host=self.ctx.host,
                 # Only a real instance's UUID gets a journal of its own.
@@ -379,57 +352,4 @@ class _Transition:
             metrics.transition_finished(str(self.req.action), "failed",
                                         (self.ctx.clock() - self.base["started_at"]))
         log.warning("%s %s: %s %s", self.req.action, instance, entry["outcome"], exc,
-                    extra={"dormant": _log_fields(entry)})
-
-
-def _patiently(held: Held | None, finish: Callable[[], None], patience: float) -> None:
-    """Release a held lock even across a short state-store outage (the retry would otherwise
-    wait for the lock's TTL); without a lock, one try."""
-    deadline = time.monotonic() + (patience if held is not None else 0)
-    pause = 0.1
-    while True:
-        try:
-            return finish()
-        except StateStoreUnavailable:
-            if time.monotonic() + pause > deadline:
-                raise
-            time.sleep(pause)
-            pause = min(pause * 2, 1.0)
-
-
-class _Release:
-    """Unlock a guest once the libvirt call a task abandoned has returned, and journal it."""
-
-    def __init__(self, ctx: Context, held: Held, entry: dict[str, Any], call: str) -> None:
-        self.ctx, self.held, self.entry, self.call = ctx, held, entry, call
-        self.since = time.monotonic()
-
-    def __call__(self, future: Any) -> None:
-        if future.cancelled():
-            returned = "never started"
-        elif future.exception() is not None:
-            returned = f"raised {future.exception()}"
-        else:
-            returned = "returned"
-        entry = {**self.entry, "outcome": "released", "call": self.call,
-                 "call_returned": returned,
-                 "seconds_after_abandon": round(time.monotonic() - self.since, 3),
-                 "finished_at": self.ctx.clock()}
-        entry.pop("lock", None)
-        try:
-            self.ctx.store.finish(self.held, instance=self.held.instance,
-                                  request_id=entry.get("request_id") or "", entry=entry,
-                                  record=None)
-        except DormantError as exc:  # the lock lapses by its TTL: the keeper dropped it
-            log.error("could not release %s after the abandoned call: %s",
-                      self.held.instance, exc)
-            return
-        log.warning("%s: abandoned libvirt call %s; lock released",
-                    self.held.instance, returned, extra={"dormant": _log_fields(entry)})
-
-
-def _log_fields(entry: dict[str, Any]) -> dict[str, Any]:
-    wanted = ("instance", "name", "request_id", "task_id", "host", "action", "attempts",
-              "outcome", "state_before", "reason_before", "state_after", "reason_after",
-              "duration_ms", "error_type")
-    return {k: entry.get(k) for k in wanted if entry.get(k) is not None}
+                    extra={"dormant": log_fields(entry)})
