@@ -16,7 +16,7 @@ broker_connection_retry_on_startup = True
 
 
 # rediss:// checks the server's certificate and name (Celery would not, left to itself):
-# broker_use_ssl / redis_backend_use_ssl, defined once in worker/settings.py.
+# broker_use_ssl / redis_backend_use_ssl, defined once in worker/core/settings.py.
 globals().update(_settings.celery_tls(_s))
 
 # JSON only: a pickle message is refused, not executed.

@@ -9,7 +9,7 @@
 #
 # The libvirt socket: a non-root worker reaches the host's libvirtd as a member of the group
 # that owns the socket, which needs libvirtd to know uid 10001 and to let that group in by the
-# socket's permissions (README, "The hypervisor host"). libvirtd here runs with its defaults
+# socket's permissions (docs/production.md, "The hypervisor host"). libvirtd here runs with its defaults
 # (polkit, which needs D-Bus, so it refuses every non-root client). DORMANT_DEPLOY_LIBVIRT says
 # what to do about it:
 #   direct       the real socket already lets the worker in: mount it (chosen when it does);
@@ -127,7 +127,7 @@ worker_can_connect() {  # the worker image, uid 10001, in group LIBVIRT_GID, on 
     dormant:latest python -c 'import libvirt; libvirt.open("qemu:///system")' >/dev/null 2>&1
 }
 # direct: the socket already lets the worker in; reconfigure (CI: nobody else uses libvirtd):
-# restart libvirtd configured as README "The hypervisor host" says, restored at the end;
+# restart libvirtd configured as docs/production.md "The hypervisor host" says, restored at the end;
 # proxy (a shared developer machine): the proxy socket of the header.
 mode=${DORMANT_DEPLOY_LIBVIRT:-}
 if [[ -z $mode ]]; then

@@ -2,13 +2,13 @@
 # Run dormant in the foreground: one Celery worker, Celery beat and Flower. Ctrl-C stops all.
 #
 # Without DORMANT_LIBVIRT_URI it is a demo: tiny real guests named dormant-demo-* on the local
-# libvirtd (qemu:///system; worker/demo.py), created now and removed at exit, and reclamation on
+# libvirtd (qemu:///system; worker/demo/bringup.py), created now and removed at exit, and reclamation on
 # a compressed timescale (a sample every 10 s, a 3-minute window, a run every 4 minutes) so the
 # idle guests are suspended within about five minutes. Where libvirtd cannot run (or with
 # DORMANT_LIBVIRT_URI=test:///default) the same names on libvirt's in-process test driver (no
 # CPU stats, so nothing is idle). With any other DORMANT_LIBVIRT_URI it drives that hypervisor
 # with your settings and no demo fleet.
-# Every DORMANT_* variable is a setting (worker/settings.py); FLOWER_PORT and
+# Every DORMANT_* variable is a setting (worker/core/settings.py); FLOWER_PORT and
 # FLOWER_BASIC_AUTH are Flower's.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -116,7 +116,7 @@ app.steps["worker"].add(DeadlineStep)
 class EventsStep(bootsteps.StartStopStep):
     """Journal changes made outside dormant: libvirt lifecycle events and reconciliation.
 
-    Runs in the worker's main process on threads of its own (worker/events.py), so it never
+    Runs in the worker's main process on threads of its own (worker/drift/watcher.py), so it never
     delays start-up or a transition; off with ``DORMANT_EVENTS=false``.
     """
 
@@ -157,7 +157,7 @@ def _keep_running_messages_on_reconnect() -> None:
     lost connection would run a transition twice at once — and while Redis is down kombu 5.7
     crashes the whole worker trying (AttributeError in ``_connparams``). Unacked messages stay
     in Redis instead: acknowledged when their task ends, or restored by this host's next
-    worker at start-up (worker/recovery.py).
+    worker at start-up (worker/fleet/recovery.py).
     """
     from kombu.transport import redis as kombu_redis
 
@@ -234,7 +234,7 @@ _sweeping = threading.Lock()
 
 
 def _sweep_orphans_in_background() -> None:
-    """Restore this host's messages nobody holds (worker/recovery.py), on a thread of its own
+    """Restore this host's messages nobody holds (worker/fleet/recovery.py), on a thread of its own
     (tasks/timers.py ``in_background``)."""
     held = _held_here()  # read on the timer's thread: where Celery changes them, with asynloop
     if not _presence or held is None:
@@ -256,7 +256,7 @@ def _sweep_orphans_in_background() -> None:
 
 class OrphanSweepStep(TimerStep):
     """On a host's worker: every ``DORMANT_ORPHAN_SWEEP_INTERVAL`` seconds, restore the host
-    queue's unacknowledged messages that this worker does not hold (worker/recovery.py)."""
+    queue's unacknowledged messages that this worker does not hold (worker/fleet/recovery.py)."""
 
     def every(self, parent: Any) -> TimerPlan:
         return settings_mod.get().orphan_sweep_interval, _sweep_orphans_in_background, ()

@@ -1,6 +1,6 @@
 """A caller outside the compose stack: Celery and the Redis password, nothing of dormant.
 
-This is the README's contract ("Enqueueing work from other services") as another service
+This is docs/production.md's contract ("Enqueueing work from other services") as another service
 would write it: tasks addressed by name with JSON arguments, sent to the host's queue. The
 checker runs it as its own process (``python -I tests/deploy/client.py``), the password in
 ``REDIS_PASSWORD`` (unset: none is sent), and it fails if anything imported dormant.

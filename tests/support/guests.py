@@ -1,7 +1,7 @@
 """Tiny real KVM guests for tests and benchmarks: a 512-byte boot sector, no OS image.
 
 A *busy* guest spins (``jmp $``) and burns one vCPU; an *idle* guest halts (``cli; hlt``).
-The recipe (boot sectors, domain XML) is worker/bootsector.py, shared with ``make run``'s demo.
+The recipe (boot sectors, domain XML) is worker/demo/bootsector.py, shared with ``make run``'s demo.
 Guests are persistent (defined) so managedsave works, uniquely named, and always destroyed,
 undefined and stripped of their managed-save image by :meth:`GuestFactory.cleanup`.
 """

@@ -153,7 +153,7 @@ class WorkerProcess:
             return ""
 
     def children(self) -> list[int]:
-        """Pids of the prefork pool's child processes (not the event pump, worker/events.py)."""
+        """Pids of the prefork pool's child processes (not the event pump, worker/drift/pump.py)."""
         if not self.process:
             return []
         try:

@@ -1,4 +1,4 @@
-"""make run's demo fleet (worker/demo.py) on libvirt's test driver: stable names and UUIDs,
+"""make run's demo fleet (worker/demo/bringup.py) on libvirt's test driver: stable names and UUIDs,
 leftovers of a killed run removed before the fleet is created again, nothing left by down."""
 
 from __future__ import annotations

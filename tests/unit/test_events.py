@@ -1,4 +1,4 @@
-"""worker/events.py: the pure policy, and the Watcher over fakeredis + libvirt's test driver.
+"""worker/drift/watcher.py: the pure policy, and the Watcher over fakeredis + libvirt's test driver.
 
 The Watcher is fed the pump's messages directly (``receive`` + ``flush``); the pump itself and
 the real event loop are covered by tests/integration/test_events.py, plus one subprocess test

@@ -1,6 +1,6 @@
 """The task contract: every task's name and arguments, in one place.
 
-Tasks (``tasks/``), the Python client (``worker/client.py``) and, through the client, the CLI
+Tasks (``tasks/``), the Python client (``worker/api/client.py``) and, through the client, the CLI
 use these specs, so a name is spelled once and a call with a wrong argument list is refused
 the same way everywhere: an :class:`~worker.core.errors.InvalidInput` naming the argument, never a
 ``TypeError`` with a traceback.

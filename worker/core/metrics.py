@@ -82,7 +82,7 @@ LIBVIRT_OLDEST_CALL = Gauge(
 
 def watch_libvirt_calls(read: Callable[[], tuple[int, float]]) -> None:
     """Report ``read()`` -- (calls in flight, age of the oldest) -- at scrape time, never on
-    the hot path. worker/hypervisor.py hands in its counter, so metrics need not import it."""
+    the hot path. worker/hypervisor/host.py hands in its counter, so metrics need not import it."""
     LIBVIRT_IN_FLIGHT.set_function(lambda: read()[0])
     LIBVIRT_OLDEST_CALL.set_function(lambda: read()[1])
 

@@ -61,7 +61,7 @@ class Settings:
     registry_interval: int = 60  # seconds between registry refreshes
     deadline_check_interval: int = 15  # seconds between auto-unpause checks
 
-    # Lifecycle events and reconciliation (worker/events.py).
+    # Lifecycle events and reconciliation (worker/drift/watcher.py).
     events: bool = True  # watch libvirt's lifecycle events and journal external changes
     reconcile_interval: int = 300  # seconds between reconciliations (0 = only at start-up)
 

@@ -1,7 +1,7 @@
 """Tiny real guests from a 512-byte boot sector: no OS image, no download.
 
 A *busy* guest spins (``jmp $``) and burns one vCPU; an *idle* guest halts (``cli; hlt``) and
-uses ~0.02 % of one. ``make run``'s demo fleet (worker/demo.py) and the test suite's guests
+uses ~0.02 % of one. ``make run``'s demo fleet (worker/demo/bringup.py) and the test suite's guests
 (tests/support/guests.py) are both built from this recipe. Pure: it only makes bytes and XML.
 """
 

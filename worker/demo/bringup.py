@@ -1,6 +1,6 @@
 """``make run``'s demo fleet: tiny real guests on the local libvirtd, some busy, some idle.
 
-Boot-sector guests (worker/bootsector.py: 32 MiB, 1 vCPU; KVM, TCG where /dev/kvm is
+Boot-sector guests (worker/demo/bootsector.py: 32 MiB, 1 vCPU; KVM, TCG where /dev/kvm is
 missing) named ``dormant-demo-*``, so they never meet the test suite's ``dormant-test-*``
 guests. Their UUIDs derive from their names (uuid5): Redis history, samples and request ids
 stay attached to the same guest from one ``make run`` to the next. ``up`` first removes what a

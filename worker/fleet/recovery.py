@@ -44,7 +44,7 @@ from worker.core.errors import StateStoreUnavailable
 from worker.store import keys
 
 # A plain redis-py client raises RedisError; the state store's boundary client raises
-# StateStoreUnavailable (worker/state_redis.py). Presence survives both.
+# StateStoreUnavailable (worker/store/connection.py). Presence survives both.
 _OUTAGES = (redis.RedisError, StateStoreUnavailable)
 
 log = logging.getLogger("dormant.recovery")

@@ -75,7 +75,7 @@ class Hypervisor:
         self._local = threading.local()
         self._on_connect = on_connect
         # uuid -> epoch of the rename/undefine that made every cached handle of it stale
-        # (events, worker/events.py); handles cached before that epoch are looked up afresh.
+        # (events, worker/drift/watcher.py); handles cached before that epoch are looked up afresh.
         self._forgotten: dict[str, int] = {}
         self._epoch = 0
 

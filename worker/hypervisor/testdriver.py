@@ -13,7 +13,7 @@ log = logging.getLogger("dormant.hypervisor")
 
 def seed_demo_fleet(conn: libvirt.virConnect) -> None:
     """Give libvirt's in-process test driver ``make run``'s demo fleet (the fallback where
-    libvirtd cannot run): the same names and UUIDs as the real one (worker/demo_fleet.py).
+    libvirtd cannot run): the same names and UUIDs as the real one (worker/demo/fleet.py).
 
     ``test:///default`` is the embedded default hypervisor; it starts with one domain and is
     private to this process, so defining a demo fleet here touches nothing real. Its guests

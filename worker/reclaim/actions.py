@@ -200,7 +200,7 @@ class Reclaimer:
         return self._new_run(rid, "restore", entries, members, owner=owner, of_run=of_run)
 
     def _priorities(self, instances: list[str]) -> dict[str, int]:
-        """Each instance's priority from its domain metadata (worker/order.py); a missing
+        """Each instance's priority from its domain metadata (worker/reclaim/order.py); a missing
         guest or an unreadable priority counts as the default, and the log says why."""
         found = {}
         for uuid in instances:

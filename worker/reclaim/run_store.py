@@ -32,7 +32,7 @@ from worker.store import keys
 ENTRY = "i:"
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,100}$")
 
-# Finish one entry (see the header of worker/lua/run_record.lua); registered once per client.
+# Finish one entry (see the header of lua/run_record.lua); registered once per client.
 _RECORD = (Path(__file__).parent / "lua" / "run_record.lua").read_text()
 _scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
 
@@ -87,7 +87,8 @@ def create(client: redis.Redis, rid: str, meta: dict[str, Any],
            entries: Iterable[dict[str, Any]], *, queue: list[str], ttl: int,
            wave_ends: list[int] | None = None) -> None:
     """Write a run's report and its work queue in one transaction. ``wave_ends``
-    (worker/order.py): the queue is in waves, each starting after the one before finished."""
+    (worker/reclaim/order.py): the queue is in waves, each starting after the one before
+    finished."""
     mapping = {ENTRY + e["instance"]: json.dumps(e, sort_keys=True) for e in entries}
     mapping["meta"] = json.dumps(meta, sort_keys=True)
     mapping["todo"] = str(len(queue))

@@ -5,8 +5,8 @@ the kill switch...) gets its client from :func:`connect`, so every command, pipe
 script call passes through the same translation: once redis-py's own retries of a brief blip
 are used up, a connection error or a timeout becomes :class:`StateStoreUnavailable`, the
 transient (retried) branch of dormant's error tree, exactly as libvirt's errors are translated
-once in ``worker/hypervisor.py``. Other Redis errors (a wrong type, a script error) are bugs and
-stay what they are.
+once in ``worker/hypervisor/errors.py``. Other Redis errors (a wrong type, a script error)
+are bugs and stay what they are.
 """
 
 from __future__ import annotations

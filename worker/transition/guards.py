@@ -1,6 +1,6 @@
 """The Redis side of one transition: idempotency, the per-instance lock, the journal.
 
-Three Lua scripts (``worker/lua/*.lua``, each with a signature header naming its keys and
+Three Lua scripts (``worker/transition/lua/*.lua``, each with a signature header naming its keys and
 arguments) keep a transition to two or three round trips:
 
 * ``begin``  — refuse a request id reused for something else (its fingerprint differs), return
@@ -42,7 +42,8 @@ _LUA = Path(__file__).with_name("lua")
 
 
 def _script(name: str) -> str:
-    """A Lua script of worker/lua/, read once at import (each opens with its signature)."""
+    """A Lua script of lua/ beside this module, read once at import (each opens with its
+    signature)."""
     return (_LUA / f"{name}.lua").read_text()
 
 
@@ -311,7 +312,7 @@ class Store:
                     claimed.append({"instance": instance, **details})
         return claimed
 
-    # -- changes made outside dormant (worker/events.py) -----------------------------------
+    # -- changes made outside dormant (worker/drift/watcher.py) -----------------------------------
     def watch_point(self, instance: str, *, count: int = 20) -> WatchPoint:
         """The fence and newest journal entries, read *before* the real state is.
 
