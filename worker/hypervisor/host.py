@@ -34,9 +34,9 @@ from worker.core.errors import (
 )
 from worker.core.states import Observed, State
 from worker.hypervisor.calls import ABANDONED_MAX, Line, abandon, abandoned
+from worker.hypervisor.domain_stats import DomainStats, collect
 from worker.hypervisor.errors import translate
 from worker.hypervisor.guest import Guest
-from worker.hypervisor.stats import DomainStats, collect
 from worker.hypervisor.testdriver import seed_demo_fleet
 
 log = logging.getLogger("dormant.hypervisor")
@@ -254,7 +254,7 @@ class Hypervisor:
         return True
 
     def stats(self) -> Iterator[DomainStats]:
-        """One ``getAllDomainStats`` call for every domain (:mod:`worker.hypervisor.stats`)."""
+        """One ``getAllDomainStats`` call for every domain (see :mod:`.domain_stats`)."""
         return collect(self)
 
 
