@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-LUA = sorted((Path(__file__).parents[2] / "worker").rglob("*.lua"))
+LUA = sorted((Path(__file__).parents[3] / "worker").rglob("*.lua"))
 _INDEXED = re.compile(r"\b(KEYS|ARGV)\[\d+\]")
 
 

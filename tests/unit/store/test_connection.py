@@ -79,7 +79,7 @@ def test_no_module_opens_a_redis_client_of_its_own() -> None:
     import ast
     from pathlib import Path
 
-    root = Path(__file__).parents[2]
+    root = Path(__file__).parents[3]
     opened = []
     for path in [*root.glob("worker/**/*.py"), *root.glob("tasks/*.py")]:
         if path.relative_to(root).as_posix() == "worker/store/connection.py":

@@ -79,7 +79,7 @@ def test_every_dormant_variable_run_sh_reads_is_a_setting() -> None:
 
     from worker.core import settings
 
-    script = (Path(__file__).resolve().parents[2] / "scripts" / "run.sh").read_text()
+    script = (Path(__file__).resolve().parents[3] / "scripts" / "run.sh").read_text()
     used = set(re.findall(r"\bDORMANT_[A-Z0-9_]+", script))
     known = {settings.PREFIX + f.name.upper() for f in fields(settings.Settings)}
     assert "DORMANT_CONCURRENCY" in used and "DORMANT_RECLAIM_EVERY" in used

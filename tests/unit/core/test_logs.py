@@ -80,7 +80,7 @@ def test_every_logger_is_under_dormant_so_the_log_level_setting_reaches_it() -> 
     import ast
     from pathlib import Path
 
-    root = Path(__file__).parents[2]
+    root = Path(__file__).parents[3]
     names = {}
     for path in [*root.glob("worker/**/*.py"), *root.glob("tasks/*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
