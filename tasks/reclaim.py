@@ -81,7 +81,7 @@ def reclaim_fleet() -> list[str]:
     period_start = now - now % s.reclaim_every if s.reclaim_every else 0.0
     sent = []
     for host in _hosts(s):
-        rid = runs.manual_id(host, period_start) if s.reclaim_every else \
+        rid = runs.periodic_id(host, period_start) if s.reclaim_every else \
             runs.nightly_id(host, day)
         app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
                       queue=queue_for_host(host))

@@ -29,6 +29,10 @@ from worker.transitions import Action
 
 log = logging.getLogger("dormant.reclaim")
 
+# Journal outcomes that left the guest in a known state (worker/events.py has the same set).
+SETTLED = frozenset({"changed", "already", "duplicate", "external"})
+JOURNAL_LOOKBACK = 20  # newest journal entries read to find what last set a guest's state
+
 SendItem = Callable[[str, str], object]  # (run id, instance): queue one action of a run
 Transition = Callable[[Action, str], dict[str, Any]]  # (action, request id) -> its result
 
@@ -64,12 +68,17 @@ def outcome_of(action: Action, result: dict[str, Any]) -> tuple[str, bool]:
     return ("suspended" if changed else "already suspended"), changed
 
 
-def closing(entries: Iterable[dict[str, Any]], done: int) -> dict[str, Any]:
-    """The meta changes that close a run: outcome counts of its finished actions, a reason."""
+def closing(entries: Iterable[dict[str, Any]], done: int,
+            cancelled: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The meta changes that close a run: outcome counts of its finished actions, a reason
+    (status ``cancelled`` when ``dormant cancel`` stopped it)."""
     outcomes = Counter(str(e.get("outcome")) for e in entries if e.get("finished"))
-    return {"status": "done", "outcomes": dict(outcomes),
-            "reason": f"{done} action(s) finished: " + ", ".join(
-                f"{n} {o}" for o, n in sorted(outcomes.items()))}
+    reason = f"{done} action(s) finished: " + ", ".join(
+        f"{n} {o}" for o, n in sorted(outcomes.items()))
+    if cancelled is not None:
+        return {"status": "cancelled", "outcomes": dict(outcomes),
+                "reason": f"{runs.cancel_reason(cancelled)}; {reason}"}
+    return {"status": "done", "outcomes": dict(outcomes), "reason": reason}
 
 
 @dataclass(frozen=True)
@@ -145,21 +154,27 @@ class Reclaimer:
         s = self.settings
         now = self.clock()
         dry = bool(dry_run) or s.reclaim_dry_run
-        rid = runs.run_id(run_id) if run_id else runs.manual_id(self.ctx.host, now, dry_run=dry)
+        rid = runs.run_id(run_id) if run_id else (
+            runs.for_task("reclaim", self.ctx.host, owner, dry_run=dry) if owner
+            else runs.manual_id(self.ctx.host, now, dry_run=dry))
         if not dry and (answer := self.claimed(rid, owner or rid)) is not None:
             return answer
+        stopped = runs.cancelled(self.client, rid)
         candidates = self._candidates(now)
         disabled = killswitch.disabled_reason(self.client, enabled_setting=s.reclaim_enabled)
         safety = rc.Safety(min_age=s.reclaim_min_age, disabled_reason=disabled,
                            grace=s.reclaim_grace, grace_period=s.reclaim_grace_period)
         plan = rc.select(candidates, safety, now=now, run_id=rid)
         entries = {e.instance: {**e.as_dict(), "outcome": "none"} for e in plan.entries}
-        queue = [] if dry else [e.instance for e in plan.to_suspend]
+        queue = [] if dry or stopped else [e.instance for e in plan.to_suspend]
         for e in plan.to_suspend:
-            entries[e.instance]["outcome"] = "dry run: would suspend" if dry else "pending"
-        if not dry:
+            entries[e.instance]["outcome"] = "dry run: would suspend" if dry else \
+                "cancelled" if stopped else "pending"
+        if not dry and not stopped:
             self._apply_marks(rid, plan, candidates, entries, now)
         status, reason = run_status(queued=len(queue), dry=dry, disabled=disabled)
+        if stopped and not dry:
+            status, reason = "cancelled", runs.cancel_reason(stopped) + " before it started"
         meta = {"run_id": rid, "kind": "reclaim", "host": self.ctx.host, "dry_run": dry,
                 "started_at": now, "status": status, "reason": reason, "counts": plan.counts(),
                 "cap": s.reclaim_host_cap, "scope": s.reclaim_scope,
@@ -181,7 +196,9 @@ class Reclaimer:
         if source["host"] != self.ctx.host:
             raise InvalidInput(f"run {of_run} belongs to host {source['host']}, "
                                f"not {self.ctx.host}")
-        rid = runs.run_id(restore_id) if restore_id else runs.restore_id(of_run, self.clock())
+        rid = runs.run_id(restore_id) if restore_id else (
+            runs.for_task("restore", self.ctx.host, owner, of_run=of_run) if owner
+            else runs.restore_id(of_run, self.clock()))
         names = {e["instance"]: e.get("name") for e in source["entries"]}
         members = source["manifest"]
         entries = [{"instance": u, "name": names.get(u), "verdict": "resume",
@@ -206,7 +223,9 @@ class Reclaimer:
     def drain(self, run_id: Any = None, instances: Any = None, *,
               owner: str = "") -> dict[str, Any]:
         """Suspend every running guest of this host (or only ``instances``, names or UUIDs)."""
-        rid = runs.run_id(run_id) if run_id else runs.drain_id(self.ctx.host, self.clock())
+        rid = runs.run_id(run_id) if run_id else (
+            runs.for_task("drain", self.ctx.host, owner) if owner
+            else runs.drain_id(self.ctx.host, self.clock()))
         wanted = None if instances is None else {str(i).lower() for i in instances}
         entries, queue = [], []
         for guest in self.ctx.hypervisor.guests():
@@ -230,6 +249,17 @@ class Reclaimer:
         if (answer := self.claimed(rid, owner or rid)) is not None:
             return answer
         now = self.clock()
+        stopped = runs.cancelled(self.client, rid)
+        if stopped is not None:  # cancelled while its task waited: do nothing, say so
+            for e in entries:
+                if e["outcome"] == "pending":
+                    e["outcome"] = "cancelled"
+            runs.create(self.client, rid, {
+                "run_id": rid, "kind": kind, "host": self.ctx.host, "dry_run": False,
+                "started_at": now, "finished_at": now, "status": "cancelled",
+                "reason": runs.cancel_reason(stopped) + " before it started", **meta},
+                entries, queue=[], ttl=self.settings.reclaim_report_ttl)
+            return runs.load(self.client, rid) or {}
         priorities = self._priorities(queue)
         waves = order.waves(priorities, queue, kind=kind)
         queue = [u for wave in waves for u in wave]
@@ -315,10 +345,17 @@ class Reclaimer:
         kind = meta["kind"]
         action = action_of(kind)
         request_id = rc.request_id(rid, str(action), str(instance))
+        stopped = runs.cancelled(self.client, rid)
+        if stopped is not None and not self.ctx.store.started(request_id):
+            reason = runs.cancel_reason(stopped)
+            self.finish(rid, instance, {"outcome": "cancelled", "reason": reason},
+                        suspended=False)
+            return {"run_id": rid, "instance": instance, "outcome": "cancelled",
+                    "reason": reason}
         try:
             kept: dict[str, Any] = {}
             if not self.ctx.store.started(request_id):  # not started before: check first
-                check = self.precheck(kind, instance)
+                check = self.precheck(kind, instance, of_run=str(meta.get("of_run") or ""))
                 kept = check.recorded()
                 if not check.go:
                     self.finish(rid, instance, {"outcome": "skipped", **kept}, suspended=False)
@@ -331,6 +368,8 @@ class Reclaimer:
                                         "error": str(exc)}, suspended=False)
             raise
         outcome, suspended = outcome_of(action, result)
+        if kind == "restore" and outcome == "resumed" and meta.get("of_run"):
+            runs.note_restored(self.client, str(meta["of_run"]), str(instance), rid)
         self.finish(rid, instance, {"outcome": outcome, "state_after": result.get("state_after"),
                                     "duration_ms": result.get("duration_ms"),
                                     "request_id": request_id, **kept},
@@ -343,7 +382,7 @@ class Reclaimer:
                 return smp
         return None
 
-    def precheck(self, kind: str, uuid: str) -> Precheck:
+    def precheck(self, kind: str, uuid: str, *, of_run: str = "") -> Precheck:
         """Just before acting on ``uuid``: does it still exist and is it in the state the
         action needs; for a reclaim, is it still not exempt and still idle right now."""
         s = self.settings
@@ -353,6 +392,10 @@ class Reclaimer:
             return Precheck(state, "skipped: the instance no longer exists")
         if kind == "restore":
             if observed.state is State.RUNNING:
+                earlier = self.restored_by(of_run, uuid) if of_run else None
+                if earlier is not None:
+                    return Precheck(state, f"skipped: already running (restored by {earlier}, "
+                                           f"an earlier restore of {of_run})")
                 return Precheck(state, "skipped: already running (resumed by someone else)")
             if observed.state is not State.SUSPENDED:
                 return Precheck(state, f"skipped: not suspended ({observed}); left alone")
@@ -376,6 +419,18 @@ class Reclaimer:
                            stored=stored, before=before, after=after, policy=policy)
         return Precheck(state, "" if check.ok else check.reason, check.numbers)
 
+    def restored_by(self, of_run: str, uuid: str) -> str | None:
+        """The earlier restore of ``of_run`` that resumed ``uuid``, if the last state dormant
+        recorded for the guest is still that resume's (not a later change by anyone)."""
+        earlier = runs.restored_by(self.client, of_run, uuid)
+        if earlier is None:
+            return None
+        expected = rc.request_id(earlier, str(Action.RESUME), uuid)
+        for entry in reversed(self.ctx.store.journal(uuid, count=JOURNAL_LOOKBACK)):
+            if entry.get("outcome") in SETTLED and entry.get("state_after"):
+                return earlier if entry.get("request_id") == expected else None
+        return None
+
     def finish(self, rid: str, instance: str, changes: dict[str, Any], *,
                suspended: bool) -> None:
         """Start the next queued action, record this one, close the run after the last.
@@ -395,4 +450,5 @@ class Reclaimer:
         if first and done >= todo:
             report = runs.load(self.client, rid) or {}
             runs.update_meta(self.client, rid, finished_at=self.clock(),
-                             **closing(report.get("entries", []), done))
+                             **closing(report.get("entries", []), done,
+                                       report.get("cancelled")))

@@ -271,7 +271,9 @@ def test_run_id_builders():
     import datetime as dt
 
     assert runs.nightly_id("h1", dt.date(2026, 11, 27)) == "h1:2026-11-27"
-    assert runs.manual_id("h1", 0, dry_run=True) == "h1:19700101T000000Z:dry"
+    assert runs.manual_id("h1", 0, dry_run=True, unique="ab12") == \
+        "h1:19700101T000000Z-ab12:dry"
+    assert runs.periodic_id("h1", 0) == "h1:19700101T000000Z"
     assert runs.run_id(runs.restore_id(runs.drain_id("h1", 0), 0))
 
 
@@ -420,3 +422,36 @@ def test_kill_switch_commands(cli, fake_redis):
     assert status["reclamation"] == "disabled" and "kill switch on" in status["reason"]
     assert json.loads(cli("kill-switch", "off", "--json").output)["reclamation"] == "enabled"
     assert cli("kill-switch", "maybe").exit_code == 2
+
+
+# -- issue 22: run ids per request, the newest reclamation, the fleet's switch, cancel -----------
+def test_operator_run_ids_of_the_same_second_differ_and_nightly_ones_do_not():
+    import datetime as dt
+
+    same = NOW
+    drains = {runs.drain_id("h1", same) for _ in range(50)}
+    assert len(drains) == 50
+    assert all(d.startswith("drain:h1:20270115T080000Z-") for d in drains)
+    assert runs.manual_id("h1", same) != runs.manual_id("h1", same)
+    assert runs.restore_id("drain:h1:x", same) != runs.restore_id("drain:h1:x", same)
+    for rid in (*drains, runs.manual_id("h1", same, dry_run=True),
+                runs.restore_id("x" * 100, same)):
+        assert runs.run_id(rid) == rid
+    # A long source run is cut off the end, never the part that makes the restore unique.
+    long_restores = {runs.restore_id("x" * 100, same) for _ in range(10)}
+    assert len(long_restores) == 10
+    # The nightly and periodic runs keep one id per host per night (per period).
+    day = dt.date(2027, 1, 15)
+    assert runs.nightly_id("h1", day) == runs.nightly_id("h1", day) == "h1:2027-01-15"
+    assert runs.periodic_id("h1", same) == runs.periodic_id("h1", same)
+
+
+def test_the_newest_run_of_a_kind(fake_redis, monkeypatch):
+    monkeypatch.setattr(runs, "LATEST_PAGE", 2)  # make it read more than one page
+    assert runs.latest_of_kind(fake_redis, "reclaim") is None
+    for i, kind in enumerate(["reclaim", "drain", "restore", "drain", "drain"]):
+        runs.create(fake_redis, f"r{i}", {"run_id": f"r{i}", "kind": kind,
+                                          "started_at": NOW + i}, [], queue=[], ttl=60)
+    assert runs.latest_of_kind(fake_redis, "reclaim") == "r0"
+    assert runs.latest_of_kind(fake_redis, "drain") == "r4"
+    assert runs.latest(fake_redis) == ["r4"]
