@@ -446,6 +446,13 @@ def test_operator_run_ids_of_the_same_second_differ_and_nightly_ones_do_not():
     assert runs.periodic_id("h1", same) == runs.periodic_id("h1", same)
 
 
+def test_a_malformed_run_id_is_quoted_briefly_with_its_true_length():
+    with pytest.raises(InvalidInput) as info:
+        runs.run_id("y" * 300)
+    message = str(info.value)
+    assert "(300 characters)" in message and len(message) < 200
+
+
 def test_the_newest_run_of_a_kind(fake_redis, monkeypatch):
     monkeypatch.setattr(runs, "LATEST_PAGE", 2)  # make it read more than one page
     assert runs.latest_of_kind(fake_redis, "reclaim") is None
@@ -455,3 +462,79 @@ def test_the_newest_run_of_a_kind(fake_redis, monkeypatch):
     assert runs.latest_of_kind(fake_redis, "reclaim") == "r0"
     assert runs.latest_of_kind(fake_redis, "drain") == "r4"
     assert runs.latest(fake_redis) == ["r4"]
+
+
+def _a_drain(client, rid="drain:h:1", *, status="done", todo=0, done=0):
+    runs.create(client, rid, {"run_id": rid, "kind": "drain", "host": "h", "status": status,
+                              "reason": "x", "started_at": NOW + 60},
+                [], queue=[f"u{i}" for i in range(todo)], ttl=60)
+    for i in range(done):
+        runs.record(client, rid, f"u{i}", {"outcome": "suspended"}, suspended=True, ttl=60)
+
+
+def test_report_without_an_id_is_the_newest_reclamation_not_a_newer_drain(cli, fake_redis):
+    _a_drain(fake_redis)
+    none_yet = cli("reclaim", "report")
+    assert none_yet.exit_code == 2
+    assert none_yet.output.startswith("error: InvalidInput: no reclamation run")
+    _a_report(fake_redis)
+    _a_drain(fake_redis, "drain:h:2")  # newer than the reclamation
+    shown = json.loads(cli("reclaim", "report", "--json").output)["runs"][0]
+    assert (shown["run_id"], shown["kind"]) == ("h:2026-11-27", "reclaim")
+    drain = json.loads(cli("reclaim", "report", "drain:h:2", "--json").output)["runs"][0]
+    assert drain["kind"] == "drain"  # any run by its id
+
+
+def test_kill_switch_status_is_the_fleets_not_this_commands_setting(cli, fake_redis,
+                                                                    monkeypatch):
+    import dataclasses
+
+    from worker.client import Client
+
+    real_init = Client.__init__
+
+    def disabled_here(self, app, state, settings):  # type: ignore[no-untyped-def]
+        real_init(self, app, state, dataclasses.replace(settings, reclaim_enabled=False))
+
+    monkeypatch.setattr(Client, "__init__", disabled_here)
+    shown = cli("kill-switch", "--json")  # no ACTION: the status
+    assert shown.exit_code == 0, shown.output
+    status = json.loads(shown.output)
+    assert status == {"reclamation": "enabled", "reason": "", "redis": None}
+    killswitch.turn(fake_redis, True, by="ops", now=NOW)
+    assert json.loads(cli("kill-switch", "--json").output)["reclamation"] == "disabled"
+    table = cli("kill-switch")
+    assert table.exit_code == 0 and "set by ops" in table.output
+
+
+def test_cancel_a_run_queued_under_way_or_over(cli, fake_redis):
+    unknown = cli("cancel", "drain:h:none")
+    assert unknown.exit_code == 2
+    assert unknown.output.startswith("error: InvalidInput: unknown run id 'drain:h:none'")
+    assert cli("cancel", "bad id!").exit_code == 2
+
+    # Queued, no worker has started it: cancelled at once, and its report says so.
+    runs.note_queued(fake_redis, "drain:h:q", kind="drain", host="h", task_id="t-1", at=NOW,
+                     ttl=60)
+    queued = json.loads(cli("reclaim", "report", "drain:h:q", "--json").output)["runs"][0]
+    assert queued["status"] == "queued" and "t-1" in queued["reason"]
+    answer = json.loads(cli("cancel", "drain:h:q", "--json").output)
+    assert answer["status"] == "cancelled" and "t-1" in answer["reason"]
+    assert runs.cancelled(fake_redis, "drain:h:q") is not None
+    shown = json.loads(cli("reclaim", "report", "drain:h:q", "--json").output)["runs"][0]
+    assert shown["status"] == "cancelled"
+
+    # Under way: 1 of 3 actions finished.
+    _a_drain(fake_redis, "drain:h:w", status="acting", todo=3, done=1)
+    going = json.loads(cli("cancel", "drain:h:w", "--json").output)
+    assert going["status"] == "cancelling" and going["reason"].startswith("2 action(s)")
+    again = cli("cancel", "drain:h:w", "--json")  # a second cancel keeps the first record
+    assert again.exit_code == 0
+    assert json.loads(again.output)["cancelled"] == going["cancelled"]
+
+    # Over: nothing left to cancel (exit 1), and the way back is named.
+    _a_drain(fake_redis, "drain:h:o", status="done", todo=1, done=1)
+    over = cli("cancel", "drain:h:o")
+    assert over.exit_code == 1
+    assert over.output.startswith("error: InvalidTransition: run drain:h:o is over (done)")
+    assert "dormant restore" in over.output
