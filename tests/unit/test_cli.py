@@ -795,3 +795,48 @@ def test_a_cut_value_states_its_own_length() -> None:
     assert len(quote("r" * 5000)) < QUOTE_MAX + 30
     assert quote("short") == "'short'" and given("0") == "0"
     assert given("9" * 200).endswith("... (200 characters)")
+
+
+def _an_open_run(client: Client, rid: str = "hv:run") -> None:
+    from worker import runs
+
+    runs.create(client.state, rid, {"run_id": rid, "kind": "reclaim", "host": "h1",
+                                    "status": "acting"}, [], queue=["u1", "u2"], ttl=60)
+
+
+def test_following_a_run_says_what_it_waits_for_then_times_out(
+        fleet_cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import worker.cli.reclaim as cr
+
+    client, _app, _domain = fleet_cli
+    monkeypatch.setattr(cr, "WAIT_NOTICE_AFTER", 0.1)
+    _an_open_run(client)
+    with pytest.raises(SystemExit) as exited:
+        cr._follow(client, "hv:run", deadline=time.monotonic() + 0.6)
+    assert exited.value.code == 3
+    notes, error = capsys.readouterr().err.strip().splitlines()
+    assert notes == "note: waiting for run hv:run on host h1 to finish (0 of 2 action(s) done)"
+    assert error.startswith("error: WorkerTimeout: run hv:run is still going")
+    assert "`dormant cancel hv:run` stops it" in error
+
+
+def test_following_a_run_stops_when_its_hosts_worker_is_gone(
+        fleet_cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    import worker.cli.reclaim as cr
+    from worker import keys
+
+    client, _app, _domain = fleet_cli
+    monkeypatch.setattr(cr, "WORKER_CHECK_EVERY", 0.05)
+    _an_open_run(client)
+    client.state.delete(keys.host_workers("h1"))
+    started = time.monotonic()
+    with pytest.raises(SystemExit) as exited:
+        cr._follow(client, "hv:run", deadline=started + 600)
+    assert exited.value.code == 3 and time.monotonic() - started < 5
+    [error] = capsys.readouterr().err.strip().splitlines()
+    assert error.startswith("error: NoWorker: no live worker serves host h1 any more: run "
+                            "hv:run is not finished (0 of 2 action(s))")

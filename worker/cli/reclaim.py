@@ -37,7 +37,7 @@ from worker.cli.common import (
     stderr,
     warn_error,
 )
-from worker.client import WORKER_CHECK_EVERY, Client
+from worker.client import WAIT_NOTICE_AFTER, WORKER_CHECK_EVERY, Client
 from worker.errors import NoWorker, WorkerTimeout
 
 DEFAULT_TIMEOUT = 600.0  # seconds to follow a run (a capped batch of saves, a few s each)
@@ -106,7 +106,9 @@ def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | N
     later, so wait up to CLOSING_GRACE for them (a worker that died in between leaves the
     status open; the report is printed as it is then)."""
     all_recorded: float | None = None
-    next_check = time.monotonic() + WORKER_CHECK_EVERY
+    started = time.monotonic()
+    next_check = started + WORKER_CHECK_EVERY
+    noticed = progress is not None  # a progress bar says it already
     while True:
         report = runs.load(client.state, rid)
         if progress is not None and report is not None:
@@ -119,6 +121,11 @@ def _follow(client: Client, rid: str, *, deadline: float, progress: Progress | N
         if time.monotonic() >= deadline:
             fail(f"run {rid} is still going; see `dormant reclaim report {rid}` "
                  f"(`dormant cancel {rid}` stops it)", EXIT_UNAVAILABLE, "WorkerTimeout")
+        if report is not None and not noticed and time.monotonic() - started >= \
+                WAIT_NOTICE_AFTER:
+            noticed = True
+            note(f"waiting for run {rid} on host {report['host']} to finish "
+                 f"({report['done']} of {report['todo']} action(s) done)")
         if report is not None and time.monotonic() >= next_check:
             next_check = time.monotonic() + WORKER_CHECK_EVERY
             if not client.serving(report["host"]):
