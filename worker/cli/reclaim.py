@@ -371,8 +371,9 @@ def _run_with_progress(client: Client, result: Any, rid: str, host: str, label: 
 def drain(host: str, instances: tuple[str, ...], timeout: float, as_json: bool) -> None:
     """Suspend every running guest of HOST (maintenance); `dormant restore RUN_ID` undoes it.
 
-    HOST must be served by a live worker and each --instance published by it: otherwise
-    exit 2 at once (naming the live hosts) and nothing is queued."""
+    HOST must be served by a live worker and each --instance published by it: otherwise it
+    exits at once, naming the live hosts (2: a host or instance never published; 3,
+    NoWorker: HOST's worker is gone), and nothing is queued."""
     wanted = [validation.instance(i, "--instance") for i in instances]
     with make_client() as client:
         rid = runs.drain_id(host, time.time())
