@@ -83,8 +83,11 @@ def reclaim_fleet() -> list[str]:
     for host in _hosts(s):
         rid = runs.periodic_id(host, period_start) if s.reclaim_every else \
             runs.nightly_id(host, day)
-        app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
-                      queue=queue_for_host(host))
+        result = app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
+                               queue=queue_for_host(host))
+        # Known before its worker starts it, so `dormant cancel` can stop it meanwhile.
+        runs.note_queued(context().store.redis, rid, kind="reclaim", host=host,
+                         task_id=str(result.id), at=now, ttl=s.reclaim_report_ttl)
         sent.append(rid)
     return sent
 

@@ -319,8 +319,14 @@ def fanout(fake_redis, monkeypatch):
     monkeypatch.setattr(tr, "settings", lambda: settings)
     monkeypatch.setattr(tr, "context", lambda: _Ctx(fake_redis))
     sent: list[tuple[str, dict, str]] = []
-    monkeypatch.setattr(tr.app, "send_task", lambda name, kwargs=None, queue=None, **_:
-                        sent.append((name, kwargs or {}, queue)))
+
+    def send_task(name, kwargs=None, queue=None, **_):  # type: ignore[no-untyped-def]
+        import types
+
+        sent.append((name, kwargs or {}, queue))
+        return types.SimpleNamespace(id=f"task-{len(sent)}")
+
+    monkeypatch.setattr(tr.app, "send_task", send_task)
     fake_redis.zadd(keys.HOSTS, {"kvm-1": _time.time(), "kvm-2": _time.time(),
                                  "gone": _time.time() - 86400})
     return tr, sent
@@ -335,6 +341,10 @@ def test_nightly_fan_out_sends_one_run_per_live_host_with_the_local_date(fanout)
     assert tr.reclaim_fleet.run() == [f"kvm-1:{day}", f"kvm-2:{day}"]
     assert sent == [("dormant.reclaim", {"run_id": f"kvm-1:{day}"}, "dormant.kvm-1"),
                     ("dormant.reclaim", {"run_id": f"kvm-2:{day}"}, "dormant.kvm-2")]
+    # Known as queued, so `dormant cancel kvm-1:<day>` can stop it before its worker starts.
+    queued = runs.queued(tr.context().store.redis, f"kvm-1:{day}")
+    assert queued is not None and (queued["kind"], queued["host"], queued["task_id"]) == (
+        "reclaim", "kvm-1", "task-1")
 
 
 def test_periodic_fan_out_names_each_run_by_the_start_of_its_period(fanout, monkeypatch):
