@@ -83,10 +83,13 @@ def reclaim_fleet() -> list[str]:
     period_start = now - now % s.reclaim_every if s.reclaim_every else 0.0
     sent = []
     for host in _hosts(s):
-        rid = run_store.manual_id(host, period_start) if s.reclaim_every else \
+        rid = run_store.periodic_id(host, period_start) if s.reclaim_every else \
             run_store.nightly_id(host, day)
-        app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
-                      queue=queue_for_host(host))
+        result = app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
+                               queue=queue_for_host(host))
+        # Known before its worker starts it, so `dormant cancel` can stop it meanwhile.
+        run_store.note_queued(context().store.redis, rid, kind="reclaim", host=host,
+                         task_id=str(result.id), at=now, ttl=s.reclaim_report_ttl)
         sent.append(rid)
     return sent
 

@@ -9,8 +9,9 @@ to ``dormant.control``, whose worker forwards it (or answers that it is unknown)
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
-from typing import Any
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, cast
 
 import redis
 from celery import Celery
@@ -23,6 +24,8 @@ from worker.core import validation
 from worker.core.errors import (
     DormantError,
     InvalidInput,
+    InvalidTransition,
+    NoWorker,
     TaskFailed,
     UnknownInstance,
     WorkerTimeout,
@@ -41,6 +44,16 @@ from worker.transition.guards import Store
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 0.5}
 SOCKET_TIMEOUT = 5.0  # seconds for any one broker/backend socket operation
+# A wait never goes silent: every WORKER_CHECK_EVERY seconds it checks that a worker still
+# serves the host (NoWorker as soon as none does), and after WAIT_NOTICE_AFTER seconds it says
+# what it waits for.
+WORKER_CHECK_EVERY = 2.0
+WAIT_NOTICE_AFTER = 3.0
+# A worker without a presence entry (worker/recovery.py; e.g. Redis was down as it started) is
+# still found by a broadcast asking which workers consume the queue; replies are awaited this
+# long, only when presence finds none.
+INSPECT_TIMEOUT = 1.0
+CLOSED = frozenset({"done", "disabled", "dry_run", "cancelled"})  # a run's final statuses
 
 
 def celery_client(settings: Settings) -> Celery:
@@ -114,15 +127,66 @@ class Client:
         max_age = self.settings.registry_interval * TTL_INTERVALS
         return sorted(registry.hosts(self.state, max_age=max_age))
 
+    def workers_of(self, hosts: Sequence[str]) -> dict[str, list[str]]:
+        """The live workers (node names) serving each host: their presence entries in Redis
+        (worker/recovery.py), else what one broadcast finds consuming the host's queue."""
+        hosts = list(hosts)
+        now = time.time()
+        with self.state.pipeline(transaction=False) as pipe:
+            for host in hosts:
+                pipe.zrangebyscore(keys.host_workers(host), now, "+inf")
+            found = {h: sorted(nodes) for h, nodes in zip(hosts, pipe.execute(), strict=True)}
+        missing = [h for h in hosts if not found[h]]
+        if missing:
+            consumers = self._consumers()
+            for host in missing:
+                found[host] = consumers.get(queue_for_host(host), [])
+        return found
+
+    def serving(self, host: str | None) -> list[str]:
+        """Live workers serving ``host``; for None, those consuming ``dormant.control``."""
+        if host is not None:
+            return self.workers_of([host])[host]
+        nodes = sorted({n for ns in self.workers_of(self.hosts()).values() for n in ns})
+        return nodes or self._consumers().get(CONTROL_QUEUE, [])
+
+    def _consumers(self) -> dict[str, list[str]]:
+        """queue -> nodes consuming it, from the workers that answer one broadcast."""
+        replies = self.app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
+        queues: dict[str, list[str]] = {}
+        for node, consumed in replies.items():
+            for queue in consumed or []:
+                queues.setdefault(str(queue.get("name")), []).append(node)
+        return {q: sorted(nodes) for q, nodes in queues.items()}
+
+    def live_hosts(self) -> list[str]:
+        """Hosts in the registry that a live worker serves now."""
+        return [h for h, nodes in self.workers_of(self.hosts()).items() if nodes]
+
     def live_host(self, host: str) -> str:
-        """``host`` when a live worker serves it; InvalidInput naming the live hosts if not
-        (so nothing is queued for a worker that may never exist)."""
-        live = self.hosts()
-        if host not in live:
-            known = ", ".join(live) if live else "none (is any worker running?)"
-            raise InvalidInput(f"unknown host {quote(host)}: no live worker serves it; "
-                               f"live hosts: {known}")
-        return host
+        """``host`` when a live worker serves it. A host no worker ever published is
+        InvalidInput (a typo: nothing is queued); a known host whose worker is gone is
+        NoWorker; both name the live hosts."""
+        if host in registry.hosts(self.state) and self.serving(host):
+            return host
+        live = self.live_hosts()
+        names = ", ".join(live) if live else "none (is any worker running?)"
+        if host in registry.hosts(self.state):
+            raise NoWorker(f"no live worker serves host {quote(host)}; live hosts: {names}")
+        raise InvalidInput(f"unknown host {quote(host)}: no live worker serves it; "
+                           f"live hosts: {names}")
+
+    def require_worker(self, instance: str) -> str | None:
+        """The host whose worker will answer for ``instance`` (None: the control queue's);
+        NoWorker at once when no live worker would take the task."""
+        _uuid, host = self.locate(instance)
+        if self.serving(host):
+            return host
+        live = self.live_hosts()
+        names = ", ".join(live) if live else "none (is any worker running?)"
+        where = f"host {quote(host)} (which serves {quote(instance)})" if host else \
+            f"{CONTROL_QUEUE} (no worker has published {quote(instance)})"
+        raise NoWorker(f"no live worker serves {where}; live hosts: {names}")
 
     def published(self, instance: str, *, host: str | None = None) -> str:
         """The UUID of an instance some worker (of ``host``) has published, or
@@ -182,15 +246,25 @@ class Client:
         return {host: self.status(host=host) for host in self.hosts()}
 
     # -- reclamation ------------------------------------------------------------------------------
-    def sample(self, host: str) -> AsyncResult:
-        """One activity sample of every guest of a live ``host``."""
-        return self.app.send_task(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)))
+    def sample(self, host: str, *, expires: float | None = None) -> AsyncResult:
+        """One activity sample of every guest of a live ``host``; not taken at all if no
+        worker has started it within ``expires`` seconds (a late sample is of no use)."""
+        return self.app.send_task(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)),
+                                  expires=expires)
 
     def reclaim(self, host: str, *, run_id: str, dry_run: bool = False) -> AsyncResult:
         """A reclamation run of a live ``host`` now."""
-        return self.app.send_task(
+        rid = run_store.run_id(run_id)
+        result = self.app.send_task(
             contract.RECLAIM.name, queue=queue_for_host(self.live_host(host)),
-            kwargs={"run_id": run_store.run_id(run_id), "dry_run": bool(dry_run)})
+            kwargs={"run_id": rid, "dry_run": bool(dry_run)})
+        return self._queued(result, rid, "reclaim", host)
+
+    def _queued(self, result: AsyncResult, rid: str, kind: str, host: str) -> AsyncResult:
+        """Remember the run just sent, so it can be cancelled before any worker starts it."""
+        run_store.note_queued(self.state, rid, kind=kind, host=host, task_id=str(result.id),
+                         at=time.time(), ttl=self.settings.reclaim_report_ttl)
+        return result
 
     def drain(self, host: str, *, run_id: str,
               instances: list[str] | None = None) -> AsyncResult:
@@ -201,15 +275,50 @@ class Client:
         if instances:
             kwargs["instances"] = [self.published(validation.instance(i), host=host)
                                    for i in instances]
-        return self.app.send_task(contract.DRAIN.name, queue=queue_for_host(host),
-                                  kwargs=kwargs)
+        result = self.app.send_task(contract.DRAIN.name, queue=queue_for_host(host),
+                                    kwargs=kwargs)
+        return self._queued(result, kwargs["run_id"], "drain", host)
 
     def restore(self, run_id: str, *, restore_id: str) -> AsyncResult:
-        """Resume what run ``run_id`` suspended, on the host that ran it."""
+        """Resume what run ``run_id`` suspended, on the host that ran it (which a live worker
+        must serve: NoWorker otherwise, and nothing is queued)."""
         source = self.report(run_id)
-        return self.app.send_task(
-            contract.RESTORE.name, queue=queue_for_host(source["host"]),
-            kwargs={"run_id": source["run_id"], "restore_id": run_store.run_id(restore_id)})
+        rid = run_store.run_id(restore_id)
+        host = self.live_host(source["host"])
+        result = self.app.send_task(
+            contract.RESTORE.name, queue=queue_for_host(host),
+            kwargs={"run_id": source["run_id"], "restore_id": rid})
+        return self._queued(result, rid, "restore", host)
+
+    def cancel(self, run_id: str, *, by: str) -> dict[str, Any]:
+        """Cancel a run (reclaim, drain or restore) that is queued or under way: no action
+        of it starts any more; actions under way finish. A run that is over is refused
+        (InvalidTransition), an unknown run id is InvalidInput."""
+        rid = run_store.run_id(run_id)
+        report = run_store.load(self.state, rid)
+        sent = run_store.queued(self.state, rid)
+        if report is None and sent is None:
+            raise InvalidInput(f"unknown run id {quote(rid)}: no such run was queued or "
+                               "reported")
+        if report is not None and (report["status"] in CLOSED
+                                   or report["done"] >= report["todo"]):
+            raise InvalidTransition(
+                f"run {rid} is over ({report['status']}): nothing left to cancel"
+                + ("; `dormant restore` resumes what it suspended" if report.get("manifest")
+                   and report.get("kind") != "restore" else ""))
+        record = run_store.cancel(self.state, rid, by=by, at=time.time(),
+                             ttl=self.settings.reclaim_report_ttl)
+        base = report if report is not None else cast(dict[str, Any], sent)
+        answer = {"run_id": rid, "kind": base.get("kind"), "host": base.get("host"),
+                  "cancelled": record}
+        if report is None:
+            return {**answer, "status": "cancelled",
+                    "reason": "cancelled before it started: when a worker takes its task "
+                              f"({base.get('task_id')}), it does nothing"}
+        left = report["todo"] - report["done"]
+        return {**answer, "status": "cancelling",
+                "reason": f"{left} action(s) not finished: those not started are skipped, "
+                          f"those under way finish (`dormant reclaim report {rid}`)"}
 
     def report(self, run_id: str) -> dict[str, Any]:
         """A run's report, or InvalidInput for an unknown run id."""
@@ -221,21 +330,40 @@ class Client:
         return found
 
     # -- reading results --------------------------------------------------------------------------
-    def wait(self, result: AsyncResult, timeout: float | None = 60.0, what: str = "") -> Any:
+    def wait(self, result: AsyncResult, timeout: float | None = 60.0, what: str = "", *,
+             watch: bool = False, host: str | None = None,
+             notice: Callable[[str], None] | None = None) -> Any:
         """The task's JSON result; raises the task's error (dormant's own class, or
-        TaskFailed for any other), or WorkerTimeout."""
-        try:
-            return result.get(timeout=timeout, propagate=True, interval=0.05)
-        except CeleryTimeout:
-            raise WorkerTimeout(
-                f"no worker answered {what or result.id} within {timeout:g}s (task "
-                f"{result.id} stays queued and may still run)") from None
-        except DormantError:
-            raise
-        except Exception as exc:
-            if _infrastructure(exc):
-                raise
-            raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc
+        TaskFailed for any other), or WorkerTimeout.
+
+        With ``watch``, the wait checks every WORKER_CHECK_EVERY seconds that a live worker
+        still serves ``host`` (None: the control queue) and raises NoWorker as soon as none
+        does; after WAIT_NOTICE_AFTER seconds it tells ``notice`` what it waits for."""
+        if not watch or timeout is None:
+            try:
+                return _get_result(result, timeout)
+            except CeleryTimeout:
+                raise WorkerTimeout(_unanswered(result, timeout, what)) from None
+        started = time.monotonic()
+        deadline = started + timeout
+        where = f"host {host}" if host else CONTROL_QUEUE
+        noticed = False
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return _get_result(result, max(min(left, WORKER_CHECK_EVERY), 0.01))
+            except CeleryTimeout:
+                if time.monotonic() >= deadline:
+                    raise WorkerTimeout(_unanswered(result, timeout, what)) from None
+            if not self.serving(host):
+                raise NoWorker(f"no live worker serves {where} any more: {what or result.id} "
+                               f"is not done (task {result.id} stays queued and runs when a "
+                               "worker comes back)")
+            if notice is not None and not noticed and \
+                    time.monotonic() - started >= WAIT_NOTICE_AFTER:
+                noticed = True
+                notice(f"waiting for {what or result.id} (task {result.id}, {where}; at most "
+                       f"{timeout:g}s)")
 
     def journal(self, instance: str, *, limit: int = 50) -> list[dict[str, Any]]:
         """Journal entries of one instance, oldest first (a name is resolved to its UUID).
@@ -257,7 +385,7 @@ class Client:
 
     def recorded(self, uuids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """The newest journal entries of each instance (newest first), in one round trip:
-        what :func:`worker.drift.policy.last_known` reads the last recorded state from."""
+        what :func:`worker.drift.watcher.last_known` reads the last recorded state from."""
         uuids = list(uuids)
         with self.state.pipeline(transaction=False) as pipe:
             for uuid in uuids:
@@ -272,3 +400,20 @@ def _infrastructure(exc: BaseException) -> bool:
     from kombu.exceptions import OperationalError
 
     return isinstance(exc, OperationalError | redis.RedisError | OSError | RuntimeError)
+
+
+def _unanswered(result: AsyncResult, timeout: float | None, what: str) -> str:
+    return (f"no worker answered {what or result.id} within {timeout:g}s (task "
+            f"{result.id} stays queued and may still run)")
+
+
+def _get_result(result: AsyncResult, timeout: float | None) -> Any:
+    """The result, or the task's error translated; Celery's TimeoutError passes through."""
+    try:
+        return result.get(timeout=timeout, propagate=True, interval=0.05)
+    except (CeleryTimeout, DormantError):
+        raise
+    except Exception as exc:
+        if _infrastructure(exc):
+            raise
+        raise TaskFailed(f"{type(exc).__name__}: {exc}") from exc

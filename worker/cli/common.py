@@ -14,6 +14,8 @@ the same for every command (docs/cli.md):
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from functools import wraps
@@ -51,16 +53,24 @@ def _version() -> str:
 
 
 class DormantGroup(click.Group):
-    """click's own usage errors follow the same grammar: ``error: InvalidInput: ...``, 2."""
+    """click's own usage errors follow the same grammar: ``error: InvalidInput: ...``, 2, on
+    one line (click spreads some over several, e.g. a missing choice lists each on its own).
+
+    Log records of the libraries the command uses (dormant's own, Celery's) never reach
+    stderr, which carries only the command's error lines and progress: whatever they report
+    comes back as the command's error."""
 
     def main(self, *args: Any, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        root = logging.getLogger()
+        if not root.handlers:
+            root.addHandler(logging.NullHandler())
         try:
             code = super().main(*args, **kwargs)
         except click.exceptions.Abort:
             fail_with("Aborted", "interrupted", EXIT_FAILED)
         except click.ClickException as exc:
-            fail_with("InvalidInput", exc.format_message(), EXIT_USAGE)
+            fail_with("InvalidInput", " ".join(exc.format_message().split()), EXIT_USAGE)
         sys.exit(code if isinstance(code, int) else EXIT_OK)
 
 
@@ -71,15 +81,40 @@ def main() -> None:
     """dormant: pause, suspend and resume KVM guests through Celery workers."""
 
 
+class Seconds(click.ParamType):
+    """A number of seconds more than 0 (``--timeout``); refused with the value as typed
+    (``got 0``, not the ``0.0`` it parses to)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        from worker.core.validation import given, quote
+
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"must be a number of seconds, got {quote(value)}", param, ctx)
+        if not number > 0:  # also refuses NaN
+            self.fail(f"must be more than 0 seconds, got {given(value)}", param, ctx)
+        if number == math.inf:
+            self.fail(f"must be a finite number of seconds, got {given(value)}", param, ctx)
+        return number
+
+
+SECONDS = Seconds()
+
+
 def json_option(fn: F) -> F:
     """Add ``--json``: print one JSON document on stdout instead of a table."""
     return click.option("--json", "as_json", is_flag=True,
                         help="Print one JSON document on stdout instead of a table.")(fn)
 
 
-def fail(message: str, code: int = EXIT_FAILED, error_type: str | None = None) -> NoReturn:
-    """Print ``error: <ErrorType>: message`` on stderr (one unwrapped line) and exit."""
-    fail_with(error_type or _TYPE_FOR_CODE[code], message, code)
+def fail(message: str, code: int, error_type: str) -> NoReturn:
+    """Print ``error: <ErrorType>: message`` on stderr (one unwrapped line) and exit; the
+    type is one of those docs/cli.md lists for the code."""
+    fail_with(error_type, message, code)
 
 
 def fail_with(error_type: str, message: str, code: int) -> NoReturn:
@@ -91,10 +126,6 @@ def fail_error(exc: BaseException) -> NoReturn:
     """Exit with the code and line for an error (see the module docstring)."""
     code, error_type, message = classify(exc)
     fail_with(error_type, message, code)
-
-
-_TYPE_FOR_CODE = {EXIT_FAILED: "Failed", EXIT_USAGE: "InvalidInput",
-                  EXIT_UNAVAILABLE: "Unavailable"}
 
 
 def classify(exc: BaseException) -> tuple[int, str, str]:
@@ -130,6 +161,11 @@ def _unavailable(exc: BaseException) -> DormantError | None:
 def warn_error(message: str) -> None:
     """``error: message`` on stderr without ending the command (one of several results)."""
     warn(f"[red]error:[/red] {escape(message)}")
+
+
+def note(message: str) -> None:
+    """``note: message`` on stderr: what a command waits for, or did besides its result."""
+    warn(f"note: {escape(message)}")
 
 
 def warn(markup: str) -> None:

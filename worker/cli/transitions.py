@@ -2,7 +2,9 @@
 
 Each command validates its input before any connection (exit 2), sends one task by name
 through :class:`worker.api.client.Client` and, with ``--wait``, prints the JSON result as a
-table or as one JSON document. See docs/cli.md for exit codes and examples.
+table or as one JSON document. A command that waits first checks that a live worker will
+take the task (else NoWorker, exit 3, nothing queued) and keeps checking while it waits.
+See docs/cli.md for exit codes and examples.
 """
 
 from __future__ import annotations
@@ -18,17 +20,20 @@ from celery.result import AsyncResult
 from worker.api.client import Client
 from worker.cli.common import (
     EXIT_UNAVAILABLE,
+    SECONDS,
     classify,
     emit,
     fail,
     handles_errors,
     json_option,
     main,
+    note,
     warn_error,
 )
 from worker.core import validation
+from worker.core.errors import NoWorker
 from worker.core.states import Observed, State
-from worker.drift.policy import Known, differs, last_known
+from worker.drift.watcher import Known, differs, last_known
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,9 +51,11 @@ def make_client() -> Client:
     return Client.from_settings()
 
 
-def wait_for(client: Client, result: AsyncResult, timeout: float, what: str) -> Any:
-    """The task's result; WorkerTimeout (exit 3) when no worker answered in time."""
-    return client.wait(result, timeout, what=what)
+def wait_for(client: Client, result: AsyncResult, timeout: float, what: str,
+             host: str | None) -> Any:
+    """The task's result; NoWorker (exit 3) as soon as no live worker serves ``host`` (None:
+    the control queue), WorkerTimeout (exit 3) when none answered in time."""
+    return client.wait(result, timeout, what=what, watch=True, host=host, notice=note)
 
 
 def transition_options(fn: F) -> F:
@@ -60,7 +67,7 @@ def transition_options(fn: F) -> F:
                      help=f"Idempotency key (at most {validation.MAX_REQUEST_ID} characters): "
                           "the same id is carried out at most once, and only for this action "
                           "on this instance."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+        click.option("--timeout", type=SECONDS,
                      default=DEFAULT_WAIT, show_default=True,
                      help="Seconds to wait for a worker's answer (exit 3 after)."),
         json_option,
@@ -70,15 +77,31 @@ def transition_options(fn: F) -> F:
     return fn
 
 
-def _finish(client: Client, result: AsyncResult, *, wait: bool, timeout: float,
-            as_json: bool, what: str) -> None:
+def _send(client: Client, instance: str, wait: bool,
+          send: Callable[[], AsyncResult]) -> tuple[AsyncResult, str | None]:
+    """Send a transition: with ``--wait`` only when a live worker will take it (NoWorker
+    otherwise, nothing queued); without, queued either way, with a note when none will yet."""
+    try:
+        host = client.require_worker(instance)
+    except NoWorker as exc:
+        if wait:
+            raise
+        result = send()
+        note(f"task {result.id} is queued, but {exc}: it runs when a worker does")
+        return result, None
+    return send(), host
+
+
+def _finish(client: Client, sent: tuple[AsyncResult, str | None], *, wait: bool,
+            timeout: float, as_json: bool, what: str) -> None:
+    result, host = sent
     if not wait:
         if as_json:
             emit({"task_id": result.id}, as_json=True)
         else:
             click.echo(result.id)
         return
-    answer = wait_for(client, result, timeout, what)
+    answer = wait_for(client, result, timeout, what, host)
     emit(answer, as_json=as_json, columns=RESULT_COLUMNS)
 
 
@@ -92,8 +115,9 @@ def _verb(name: str, doc: str) -> None:
         instance = validation.instance(instance, "INSTANCE")
         request_id = validation.request_id(request_id, "--request-id")
         with make_client() as client:
-            result = getattr(client, name)(instance, request_id=request_id)
-            _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
+            sent = _send(client, instance, wait,
+                         lambda: getattr(client, name)(instance, request_id=request_id))
+            _finish(client, sent, wait=wait, timeout=timeout, as_json=as_json,
                     what=f"{name} {instance}")
 
 
@@ -104,20 +128,21 @@ _verb("resume", "Restore a suspended INSTANCE from its managed-save image.")
 
 @main.command()
 @click.argument("instance")
-@click.option("--max-seconds", type=float, default=None,
+@click.option("--max-seconds", "max_seconds_text", default=None, metavar="S",
               help="Unpause automatically after this many seconds (more than 0, at most "
                    "604800 = 7 days).")
 @transition_options
 @handles_errors
-def pause(instance: str, max_seconds: float | None, wait: bool, request_id: str | None,
+def pause(instance: str, max_seconds_text: str | None, wait: bool, request_id: str | None,
           timeout: float, as_json: bool) -> None:
     """Stop INSTANCE's vCPUs, keeping it in RAM."""
     instance = validation.instance(instance, "INSTANCE")
     request_id = validation.request_id(request_id, "--request-id")
-    max_seconds = validation.max_seconds(max_seconds, "--max-seconds")
+    max_seconds = validation.max_seconds_text(max_seconds_text, "--max-seconds")
     with make_client() as client:
-        result = client.pause(instance, request_id=request_id, max_seconds=max_seconds)
-        _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
+        sent = _send(client, instance, wait, lambda: client.pause(
+            instance, request_id=request_id, max_seconds=max_seconds))
+        _finish(client, sent, wait=wait, timeout=timeout, as_json=as_json,
                 what=f"pause {instance}")
 
 
@@ -133,14 +158,15 @@ def ensure(instance: str, target: str, wait: bool, request_id: str | None, timeo
     target = str(validation.target(target, "TARGET"))
     request_id = validation.request_id(request_id, "--request-id")
     with make_client() as client:
-        result = client.ensure(instance, target, request_id=request_id)
-        _finish(client, result, wait=wait, timeout=timeout, as_json=as_json,
+        sent = _send(client, instance, wait,
+                     lambda: client.ensure(instance, target, request_id=request_id))
+        _finish(client, sent, wait=wait, timeout=timeout, as_json=as_json,
                 what=f"ensure {instance} {target}")
 
 
 @main.command()
 @click.argument("instances", nargs=-1)
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True),
+@click.option("--timeout", type=SECONDS,
               default=DEFAULT_STATUS_WAIT, show_default=True,
               help="Seconds to wait for the workers' answers (exit 3 after).")
 @json_option
@@ -179,36 +205,53 @@ def _mark_drift(client: Client, rows: list[dict[str, Any]]) -> None:
             row["drift"] = True
 
 
+def _reported(exc: Exception) -> int:
+    """Print one error line for ``exc``; its exit code."""
+    failed, error_type, message = classify(exc)
+    warn_error(f"{error_type}: {message}")
+    return failed
+
+
 def _status_of(client: Client, instances: list[str],
                timeout: float) -> tuple[list[dict[str, Any]], int]:
-    """Ask each instance's host; report the failures on stderr and carry on."""
-    pending = [(i, client.status(i)) for i in instances]
-    rows: list[dict[str, Any]] = []
+    """Ask each instance's host (if a live worker serves it); report the failures on stderr
+    and carry on."""
+    pending: list[tuple[str, str | None, AsyncResult]] = []
     code = 0
-    for instance, result in pending:
+    for instance in instances:
         try:
-            rows.append(client.wait(result, timeout, what=f"status {instance}"))
+            host = client.require_worker(instance)
+            pending.append((instance, host, client.status(instance)))
         except Exception as exc:
-            failed, error_type, message = classify(exc)
-            warn_error(f"{error_type}: {message}")
-            code = max(code, failed)
+            code = max(code, _reported(exc))
+    rows: list[dict[str, Any]] = []
+    for instance, host, result in pending:
+        try:
+            rows.append(wait_for(client, result, timeout, f"status {instance}", host))
+        except Exception as exc:
+            code = max(code, _reported(exc))
     return rows, code
 
 
 def _status_of_fleet(client: Client, timeout: float) -> tuple[list[dict[str, Any]], int]:
-    pending = client.status_fleet()
-    if not pending:
+    hosts = client.hosts()
+    if not hosts:
         fail("no worker has published to the registry: is any worker running?",
              EXIT_UNAVAILABLE, "NoWorker")
-    rows: list[dict[str, Any]] = []
     code = 0
+    pending: dict[str, AsyncResult] = {}
+    for host, nodes in client.workers_of(hosts).items():
+        if nodes:
+            pending[host] = client.status(host=host)
+        else:
+            code = max(code, _reported(NoWorker(f"no live worker serves host {host}: its "
+                                                "guests' state is not known")))
+    rows: list[dict[str, Any]] = []
     for host, result in pending.items():
         try:
-            rows.extend(client.wait(result, timeout, what=f"status of host {host}"))
+            rows.extend(wait_for(client, result, timeout, f"status of host {host}", host))
         except Exception as exc:
-            failed, error_type, message = classify(exc)
-            warn_error(f"{error_type}: {message}")
-            code = max(code, failed)
+            code = max(code, _reported(exc))
     rows.sort(key=lambda r: (r.get("host") or "", r.get("name") or ""))
     return rows, code
 

@@ -83,3 +83,7 @@ class BrokerUnavailable(TransientError):
 
 class WorkerTimeout(TransientError):
     """No worker answered within the caller's timeout (the task may still run later)."""
+
+
+class NoWorker(TransientError):
+    """No live worker serves the host (or consumes the queue) the work is for."""

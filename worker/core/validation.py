@@ -25,11 +25,22 @@ _REQUEST_ID = re.compile(rf"[A-Za-z0-9_.:@/+=-]{{1,{MAX_REQUEST_ID}}}")
 
 
 def quote(value: Any, limit: int = QUOTE_MAX) -> str:
-    """``repr(value)``, cut to ``limit`` characters so a huge argument is never echoed."""
-    text = repr(value)
+    """``repr(value)``, cut to ``limit`` characters so a huge argument is never echoed; a cut
+    one says how long the value was (a string's own length, not its quoted form's)."""
+    return _cut(repr(value), len(value) if isinstance(value, str) else None, limit)
+
+
+def given(value: Any, limit: int = QUOTE_MAX) -> str:
+    """A caller's text as typed (a number stays ``0``, not ``0.0``), cut like :func:`quote`."""
+    if isinstance(value, str):
+        return _cut(value, len(value), limit)
+    return quote(value, limit)
+
+
+def _cut(text: str, length: int | None, limit: int) -> str:
     if len(text) <= limit:
         return text
-    return f"{text[:limit]}... ({len(text)} characters)"
+    return f"{text[:limit]}... ({len(text) if length is None else length} characters)"
 
 
 def is_uuid(value: str) -> bool:
@@ -90,7 +101,24 @@ def max_seconds(value: Any, name: str = "max_seconds") -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"{name} must be a number of seconds, got {quote(value)}")
     if not 0 < value <= MAX_PAUSE_SECONDS:  # also refuses NaN
-        raise InvalidInput(
-            f"{name} must be more than 0 and at most {MAX_PAUSE_SECONDS} seconds (7 days), "
-            f"got {quote(value)}")
+        raise InvalidInput(_pause_range(name, quote(value)))
     return float(value)
+
+
+def max_seconds_text(text: str | None, name: str = "--max-seconds") -> float | None:
+    """A pause deadline typed on a command line: refused with the text as typed (``got 0``,
+    not the ``0.0`` it parses to)."""
+    if text is None:
+        return None
+    try:
+        number = float(text)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a number of seconds, got {quote(text)}") from None
+    if not 0 < number <= MAX_PAUSE_SECONDS:
+        raise InvalidInput(_pause_range(name, given(text)))
+    return number
+
+
+def _pause_range(name: str, shown: str) -> str:
+    return (f"{name} must be more than 0 and at most {MAX_PAUSE_SECONDS} seconds (7 days), "
+            f"got {shown}")

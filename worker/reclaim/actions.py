@@ -1,27 +1,27 @@
 """Carrying out reclamation runs: the side-effecting half of :mod:`worker.reclaim.selection`.
 
-A :class:`Reclaimer` works over one worker's :class:`~worker.transition.runner.Context`
+A :class:`Reclaimer` works over one worker's :class:`~worker.transition.context.Context`
 (hypervisor and state store) and its settings. It takes samples, creates reclaim, drain and
 restore runs (the report, the work queue, the first capped wave), and carries out one action
 of a run: the last check, the transition, the outcome, closing the run after its last action.
 
 Celery stays outside: the tasks in ``tasks/reclaim.py`` hand in how to send a queued action
 (``send_item``) and how to run a transition with their retry policy, so every rule here is
-unit-tested over libvirt's test driver and fakeredis (tests/unit/test_reclaimer.py).
+unit-tested over libvirt's test driver and fakeredis (tests/unit/reclaim/test_actions.py).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.core.errors import InvalidInput, PermanentError, TransientError, UnknownInstance
 from worker.core.settings import Settings
 from worker.core.states import State
+from worker.drift.policy import SETTLED  # outcomes that left the guest in a known state
 from worker.reclaim import (
     exemptions,
     idle,
@@ -33,76 +33,16 @@ from worker.reclaim import (
     sampling,
     selection,
 )
+from worker.reclaim.progress import Precheck, action_of, closing, outcome_of, run_status
 from worker.transition.context import Context
 from worker.transition.table import Action
 
 log = logging.getLogger("dormant.reclaim")
 
+JOURNAL_LOOKBACK = 20  # newest journal entries read to find what last set a guest's state
+
 SendItem = Callable[[str, str], object]  # (run id, instance): queue one action of a run
 Transition = Callable[[Action, str], dict[str, Any]]  # (action, request id) -> its result
-
-
-# -- pure pieces -------------------------------------------------------------------------------
-def run_status(*, queued: int, dry: bool, disabled: str) -> tuple[str, str]:
-    """A new reclaim run's (status, reason): dry run, kill switch, acting or nothing to do."""
-    if dry:
-        status, reason = "dry_run", "dry run: nothing was changed"
-    elif queued:
-        status, reason = "acting", f"suspending {queued}"
-    else:
-        status, reason = "done", "nothing to suspend"
-    if disabled:
-        status, reason = ("disabled" if not dry else status), disabled
-    return status, reason
-
-
-def action_of(kind: str) -> Action:
-    """What one action of a run does: a restore resumes, a reclaim or drain suspends."""
-    return Action.RESUME if kind == "restore" else Action.SUSPEND
-
-
-def outcome_of(action: Action, result: dict[str, Any]) -> tuple[str, bool]:
-    """(the report's outcome, whether the guest was suspended now) from a transition result.
-
-    A duplicate that recorded steps did the work on an earlier delivery: it counts as done now.
-    """
-    changed = result["outcome"] == "changed" or (
-        result["outcome"] == "duplicate" and bool(result.get("steps")))
-    if action is Action.RESUME:
-        return ("resumed" if changed else "already running"), False
-    return ("suspended" if changed else "already suspended"), changed
-
-
-def closing(entries: Iterable[dict[str, Any]], done: int) -> dict[str, Any]:
-    """The meta changes that close a run: outcome counts of its finished actions, a reason."""
-    outcomes = Counter(str(e.get("outcome")) for e in entries if e.get("finished"))
-    return {"status": "done", "outcomes": dict(outcomes),
-            "reason": f"{done} action(s) finished: " + ", ".join(
-                f"{n} {o}" for o, n in sorted(outcomes.items()))}
-
-
-@dataclass(frozen=True)
-class Precheck:
-    """The check just before one action: go ahead, or skip it and why.
-
-    ``recheck`` holds the fresh numbers of a reclaim's re-check (None when there was none);
-    they are recorded with the outcome either way.
-    """
-
-    state: str
-    skip: str = ""  # why the action is skipped; "" = go ahead
-    recheck: dict[str, Any] | None = None
-
-    @property
-    def go(self) -> bool:
-        return not self.skip
-
-    def recorded(self) -> dict[str, Any]:
-        """What the report keeps about this check."""
-        kept: dict[str, Any] = {} if self.go else {"reason": self.skip, "state": self.state}
-        if self.recheck is not None:
-            kept["recheck"] = self.recheck
-        return kept
 
 
 # -- the runs ----------------------------------------------------------------------------------
@@ -154,22 +94,27 @@ class Reclaimer:
         s = self.settings
         now = self.clock()
         dry = bool(dry_run) or s.reclaim_dry_run
-        rid = (run_store.run_id(run_id) if run_id
-               else run_store.manual_id(self.ctx.host, now, dry_run=dry))
+        rid = run_store.run_id(run_id) if run_id else (
+            run_store.for_task("reclaim", self.ctx.host, owner, dry_run=dry) if owner
+            else run_store.manual_id(self.ctx.host, now, dry_run=dry))
         if not dry and (answer := self.claimed(rid, owner or rid)) is not None:
             return answer
+        stopped = run_store.cancelled(self.client, rid)
         candidates = self._candidates(now)
         disabled = killswitch.disabled_reason(self.client, enabled_setting=s.reclaim_enabled)
         safety = selection.Safety(min_age=s.reclaim_min_age, disabled_reason=disabled,
                            grace=s.reclaim_grace, grace_period=s.reclaim_grace_period)
         plan = selection.select(candidates, safety, now=now, run_id=rid)
         entries = {e.instance: {**e.as_dict(), "outcome": "none"} for e in plan.entries}
-        queue = [] if dry else [e.instance for e in plan.to_suspend]
+        queue = [] if dry or stopped else [e.instance for e in plan.to_suspend]
         for e in plan.to_suspend:
-            entries[e.instance]["outcome"] = "dry run: would suspend" if dry else "pending"
-        if not dry:
+            entries[e.instance]["outcome"] = "dry run: would suspend" if dry else \
+                "cancelled" if stopped else "pending"
+        if not dry and not stopped:
             self._apply_marks(rid, plan, candidates, entries, now)
         status, reason = run_status(queued=len(queue), dry=dry, disabled=disabled)
+        if stopped and not dry:
+            status, reason = "cancelled", run_store.cancel_reason(stopped) + " before it started"
         meta = {"run_id": rid, "kind": "reclaim", "host": self.ctx.host, "dry_run": dry,
                 "started_at": now, "status": status, "reason": reason, "counts": plan.counts(),
                 "cap": s.reclaim_host_cap, "scope": s.reclaim_scope,
@@ -191,8 +136,9 @@ class Reclaimer:
         if source["host"] != self.ctx.host:
             raise InvalidInput(f"run {of_run} belongs to host {source['host']}, "
                                f"not {self.ctx.host}")
-        rid = (run_store.run_id(restore_id) if restore_id
-               else run_store.restore_id(of_run, self.clock()))
+        rid = run_store.run_id(restore_id) if restore_id else (
+            run_store.for_task("restore", self.ctx.host, owner, of_run=of_run) if owner
+            else run_store.restore_id(of_run, self.clock()))
         names = {e["instance"]: e.get("name") for e in source["entries"]}
         members = source["manifest"]
         entries = [{"instance": u, "name": names.get(u), "verdict": "resume",
@@ -200,7 +146,7 @@ class Reclaimer:
         return self._new_run(rid, "restore", entries, members, owner=owner, of_run=of_run)
 
     def _priorities(self, instances: list[str]) -> dict[str, int]:
-        """Each instance's priority from its domain metadata (worker/reclaim/order.py); a missing
+        """Each instance's priority from its domain metadata (worker/order.py); a missing
         guest or an unreadable priority counts as the default, and the log says why."""
         found = {}
         for uuid in instances:
@@ -217,8 +163,9 @@ class Reclaimer:
     def drain(self, run_id: Any = None, instances: Any = None, *,
               owner: str = "") -> dict[str, Any]:
         """Suspend every running guest of this host (or only ``instances``, names or UUIDs)."""
-        rid = (run_store.run_id(run_id) if run_id
-               else run_store.drain_id(self.ctx.host, self.clock()))
+        rid = run_store.run_id(run_id) if run_id else (
+            run_store.for_task("drain", self.ctx.host, owner) if owner
+            else run_store.drain_id(self.ctx.host, self.clock()))
         wanted = None if instances is None else {str(i).lower() for i in instances}
         entries, queue = [], []
         for guest in self.ctx.hypervisor.guests():
@@ -242,6 +189,17 @@ class Reclaimer:
         if (answer := self.claimed(rid, owner or rid)) is not None:
             return answer
         now = self.clock()
+        stopped = run_store.cancelled(self.client, rid)
+        if stopped is not None:  # cancelled while its task waited: do nothing, say so
+            for e in entries:
+                if e["outcome"] == "pending":
+                    e["outcome"] = "cancelled"
+            run_store.create(self.client, rid, {
+                "run_id": rid, "kind": kind, "host": self.ctx.host, "dry_run": False,
+                "started_at": now, "finished_at": now, "status": "cancelled",
+                "reason": run_store.cancel_reason(stopped) + " before it started", **meta},
+                entries, queue=[], ttl=self.settings.reclaim_report_ttl)
+            return run_store.load(self.client, rid) or {}
         priorities = self._priorities(queue)
         waves = order.waves(priorities, queue, kind=kind)
         queue = [u for wave in waves for u in wave]
@@ -328,10 +286,17 @@ class Reclaimer:
         kind = meta["kind"]
         action = action_of(kind)
         request_id = selection.request_id(rid, str(action), str(instance))
+        stopped = run_store.cancelled(self.client, rid)
+        if stopped is not None and not self.ctx.store.started(request_id):
+            reason = run_store.cancel_reason(stopped)
+            self.finish(rid, instance, {"outcome": "cancelled", "reason": reason},
+                        suspended=False)
+            return {"run_id": rid, "instance": instance, "outcome": "cancelled",
+                    "reason": reason}
         try:
             kept: dict[str, Any] = {}
             if not self.ctx.store.started(request_id):  # not started before: check first
-                check = self.precheck(kind, instance)
+                check = self.precheck(kind, instance, of_run=str(meta.get("of_run") or ""))
                 kept = check.recorded()
                 if not check.go:
                     self.finish(rid, instance, {"outcome": "skipped", **kept}, suspended=False)
@@ -344,6 +309,8 @@ class Reclaimer:
                                         "error": str(exc)}, suspended=False)
             raise
         outcome, suspended = outcome_of(action, result)
+        if kind == "restore" and outcome == "resumed" and meta.get("of_run"):
+            run_store.note_restored(self.client, str(meta["of_run"]), str(instance), rid)
         self.finish(rid, instance, {"outcome": outcome, "state_after": result.get("state_after"),
                                     "duration_ms": result.get("duration_ms"),
                                     "request_id": request_id, **kept},
@@ -356,7 +323,7 @@ class Reclaimer:
                 return smp
         return None
 
-    def precheck(self, kind: str, uuid: str) -> Precheck:
+    def precheck(self, kind: str, uuid: str, *, of_run: str = "") -> Precheck:
         """Just before acting on ``uuid``: does it still exist and is it in the state the
         action needs; for a reclaim, is it still not exempt and still idle right now."""
         s = self.settings
@@ -366,6 +333,10 @@ class Reclaimer:
             return Precheck(state, "skipped: the instance no longer exists")
         if kind == "restore":
             if observed.state is State.RUNNING:
+                earlier = self.restored_by(of_run, uuid) if of_run else None
+                if earlier is not None:
+                    return Precheck(state, f"skipped: already running (restored by {earlier}, "
+                                           f"an earlier restore of {of_run})")
                 return Precheck(state, "skipped: already running (resumed by someone else)")
             if observed.state is not State.SUSPENDED:
                 return Precheck(state, f"skipped: not suspended ({observed}); left alone")
@@ -389,6 +360,18 @@ class Reclaimer:
                            stored=stored, before=before, after=after, policy=policy)
         return Precheck(state, "" if check.ok else check.reason, check.numbers)
 
+    def restored_by(self, of_run: str, uuid: str) -> str | None:
+        """The earlier restore of ``of_run`` that resumed ``uuid``, if the last state dormant
+        recorded for the guest is still that resume's (not a later change by anyone)."""
+        earlier = run_store.restored_by(self.client, of_run, uuid)
+        if earlier is None:
+            return None
+        expected = selection.request_id(earlier, str(Action.RESUME), uuid)
+        for entry in reversed(self.ctx.store.journal(uuid, count=JOURNAL_LOOKBACK)):
+            if entry.get("outcome") in SETTLED and entry.get("state_after"):
+                return earlier if entry.get("request_id") == expected else None
+        return None
+
     def finish(self, rid: str, instance: str, changes: dict[str, Any], *,
                suspended: bool) -> None:
         """Start the next queued action, record this one, close the run after the last.
@@ -408,4 +391,5 @@ class Reclaimer:
         if first and done >= todo:
             report = run_store.load(self.client, rid) or {}
             run_store.update_meta(self.client, rid, finished_at=self.clock(),
-                             **closing(report.get("entries", []), done))
+                             **closing(report.get("entries", []), done,
+                                       report.get("cancelled")))

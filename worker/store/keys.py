@@ -104,6 +104,17 @@ def run_queue(run_id: str) -> str:
     return f"{PREFIX}:run:{run_id}:queue"
 
 
+def run_queued(run_id: str) -> str:
+    """What the CLI (or client) queued under this run id before any worker started it: JSON
+    kind, host, task id, time. Lets ``dormant cancel`` and ``reclaim report`` know the id."""
+    return f"{PREFIX}:run:{run_id}:queued"
+
+
+def run_cancel(run_id: str) -> str:
+    """Present = the run is cancelled (JSON: by whom, when): no action of it starts any more."""
+    return f"{PREFIX}:run:{run_id}:cancel"
+
+
 def schedule_claim(slot: str) -> str:
     """Claim of one beat tick (e.g. ``sample:<slot>``) so two beat processes fan out once."""
     return f"{PREFIX}:schedule:{slot}:claim"

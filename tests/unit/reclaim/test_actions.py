@@ -16,7 +16,8 @@ from worker.core.errors import HypervisorUnavailable, InvalidInput
 from worker.core.settings import Settings
 from worker.hypervisor import Hypervisor
 from worker.reclaim import exemptions, killswitch, run_store
-from worker.reclaim.actions import Precheck, Reclaimer, closing, outcome_of, run_status
+from worker.reclaim.actions import Reclaimer
+from worker.reclaim.progress import Precheck, closing, outcome_of, run_status
 from worker.transition.context import Context, Request
 from worker.transition.guards import Store
 from worker.transition.runner import run
@@ -216,3 +217,81 @@ def test_reclaim_precheck_stops_at_an_exemption(scene: Scene,
     dom.suspend()
     paused = scene.reclaimer.precheck("drain", dom.UUIDString())
     assert paused.skip == "skipped: no longer running (paused(user))"
+
+
+# -- issue 22: run ids per request, cancelling, a second restore -----------------------------------
+def test_a_run_sent_without_an_id_is_named_by_its_task(scene: Scene,
+                                                       make_domain: DomainFactory) -> None:
+    """Two requests are two runs (two task ids), and a redelivered message (the same task id)
+    is still its own run, whatever the clock says."""
+    make_domain(prefix=scene.prefix)
+    first = scene.reclaimer.drain(owner="task-a")
+    second = scene.reclaimer.drain(owner="task-b")
+    assert (first["run_id"], second["run_id"]) == ("drain:hv1:task-a", "drain:hv1:task-b")
+    assert second["status"] == "acting"  # not the first run's report
+    again = scene.reclaimer.drain(owner="task-a")  # a redelivery of the first
+    assert again["run_id"] == "drain:hv1:task-a" and again.get("status") != "duplicate"
+    assert scene.reclaimer.reclaim(owner="task-c")["run_id"] == "hv1:task-c"
+    restore = scene.reclaimer.restore("drain:hv1:task-a", owner="task-d")
+    assert restore["run_id"] == "restore:task-d:drain:hv1:task-a"
+
+
+def test_a_run_cancelled_before_its_task_starts_does_nothing(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    dom = make_domain(prefix=scene.prefix)
+    run_store.cancel(scene.ctx.store.redis, "drain:c1", by="ops", at=0, ttl=60)
+    report = scene.reclaimer.drain("drain:c1", owner="task-1")
+    assert report["status"] == "cancelled"
+    assert report["reason"].startswith("cancelled by ops at 19700101T000000Z")
+    assert [e["outcome"] for e in report["entries"]] == ["cancelled"]
+    assert scene.sent == [] and report["todo"] == 0
+    assert dom.state()[0] == RUNNING
+    run_store.cancel(scene.ctx.store.redis, "hv1:c2", by="ops", at=0, ttl=60)
+    reclaim = scene.reclaimer.reclaim("hv1:c2", owner="task-2")
+    assert reclaim["status"] == "cancelled" and scene.sent == []
+
+
+def test_a_run_cancelled_under_way_starts_nothing_more_and_closes(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    """Cap 1: the first suspend is under way when the run is cancelled; it finishes, the
+    second never starts, and the run closes as cancelled."""
+    a, b = make_domain(prefix=scene.prefix), make_domain(prefix=scene.prefix)
+    scene.reclaimer.drain("drain:c3", owner="task-1")
+    [(rid, first)] = scene.sent
+    scene.sent.clear()
+    save = scene.transition(first)
+
+    def cancelled_during_the_save(action: Action, request_id: str) -> dict[str, Any]:
+        run_store.cancel(scene.ctx.store.redis, rid, by="ops", at=0, ttl=60)
+        return save(action, request_id)
+
+    scene.reclaimer.run_item(rid, first, final=True, transition=cancelled_during_the_save)
+    results = scene.work()  # what it sent next
+    assert [r["outcome"] for r in results] == ["cancelled"]
+    report = run_store.load(scene.ctx.store.redis, rid)
+    assert report["status"] == "cancelled" and report["done"] == report["todo"] == 2
+    assert report["outcomes"] == {"suspended": 1, "cancelled": 1}
+    assert report["cancelled"]["by"] == "ops"
+    states = {d.UUIDString(): d.state()[0] for d in (a, b)}
+    assert sorted(states.values()) == sorted([SHUTOFF, RUNNING])
+    assert states[first] == SHUTOFF
+
+
+def test_a_second_restore_names_the_restore_that_brought_the_guests_back(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    dom = make_domain(prefix=scene.prefix)
+    scene.reclaimer.drain("drain:r1", owner="task-1")
+    scene.work()
+    scene.reclaimer.restore("drain:r1", "restore:first", owner="task-2")
+    scene.work()
+    assert dom.state()[0] == RUNNING
+    scene.reclaimer.restore("drain:r1", "restore:second", owner="task-3")
+    [again] = scene.work()
+    assert again["reason"] == ("skipped: already running (restored by restore:first, an "
+                               "earlier restore of drain:r1)")
+    # Once someone else has changed the guest since, the earlier restore is not named.
+    scene.transition(dom.UUIDString())(Action.SUSPEND, "by-hand-suspend")
+    scene.transition(dom.UUIDString())(Action.RESUME, "by-hand-resume")
+    scene.reclaimer.restore("drain:r1", "restore:third", owner="task-4")
+    [third] = scene.work()
+    assert third["reason"] == "skipped: already running (resumed by someone else)"

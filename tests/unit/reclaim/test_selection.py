@@ -273,7 +273,9 @@ def test_run_id_builders():
     import datetime as dt
 
     assert run_store.nightly_id("h1", dt.date(2026, 11, 27)) == "h1:2026-11-27"
-    assert run_store.manual_id("h1", 0, dry_run=True) == "h1:19700101T000000Z:dry"
+    assert run_store.manual_id("h1", 0, dry_run=True, unique="ab12") == \
+        "h1:19700101T000000Z-ab12:dry"
+    assert run_store.periodic_id("h1", 0) == "h1:19700101T000000Z"
     assert run_store.run_id(run_store.restore_id(run_store.drain_id("h1", 0), 0))
 
 
@@ -319,8 +321,14 @@ def fanout(fake_redis, monkeypatch):
     monkeypatch.setattr(tr, "settings", lambda: settings)
     monkeypatch.setattr(tr, "context", lambda: _Ctx(fake_redis))
     sent: list[tuple[str, dict, str]] = []
-    monkeypatch.setattr(tr.app, "send_task", lambda name, kwargs=None, queue=None, **_:
-                        sent.append((name, kwargs or {}, queue)))
+
+    def send_task(name, kwargs=None, queue=None, **_):  # type: ignore[no-untyped-def]
+        import types
+
+        sent.append((name, kwargs or {}, queue))
+        return types.SimpleNamespace(id=f"task-{len(sent)}")
+
+    monkeypatch.setattr(tr.app, "send_task", send_task)
     fake_redis.zadd(keys.HOSTS, {"kvm-1": _time.time(), "kvm-2": _time.time(),
                                  "gone": _time.time() - 86400})
     return tr, sent
@@ -335,6 +343,10 @@ def test_nightly_fan_out_sends_one_run_per_live_host_with_the_local_date(fanout)
     assert tr.reclaim_fleet.run() == [f"kvm-1:{day}", f"kvm-2:{day}"]
     assert sent == [("dormant.reclaim", {"run_id": f"kvm-1:{day}"}, "dormant.kvm-1"),
                     ("dormant.reclaim", {"run_id": f"kvm-2:{day}"}, "dormant.kvm-2")]
+    # Known as queued, so `dormant cancel kvm-1:<day>` can stop it before its worker starts.
+    queued = run_store.queued(tr.context().store.redis, f"kvm-1:{day}")
+    assert queued is not None and (queued["kind"], queued["host"], queued["task_id"]) == (
+        "reclaim", "kvm-1", "task-1")
 
 
 def test_periodic_fan_out_names_each_run_by_the_start_of_its_period(fanout, monkeypatch):
@@ -423,3 +435,119 @@ def test_kill_switch_commands(cli, fake_redis):
     assert status["reclamation"] == "disabled" and "kill switch on" in status["reason"]
     assert json.loads(cli("kill-switch", "off", "--json").output)["reclamation"] == "enabled"
     assert cli("kill-switch", "maybe").exit_code == 2
+
+
+# -- issue 22: run ids per request, the newest reclamation, the fleet's switch, cancel -----------
+def test_operator_run_ids_of_the_same_second_differ_and_nightly_ones_do_not():
+    import datetime as dt
+
+    same = NOW
+    drains = {run_store.drain_id("h1", same) for _ in range(50)}
+    assert len(drains) == 50
+    assert all(d.startswith("drain:h1:20270115T080000Z-") for d in drains)
+    assert run_store.manual_id("h1", same) != run_store.manual_id("h1", same)
+    assert run_store.restore_id("drain:h1:x", same) != run_store.restore_id("drain:h1:x", same)
+    for rid in (*drains, run_store.manual_id("h1", same, dry_run=True),
+                run_store.restore_id("x" * 100, same)):
+        assert run_store.run_id(rid) == rid
+    # A long source run is cut off the end, never the part that makes the restore unique.
+    long_restores = {run_store.restore_id("x" * 100, same) for _ in range(10)}
+    assert len(long_restores) == 10
+    # The nightly and periodic runs keep one id per host per night (per period).
+    day = dt.date(2027, 1, 15)
+    assert run_store.nightly_id("h1", day) == run_store.nightly_id("h1", day) == "h1:2027-01-15"
+    assert run_store.periodic_id("h1", same) == run_store.periodic_id("h1", same)
+
+
+def test_a_malformed_run_id_is_quoted_briefly_with_its_true_length():
+    with pytest.raises(InvalidInput) as info:
+        run_store.run_id("y" * 300)
+    message = str(info.value)
+    assert "(300 characters)" in message and len(message) < 200
+
+
+def test_the_newest_run_of_a_kind(fake_redis, monkeypatch):
+    monkeypatch.setattr(run_store, "LATEST_PAGE", 2)  # make it read more than one page
+    assert run_store.latest_of_kind(fake_redis, "reclaim") is None
+    for i, kind in enumerate(["reclaim", "drain", "restore", "drain", "drain"]):
+        run_store.create(fake_redis, f"r{i}", {"run_id": f"r{i}", "kind": kind,
+                                          "started_at": NOW + i}, [], queue=[], ttl=60)
+    assert run_store.latest_of_kind(fake_redis, "reclaim") == "r0"
+    assert run_store.latest_of_kind(fake_redis, "drain") == "r4"
+    assert run_store.latest(fake_redis) == ["r4"]
+
+
+def _a_drain(client, rid="drain:h:1", *, status="done", todo=0, done=0):
+    run_store.create(client, rid, {"run_id": rid, "kind": "drain", "host": "h", "status": status,
+                              "reason": "x", "started_at": NOW + 60},
+                [], queue=[f"u{i}" for i in range(todo)], ttl=60)
+    for i in range(done):
+        run_store.record(client, rid, f"u{i}", {"outcome": "suspended"}, suspended=True, ttl=60)
+
+
+def test_report_without_an_id_is_the_newest_reclamation_not_a_newer_drain(cli, fake_redis):
+    _a_drain(fake_redis)
+    none_yet = cli("reclaim", "report")
+    assert none_yet.exit_code == 2
+    assert none_yet.output.startswith("error: InvalidInput: no reclamation run")
+    _a_report(fake_redis)
+    _a_drain(fake_redis, "drain:h:2")  # newer than the reclamation
+    shown = json.loads(cli("reclaim", "report", "--json").output)["runs"][0]
+    assert (shown["run_id"], shown["kind"]) == ("h:2026-11-27", "reclaim")
+    drain = json.loads(cli("reclaim", "report", "drain:h:2", "--json").output)["runs"][0]
+    assert drain["kind"] == "drain"  # any run by its id
+
+
+def test_kill_switch_status_is_the_fleets_not_this_commands_setting(cli, fake_redis,
+                                                                    monkeypatch):
+    import dataclasses
+
+    from worker.api.client import Client
+
+    real_init = Client.__init__
+
+    def disabled_here(self, app, state, settings):  # type: ignore[no-untyped-def]
+        real_init(self, app, state, dataclasses.replace(settings, reclaim_enabled=False))
+
+    monkeypatch.setattr(Client, "__init__", disabled_here)
+    shown = cli("kill-switch", "--json")  # no ACTION: the status
+    assert shown.exit_code == 0, shown.output
+    status = json.loads(shown.output)
+    assert status == {"reclamation": "enabled", "reason": "", "redis": None}
+    killswitch.turn(fake_redis, True, by="ops", now=NOW)
+    assert json.loads(cli("kill-switch", "--json").output)["reclamation"] == "disabled"
+    table = cli("kill-switch")
+    assert table.exit_code == 0 and "set by ops" in table.output
+
+
+def test_cancel_a_run_queued_under_way_or_over(cli, fake_redis):
+    unknown = cli("cancel", "drain:h:none")
+    assert unknown.exit_code == 2
+    assert unknown.output.startswith("error: InvalidInput: unknown run id 'drain:h:none'")
+    assert cli("cancel", "bad id!").exit_code == 2
+
+    # Queued, no worker has started it: cancelled at once, and its report says so.
+    run_store.note_queued(fake_redis, "drain:h:q", kind="drain", host="h", task_id="t-1", at=NOW,
+                     ttl=60)
+    queued = json.loads(cli("reclaim", "report", "drain:h:q", "--json").output)["runs"][0]
+    assert queued["status"] == "queued" and "t-1" in queued["reason"]
+    answer = json.loads(cli("cancel", "drain:h:q", "--json").output)
+    assert answer["status"] == "cancelled" and "t-1" in answer["reason"]
+    assert run_store.cancelled(fake_redis, "drain:h:q") is not None
+    shown = json.loads(cli("reclaim", "report", "drain:h:q", "--json").output)["runs"][0]
+    assert shown["status"] == "cancelled"
+
+    # Under way: 1 of 3 actions finished.
+    _a_drain(fake_redis, "drain:h:w", status="acting", todo=3, done=1)
+    going = json.loads(cli("cancel", "drain:h:w", "--json").output)
+    assert going["status"] == "cancelling" and going["reason"].startswith("2 action(s)")
+    again = cli("cancel", "drain:h:w", "--json")  # a second cancel keeps the first record
+    assert again.exit_code == 0
+    assert json.loads(again.output)["cancelled"] == going["cancelled"]
+
+    # Over: nothing left to cancel (exit 1), and the way back is named.
+    _a_drain(fake_redis, "drain:h:o", status="done", todo=1, done=1)
+    over = cli("cancel", "drain:h:o")
+    assert over.exit_code == 1
+    assert over.output.startswith("error: InvalidTransition: run drain:h:o is over (done)")
+    assert "dormant restore" in over.output
