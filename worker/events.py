@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -524,6 +525,9 @@ def main() -> None:
     from worker import logs
     from worker import settings as settings_mod
 
+    # The worker ends the pump (closes its stdin). A Ctrl-C in make run's terminal reaches the
+    # whole process group: the pump would die with a traceback and be restarted mid-shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = settings_mod.get()
     logging.basicConfig(stream=sys.stderr, level=s.log_level.upper())  # into the worker's log
     logs.configure(logging.getLogger(), json_lines=s.log_json, level=s.log_level)
