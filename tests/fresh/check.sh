@@ -49,11 +49,14 @@ leftovers() {
   done
 }
 
-# 1. make run, as typed in a terminal: its own process group, which Ctrl-C signals as a whole.
-# (setsid execs make itself: this script is no group leader, so make's pid is the group id.)
+# 1. make run, as typed in a terminal: a job of its own (job control on), so it is its own
+# process group, which Ctrl-C signals as a whole, and SIGINT is not ignored in it (without job
+# control bash starts background commands with SIGINT ignored, and no trap could catch it).
 say "make run (log: $log)"
-setsid make run </dev/null >"$log" 2>&1 &
+set -m
+make run </dev/null >"$log" 2>&1 &
 make_pid=$!
+set +m
 banner() {
   kill -0 "$make_pid" 2>/dev/null || fail "make run ended before its banner"
   grep -q 'Ctrl-C stops' "$log"
