@@ -1,4 +1,4 @@
-.PHONY: run test setup lint bench faults deploy-test
+.PHONY: run test setup lint bench faults deploy-test fresh-test
 
 run:    ## worker + beat + Flower in the foreground (installs what is missing first)
 	scripts/run.sh
@@ -11,6 +11,9 @@ setup:  ## install Debian packages and .venv, start redis-server and libvirtd
 
 deploy-test:  ## build the images, run docker-compose.yml for real against this host's libvirtd, check it
 	scripts/deploy-test.sh
+
+fresh-test:  ## the README's two commands in a bare debian:bookworm-slim container (only make and git added)
+	scripts/fresh-test.sh
 
 lint:   ## ruff and mypy (configured in pyproject.toml), as CI runs them
 	scripts/setup.sh --no-services

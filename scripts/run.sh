@@ -4,10 +4,10 @@
 # Without DORMANT_LIBVIRT_URI it is a demo: tiny real guests named dormant-demo-* on the local
 # libvirtd (qemu:///system; worker/demo/bringup.py), created now and removed at exit, and reclamation on
 # a compressed timescale (a sample every 10 s, a 3-minute window, a run every 4 minutes) so the
-# idle guests are suspended within about five minutes. Where libvirtd cannot run (or with
-# DORMANT_LIBVIRT_URI=test:///default) the same names on libvirt's in-process test driver (no
-# CPU stats, so nothing is idle). With any other DORMANT_LIBVIRT_URI it drives that hypervisor
-# with your settings and no demo fleet.
+# idle guests are suspended within about five minutes. Where libvirtd cannot run, or runs but
+# cannot start the demo guests (or with DORMANT_LIBVIRT_URI=test:///default), the same names on
+# libvirt's in-process test driver (no CPU stats, so nothing is idle), and it says why. With any
+# other DORMANT_LIBVIRT_URI it drives that hypervisor with your settings and no demo fleet.
 # Every DORMANT_* variable is a setting (worker/core/settings.py); FLOWER_PORT and
 # FLOWER_BASIC_AUTH are Flower's.
 set -euo pipefail
@@ -22,6 +22,7 @@ PY=.venv/bin/python
 CELERY=.venv/bin/celery
 say() { printf '\033[1m[run]\033[0m %s\n' "$*"; }
 
+fallback_why="cannot run"  # what the banner says of the test driver
 if [[ ${DORMANT_LIBVIRT_URI:-} == test:///default ]]; then
   mode=fake  # the fallback, chosen explicitly
 elif [[ -n ${DORMANT_LIBVIRT_URI:-} ]]; then
@@ -32,6 +33,7 @@ elif ((services_ok)) && timeout 20 virsh -c qemu:///system uri >/dev/null 2>&1; 
 else
   mode=fake
   export DORMANT_LIBVIRT_URI=test:///default
+  say "libvirtd cannot run here (see above): the demo falls back to libvirt's test driver"
 fi
 
 if [[ $mode != yours ]]; then
@@ -94,7 +96,22 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if [[ $mode == real ]]; then
-  $PY -m worker.demo.bringup up --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&-
+  # libvirtd can be up and still refuse guests (in an unprivileged container it could not set
+  # its xattrs or cgroups): then the demo falls back, as where libvirtd cannot run at all.
+  demo_ok=1
+  $PY -m worker.demo.bringup up --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" \
+    2>.dormant/demo-up.err 9>&- || demo_ok=0
+  cat .dormant/demo-up.err >&2
+  if ((!demo_ok)); then
+    reason=$(grep -m1 '^error: ' .dormant/demo-up.err | sed 's/^error: //') || true
+    say "libvirtd is up but could not start the demo guests: ${reason:-see the error above}"
+    say "removing what was made, and falling back to libvirt's in-process test driver"
+    $PY -m worker.demo.bringup down --uri "$DORMANT_LIBVIRT_URI" --disks "$DEMO_DISKS" 9>&- || true
+    exec 9>&-  # the test driver's fleet lives in this run's worker only: no lock to hold
+    mode=fake
+    fallback_why="could not start the demo guests here (${reason:-see above})"
+    export DORMANT_LIBVIRT_URI=test:///default
+  fi
 fi
 
 # A fresh beat schedule: the demo's first reclamation run comes DORMANT_RECLAIM_EVERY after now.
@@ -120,7 +137,7 @@ broker=$($PY -c 'from worker.core.logs import redact_url; from worker.core.setti
 case $mode in
   real) what="a demo fleet of tiny real guests on this host's libvirtd ($DORMANT_LIBVIRT_URI)" ;;
   fake) what="libvirt's in-process test driver ($DORMANT_LIBVIRT_URI), the fallback where libvirtd
-              cannot run: the demo fleet is simulated, transitions work, but its guests report
+              $fallback_why: the demo fleet is simulated, transitions work, but its guests report
               no CPU time, so reclamation never finds them idle" ;;
   *) what="the hypervisor at $DORMANT_LIBVIRT_URI (your settings; no demo fleet)" ;;
 esac

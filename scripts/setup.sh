@@ -5,13 +5,40 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# libvirt-python has no wheel: it compiles against libvirt-dev (gcc, libc6-dev, pkg-config) and
+# the interpreter's own headers (below). procps: services.sh's pgrep. ca-certificates: pip
+# reaches PyPI over TLS. Named even where a dependency brings them (a bare debian:bookworm-slim
+# has none of these; tests/fresh/check.sh proves the list there).
 APT_PACKAGES=(redis-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
-              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc)
+              qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc libc6-dev procps
+              ca-certificates)
 PY=${PYTHON:-python3}
-# Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.
-"$PY" -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[setup] %s\033[0m\n' "$*" >&2; exit 1; }
+
+# The interpreter that makes .venv, asked itself: Debian's python3 needs python3-venv for
+# `-m venv` and python3-dev for Python.h; other Pythons (pyenv) usually bring both.
+if ! command -v "$PY" >/dev/null; then
+  [[ $PY == python3 ]] || die "PYTHON=$PY: no such interpreter"
+  APT_PACKAGES+=(python3 python3-venv python3-dev)  # a bare Debian 12 has no Python at all
+else
+  "$PY" -m venv --help >/dev/null 2>&1 || APT_PACKAGES+=(python3-venv)
+  # "<prefix> <X.Y> <1 if Python.h is there>"
+  read -r py_prefix py_version py_headers < <("$PY" -c 'import os, sys, sysconfig
+include = sysconfig.get_paths()["include"]
+print(sys.prefix, "%d.%d" % sys.version_info[:2], int(os.path.isfile(os.path.join(include, "Python.h"))))') \
+    || die "$PY does not run"
+  if [[ $py_headers != 1 ]]; then
+    if [[ $py_prefix != /usr ]]; then
+      die "$PY ($py_prefix) has no C headers (Python.h), which libvirt-python needs to build:
+  use an interpreter installed with its headers, or Debian's own (PYTHON=/usr/bin/python3)"
+    elif [[ $(readlink -f "$(command -v "$PY")") == $(readlink -f /usr/bin/python3 2>/dev/null) ]]; then
+      APT_PACKAGES+=(python3-dev)
+    else
+      APT_PACKAGES+=("python$py_version-dev")
+    fi
+  fi
+fi
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -11,6 +11,7 @@ machine-wide lock keeps a developer's own ``make run`` and this test apart.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import json
 import os
@@ -269,3 +270,58 @@ def test_make_run_falls_back_to_the_test_driver_where_the_snippet_still_works(
         wait_until(stack.group_gone, timeout=30, message="worker, beat and Flower stopped")
     finally:
         stack.kill_all()
+
+
+@pytest.mark.slow
+def test_make_run_falls_back_when_libvirtd_runs_but_cannot_start_the_demo_guests(
+        redis_clean, libvirt_conn, tmp_path):  # type: ignore[no-untyped-def]
+    """libvirtd answers but refuses the demo fleet (here: another guest already holds
+    dormant-demo-web's UUID; in an unprivileged container it was xattrs and cgroups): make run
+    says why, removes what it made and runs the demo on the test driver instead."""
+    if not demo_lock_free():
+        unavailable("another 'make run' holds the demo fleet on this libvirtd")
+    from tests.support.guests import NAME_PREFIX
+    from worker.demo import bootsector
+
+    conn = libvirt.open("qemu:///system")
+    web_uuid = demo.demo_uuid("dormant-demo-web")
+    squatter = conn.defineXML(bootsector.domain_xml(
+        f"{NAME_PREFIX}squatter-{unique('')}-p{os.getpid()}", tmp_path / "never-started.img",
+        uuid=web_uuid, domain_type="qemu"))
+    env = {k: v for k, v in test_env(redis_clean, unique("refused-"),
+                                      FLOWER_PORT=str(free_port()),
+                                      FLOWER_BASIC_AUTH=FLOWER_AUTH).items()
+           if k != "DORMANT_LIBVIRT_URI"}  # run.sh chooses the demo hypervisor itself
+    snippet = readme_first_python_snippet().replace("127.0.0.1:6379",
+                                                    f"127.0.0.1:{redis_clean.port}")
+    stack = Stack(env, tmp_path / "run.log")
+    try:
+        stack.start()
+
+        def banner_printed() -> str | None:
+            log = stack.log()
+            assert stack.process is not None
+            if stack.process.poll() is not None:  # ended instead of falling back
+                raise AssertionError(f"make run exited ({stack.process.returncode}):\n{log}")
+            return log if "Ctrl-C stops" in log else None
+
+        banner = wait_until(banner_printed, timeout=180, message="banner printed")
+        assert "libvirtd is up but could not start the demo guests: " in banner
+        assert "test driver (test:///default), the fallback where libvirtd" in banner
+        assert "could not start the demo guests here (" in banner and web_uuid in banner
+        assert demo_domains(conn) == {}  # what the refused attempt made is gone
+        ran = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=120, check=False)
+        assert ran.returncode == 0, f"{ran.stderr}\n{stack.log()}"
+        assert "'outcome': 'changed'" in ran.stdout
+        assert f"'instance': '{web_uuid}'" in ran.stdout
+        assert state_of(squatter) == "shutoff"  # the test driver's guest was suspended, not it
+        assert not squatter.hasManagedSaveImage()
+        stack.signal(signal.SIGTERM)
+        wait_until(stack.group_gone, timeout=30, message="worker, beat and Flower stopped")
+        assert squatter.UUIDString() == web_uuid  # someone else's guest: left alone
+    finally:
+        stack.kill_all()
+        with contextlib.suppress(libvirt.libvirtError):
+            squatter.undefine()
+        conn.close()

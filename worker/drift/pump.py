@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 from typing import IO, Any
@@ -59,6 +60,9 @@ def main() -> None:
     from worker.core import logs
     from worker.core import settings as settings_mod
 
+    # The worker ends the pump (closes its stdin). A Ctrl-C in make run's terminal reaches the
+    # whole process group: the pump would die with a traceback and be restarted mid-shutdown.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     s = settings_mod.get()
     logging.basicConfig(stream=sys.stderr, level=s.log_level.upper())  # into the worker's log
     logs.configure(logging.getLogger(), json_lines=s.log_json, level=s.log_level)

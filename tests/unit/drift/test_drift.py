@@ -8,6 +8,9 @@ here of EventStream on the in-process test driver.
 from __future__ import annotations
 
 import json
+import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -300,3 +303,28 @@ def test_event_stream_delivers_lifecycle_events_of_the_test_driver() -> None:
     assert out["status"][:1] == ["connected"] and out["status"][-1] == "disconnected"
     assert out["events"][:2] == [["test", libvirt.VIR_DOMAIN_EVENT_SUSPENDED, 0],
                                  ["test", libvirt.VIR_DOMAIN_EVENT_RESUMED, 0]]
+
+
+def test_the_pump_outlives_a_ctrl_c_and_ends_when_the_worker_closes_its_stdin() -> None:
+    """A Ctrl-C of `make run` reaches the pump too (same process group): the worker ends it,
+    not the interrupt (it died with a traceback and was restarted mid-shutdown)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DORMANT_")}
+    env["DORMANT_LIBVIRT_URI"] = "test:///default"
+    pump = subprocess.Popen([sys.executable, "-m", "worker.drift.pump"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        assert pump.stdout is not None and pump.stdin is not None
+        ready, _, _ = select.select([pump.stdout], [], [], 30)
+        assert ready, "the pump did not report its event stream within 30 s"
+        first = json.loads(pump.stdout.readline())
+        assert first == {"type": "status", "status": "connected"}
+        pump.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            pump.wait(1.5)  # still running
+        pump.stdin.close()
+        assert pump.wait(15) == 0
+        assert pump.stderr is not None and "Traceback" not in pump.stderr.read()
+    finally:
+        if pump.poll() is None:
+            pump.kill()
+            pump.wait()
