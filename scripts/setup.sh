@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # libvirt-python has no wheel: it compiles against libvirt-dev (gcc, libc6-dev, pkg-config) and
-# the interpreter's own headers (below). procps: services.sh's pgrep. ca-certificates: pip
+# the interpreter's own headers (below). procps: the test harness's pgrep. ca-certificates: pip
 # reaches PyPI over TLS. Named even where a dependency brings them (a bare debian:bookworm-slim
 # has none of these; tests/fresh/check.sh proves the list there).
 APT_PACKAGES=(redis-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
