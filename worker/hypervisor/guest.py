@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, TypeVar, cast
 import libvirt
 
 from worker.core import states
-from worker.core.errors import HypervisorRefused
+from worker.core.errors import HypervisorRefused, InvalidTransition
 from worker.core.states import Observed
 from worker.transition.table import Step
 
@@ -50,12 +50,16 @@ class Guest:
         return states.from_libvirt(state, reason, has_image, job_running=job)
 
     def job_running(self) -> bool:
-        """Whether a libvirt job (save, restore, migration...) is moving this guest now."""
+        """Whether a libvirt job (save, restore, migration...) or a long monitor call holds
+        this guest now. Read from its control state, which libvirt answers without waiting
+        for the job (``jobInfo`` waits up to 30 s for the domain's job lock)."""
         try:
-            info = self._call("read job of", self._domain.jobInfo)
-        except HypervisorRefused:  # a driver without job info (test driver): nothing runs
+            control = self._call("read control state of", self._domain.controlInfo)
+        except InvalidTransition:  # not running: no job can hold it
             return False
-        return bool(info) and info[0] != libvirt.VIR_DOMAIN_JOB_NONE
+        except HypervisorRefused:  # a driver without control info: nothing runs
+            return False
+        return bool(control) and control[0] != libvirt.VIR_DOMAIN_CONTROL_OK
 
     def _save_deadline(self) -> float:
         """Seconds a save or restore may take: a base plus a share per GiB of memory."""
