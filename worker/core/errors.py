@@ -77,6 +77,10 @@ class StateStoreUnavailable(TransientError):
     """The Redis state store cannot be reached."""
 
 
+class StateStoreFull(StateStoreUnavailable):
+    """The Redis state store is at maxmemory and refuses writes (noeviction)."""
+
+
 class BrokerUnavailable(TransientError):
     """The Celery broker or result backend cannot be reached."""
 
