@@ -198,8 +198,8 @@ class _FakeDomain:
     """Just enough of a virDomain to reproduce what QEMU reports (test driver cannot)."""
 
     def __init__(self, state: tuple[int, int], job: int | None,
-                 uuid_: str = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0") -> None:
-        self._state, self._job, self._uuid = state, job, uuid_
+                 uuid_: str = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0", held_ms: int = 0) -> None:
+        self._state, self._job, self._uuid, self._held_ms = state, job, uuid_, held_ms
 
     def UUIDString(self) -> str:
         return self._uuid
@@ -213,7 +213,7 @@ class _FakeDomain:
     def controlInfo(self) -> list[int]:
         if self._job is None:
             raise _error(libvirt.VIR_ERR_NO_SUPPORT, TEST, "not supported")
-        return [self._job, 0, 0]
+        return [self._job, 0, self._held_ms]
 
 
 P = libvirt.VIR_DOMAIN_PAUSED
@@ -241,6 +241,21 @@ def test_a_settled_restore_pause_is_a_pause_not_a_job(
         expected: Observed) -> None:
     guest = hv_module.Guest(_FakeDomain(state, job), hypervisor)  # type: ignore[arg-type]
     assert guest.observe() == expected
+
+
+@pytest.mark.parametrize(("control", "held_ms", "job"), [
+    (libvirt.VIR_DOMAIN_CONTROL_OK, 0, False),
+    (libvirt.VIR_DOMAIN_CONTROL_JOB, 0, True),  # an async job: a save, a migration, a dump
+    (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, 20, False),  # another thread's query, right now
+    (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, 5000, True),  # a monitor call stuck: QEMU hangs
+    (libvirt.VIR_DOMAIN_CONTROL_ERROR, 0, False),  # a sync job between its steps
+])
+def test_only_a_job_or_a_stuck_monitor_holds_a_guest(
+        hypervisor: Hypervisor, control: int, held_ms: int, job: bool) -> None:
+    running = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+    guest = hv_module.Guest(_FakeDomain(running, control, held_ms=held_ms),  # type: ignore[arg-type]
+                            hypervisor)
+    assert guest.job_running() is job
 
 
 class _FakeStatsConnection:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from worker.hypervisor.host import Hypervisor
 
 T = TypeVar("T")
+MONITOR_STUCK_MS = 1000  # a monitor call this old is a stuck QEMU, not another thread's query
 
 
 class Guest:
@@ -50,16 +51,21 @@ class Guest:
         return states.from_libvirt(state, reason, has_image, job_running=job)
 
     def job_running(self) -> bool:
-        """Whether a libvirt job (save, restore, migration...) or a long monitor call holds
-        this guest now. Read from its control state, which libvirt answers without waiting
-        for the job (``jobInfo`` waits up to 30 s for the domain's job lock)."""
+        """Whether a libvirt job (save, restore, migration...) or a monitor call stuck for a
+        while holds this guest now. Read from its control state, which libvirt answers
+        without waiting for the job (``jobInfo`` waits up to 30 s for the domain's job lock).
+        A query of another thread occupies the monitor for milliseconds: not a job."""
         try:
             control = self._call("read control state of", self._domain.controlInfo)
         except InvalidTransition:  # not running: no job can hold it
             return False
         except HypervisorRefused:  # a driver without control info: nothing runs
             return False
-        return bool(control) and control[0] != libvirt.VIR_DOMAIN_CONTROL_OK
+        if not control:
+            return False
+        state, _details, held_ms = control
+        return bool(state == libvirt.VIR_DOMAIN_CONTROL_JOB or (
+            state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and held_ms >= MONITOR_STUCK_MS))
 
     def _save_deadline(self) -> float:
         """Seconds a save or restore may take: a base plus a share per GiB of memory."""
