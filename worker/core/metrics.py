@@ -69,6 +69,11 @@ STATE_STORE_FULL = Counter(
     "dormant_state_store_full_total",
     "Writes the state Redis refused at maxmemory (OOM, noeviction); retried, nothing half-done",
 )
+ROOM_REFUSED = Counter(
+    "dormant_room_refused_total",
+    "Saves or restores refused for want of room on the host (disk: the save directory's "
+    "filesystem, memory: available host memory)", ["host", "resource"],
+)
 
 LIBVIRT_ABANDONED = Counter(
     "dormant_libvirt_calls_abandoned_total",
@@ -115,6 +120,11 @@ def libvirt_call_abandoned() -> None:
 def state_store_full() -> None:
     """One write the state Redis refused at maxmemory."""
     STATE_STORE_FULL.inc()
+
+
+def room_refused(host: str, resource: str) -> None:
+    """A save (``disk``) or restore (``memory``) refused: the host had no room for it."""
+    ROOM_REFUSED.labels(host, resource).inc()
 
 
 def lock_waited(seconds: float) -> None:

@@ -7,6 +7,7 @@ dormant's *resume* is starting from that image.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -67,10 +68,14 @@ class Guest:
         return bool(state == libvirt.VIR_DOMAIN_CONTROL_JOB or (
             state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and held_ms >= MONITOR_STUCK_MS))
 
+    def memory_bytes(self) -> int:
+        """The most memory the guest may use (``maxMemory``): what a save writes at most, and
+        what a restore needs."""
+        return int(self._call("read memory size of", self._domain.maxMemory)) * 1024
+
     def _save_deadline(self) -> float:
         """Seconds a save or restore may take: a base plus a share per GiB of memory."""
-        kib = self._call("read memory size of", self._domain.maxMemory)
-        return self._hypervisor.save_deadline(int(kib) * 1024)
+        return self._hypervisor.save_deadline(self.memory_bytes())
 
     def pause(self) -> None:
         """Stop the vCPUs, keep memory in RAM (virDomainSuspend)."""
@@ -84,6 +89,37 @@ class Guest:
         flags = libvirt.VIR_DOMAIN_SAVE_RUNNING | self._hypervisor.save_flags
         self._call("suspend", lambda: self._domain.managedSave(flags),
                    timeout=self._save_deadline())
+
+    def settle_failed_save(self, *, was_running: bool) -> list[str]:
+        """After a failed managed save: running again if it ran before, and no image left.
+
+        libvirt resumes the guest itself (``running(save_canceled)``) but cannot promise it,
+        and deletes an image it created, not one that was there before. Returns what was done.
+        """
+        done = []
+        state, reason = self._call("read state of", self._domain.state)
+        if was_running and state == libvirt.VIR_DOMAIN_PAUSED \
+                and states.left_paused_by_failed_save(reason):
+            self.unpause()
+            done.append(f"unpaused (libvirt left it paused, reason {reason})")
+            state = libvirt.VIR_DOMAIN_RUNNING
+        if state != libvirt.VIR_DOMAIN_SHUTOFF and self.discard_image():
+            done.append("partial image removed")
+        return done
+
+    def discard_image(self) -> bool:
+        """Remove the managed-save image; False when there was none. Only ever called on an
+        active guest, whose image can only be a leftover (a restore deletes its own)."""
+        def remove() -> bool:
+            try:
+                self._domain.managedSaveRemove(0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR \
+                        and exc.get_int1() == errno.ENOENT:  # the errno libvirt reports
+                    return False
+                raise
+            return True
+        return self._call("remove saved image of", remove)
 
     def restore(self) -> None:
         """Start from the managed-save image (virDomainCreate)."""

@@ -341,7 +341,9 @@ class Reclaimer:
             if isinstance(exc, TransientError) and not final:
                 raise  # retried with backoff; the entry stays pending
             self.finish(rid, instance, {"outcome": "failed", "error_type": type(exc).__name__,
-                                        "error": str(exc)}, suspended=False)
+                                        "error": str(exc), **({"details": exc.details}
+                                                              if exc.details else {})},
+                        suspended=False)
             raise
         outcome, suspended = outcome_of(action, result)
         self.finish(rid, instance, {"outcome": outcome, "state_after": result.get("state_after"),

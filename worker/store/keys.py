@@ -57,6 +57,13 @@ def watched(host: str) -> str:
     return f"{PREFIX}:events:{host}:watched"
 
 
+def reserved(host: str, resource: str) -> str:
+    """Hash of the room promised on one host to saves (``disk``) or restores (``memory``) in
+    flight: guest uuid -> ``<bytes>:<expiry epoch ms>`` (worker/transition/room.py). A field
+    per transition running now; the key expires with its last promise."""
+    return f"{PREFIX}:host:{host}:reserved:{resource}"
+
+
 HOSTS = f"{PREFIX}:hosts"  # zset: host -> last registry refresh (epoch seconds)
 
 # Reclamation.
