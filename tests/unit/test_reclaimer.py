@@ -16,7 +16,8 @@ from worker.core.errors import HypervisorUnavailable, InvalidInput
 from worker.core.settings import Settings
 from worker.hypervisor import Hypervisor
 from worker.reclaim import exemptions, killswitch, run_store
-from worker.reclaim.actions import Precheck, Reclaimer, closing, outcome_of, run_status
+from worker.reclaim.actions import Reclaimer
+from worker.reclaim.outcomes import Precheck, closing, outcome_of, run_status
 from worker.transition.context import Context, Request
 from worker.transition.guards import Store
 from worker.transition.runner import run
