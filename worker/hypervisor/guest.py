@@ -8,6 +8,8 @@ dormant's *resume* is starting from that image.
 from __future__ import annotations
 
 import errno
+import hashlib
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
@@ -76,6 +78,16 @@ class Guest:
     def _save_deadline(self) -> float:
         """Seconds a save or restore may take: a base plus a share per GiB of memory."""
         return self._hypervisor.save_deadline(self.memory_bytes())
+
+    def definition_digest(self) -> str:
+        """A digest of the persistent definition, ``<metadata>`` left out (dormant writes its
+        own there): it changes when a device is added or removed, not when dormant acts."""
+        xml = self._call("read definition of",
+                         lambda: self._domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        root = ET.fromstring(xml)
+        for element in root.findall("metadata"):
+            root.remove(element)
+        return hashlib.sha256(ET.tostring(root)).hexdigest()[:32]
 
     def pause(self) -> None:
         """Stop the vCPUs, keep memory in RAM (virDomainSuspend)."""

@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from worker.core.errors import InvalidInput, PermanentError, TransientError, UnknownInstance
+from worker.core.errors import (
+    InvalidInput,
+    PermanentError,
+    SaveDirectoryFull,
+    TransientError,
+    UnknownInstance,
+    Unsavable,
+)
 from worker.core.settings import Settings
 from worker.core.states import State
 from worker.reclaim import (
@@ -33,6 +40,7 @@ from worker.reclaim import (
     run_store,
     sampling,
     selection,
+    unsavable,
 )
 from worker.reclaim.outcomes import Precheck, action_of, closing, outcome_of, run_status
 from worker.transition.context import Context
@@ -217,12 +225,15 @@ class Reclaimer:
         first = sampling.first_seen(self.client, uuids)
         exempt = exemptions.members(self.client)
         marked = marks.load(self.client, uuids)
+        cannot = unsavable.reasons(self.client, self.ctx.hypervisor,
+                                   [u for u, _, smp in seen if smp.state == State.RUNNING])
         return [
             selection.Candidate(
                 uuid=u, name=n, state=smp.state,
                 decision=idle.decide(u, history.get(u, []), policy, now=now),
                 exempt_metadata=smp.state == State.RUNNING and self._metadata_exempt(u),
                 exempt_cli=u in exempt, first_seen=first.get(u), mark=marked.get(u),
+                unsavable=cannot.get(u, ""),
             )
             for u, n, smp in seen
         ]
@@ -270,7 +281,7 @@ class Reclaimer:
         try:
             kept: dict[str, Any] = {}
             if not self.ctx.store.started(request_id):  # not started before: check first
-                check = self.precheck(kind, instance)
+                check = self.precheck(kind, instance, stopped=meta.get("stopped"))
                 kept = check.recorded()
                 if not check.go:
                     self.finish(rid, instance, {"outcome": "skipped", **kept}, suspended=False)
@@ -279,10 +290,7 @@ class Reclaimer:
         except (TransientError, PermanentError) as exc:
             if isinstance(exc, TransientError) and not final:
                 raise  # retried with backoff; the entry stays pending
-            self.finish(rid, instance, {"outcome": "failed", "error_type": type(exc).__name__,
-                                        "error": str(exc), **({"details": exc.details}
-                                                              if exc.details else {})},
-                        suspended=False)
+            self._failed(rid, instance, exc)
             raise
         outcome, suspended = outcome_of(action, result)
         self.finish(rid, instance, {"outcome": outcome, "state_after": result.get("state_after"),
@@ -291,18 +299,38 @@ class Reclaimer:
                     suspended=suspended)
         return result
 
+    def _failed(self, rid: str, instance: str, exc: TransientError | PermanentError) -> None:
+        """Record a failed action. A full save directory first stops the run (what is queued
+        is skipped, what runs finishes); a guest libvirt cannot save is remembered."""
+        if isinstance(exc, SaveDirectoryFull):
+            stopped = {"reason": "save directory full", "error": str(exc), **exc.details}
+            for queued in run_store.stop(self.client, rid, stopped):
+                self.finish(rid, queued, {"outcome": "skipped", "reason": "not started: save "
+                                          "directory full", "state": "running"}, suspended=False)
+        if isinstance(exc, Unsavable):
+            unsavable.remember(self.client, self.ctx.hypervisor, instance,
+                               reason=str(exc.details.get("reason", exc)), run_id=rid,
+                               now=self.clock(), ttl=self.settings.reclaim_report_ttl)
+        self.finish(rid, instance, {"outcome": "failed", "error_type": type(exc).__name__,
+                                    "error": str(exc), **({"details": exc.details}
+                                                          if exc.details else {})},
+                    suspended=False)
+
     def _fresh(self, uuid: str) -> sampling.Sample | None:
         for u, _name, smp in sampling.collect(self.ctx.hypervisor, now=self.clock()):
             if u == uuid:
                 return smp
         return None
 
-    def precheck(self, kind: str, uuid: str) -> Precheck:
-        """Just before acting on ``uuid``: does it still exist and is it in the state the
-        action needs; for a reclaim, is it still not exempt and still idle right now."""
+    def precheck(self, kind: str, uuid: str, *, stopped: dict[str, Any] | None = None) -> Precheck:
+        """Just before acting on ``uuid``: has the run stopped starting actions, does the guest
+        still exist and is it in the state the action needs; for a reclaim, is it still not
+        exempt and still idle right now."""
         s = self.settings
         guest, observed = self.ctx.hypervisor.observe(uuid)
         state = str(observed.state)
+        if stopped:
+            return Precheck(state, f"not started: {stopped['reason']}")
         if guest is None:
             return Precheck(state, "skipped: the instance no longer exists")
         if kind == "restore":
@@ -349,4 +377,4 @@ class Reclaimer:
         if first and done >= todo:
             report = run_store.load(self.client, rid) or {}
             run_store.update_meta(self.client, rid, finished_at=self.clock(),
-                             **closing(report.get("entries", []), done))
+                             **closing(report.get("entries", []), done, report.get("stopped")))

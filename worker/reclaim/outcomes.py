@@ -42,12 +42,15 @@ def outcome_of(action: Action, result: dict[str, Any]) -> tuple[str, bool]:
     return ("suspended" if changed else "already suspended"), changed
 
 
-def closing(entries: Iterable[dict[str, Any]], done: int) -> dict[str, Any]:
-    """The meta changes that close a run: outcome counts of its finished actions, a reason."""
+def closing(entries: Iterable[dict[str, Any]], done: int,
+            stopped: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The meta changes that close a run: outcome counts of its finished actions, a reason
+    (and why it stopped starting actions, when it did)."""
     outcomes = Counter(str(e.get("outcome")) for e in entries if e.get("finished"))
+    why = f"; stopped: {stopped['reason']}" if stopped else ""
     return {"status": "done", "outcomes": dict(outcomes),
             "reason": f"{done} action(s) finished: " + ", ".join(
-                f"{n} {o}" for o, n in sorted(outcomes.items()))}
+                f"{n} {o}" for o, n in sorted(outcomes.items())) + why}
 
 
 @dataclass(frozen=True)

@@ -86,6 +86,12 @@ def sampled(host: str) -> str:
     return f"{PREFIX}:sampled:{host}"
 
 
+def unsavable(instance_uuid: str) -> str:
+    """Why libvirt refused to save this instance, for which definition (reclamation's
+    ``cannot_save``, worker/reclaim/unsavable.py): one small JSON string per such guest."""
+    return f"{PREFIX}:reclaim:unsavable:{instance_uuid}"
+
+
 def mark(instance_uuid: str) -> str:
     """Grace mark: set on the first idle night, suspended on a later one."""
     return f"{PREFIX}:reclaim:mark:{instance_uuid}"
