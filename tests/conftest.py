@@ -96,6 +96,42 @@ def guests(libvirt_conn):  # type: ignore[no-untyped-def]
     factory.cleanup()
 
 
+@pytest.fixture
+def linux_guests(libvirt_conn):  # type: ignore[no-untyped-def]
+    """Factory of real Linux guests (KVM where a stock kernel boots, else TCG), all removed."""
+    from tests.support.linux_guest import LinuxGuestFactory, Unavailable
+
+    try:
+        factory = LinuxGuestFactory(libvirt_conn)
+    except Unavailable as exc:
+        unavailable(str(exc))
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture
+def save_directory(libvirt_conn):  # type: ignore[no-untyped-def]
+    """``save_directory(size_mib)``: a small loop-mounted filesystem that the save images of
+    the guests a test routes there land on (tests/support/save_dir.py). Those guests are
+    removed and the filesystem unmounted afterwards, also when the test fails."""
+    from tests.support.journal import revive
+    from tests.support.save_dir import SaveDirectory, remove_leftovers
+
+    if os.geteuid() != 0:
+        unavailable("a loop-mounted save directory needs root")
+    remove_leftovers()
+    made: list[SaveDirectory] = []
+
+    def make(size_mib: int) -> SaveDirectory:
+        made.append(SaveDirectory(size_mib))
+        return made[-1].open()
+
+    yield make
+    revive(libvirt_conn)
+    for directory in made:
+        directory.close(libvirt_conn)
+
+
 # -- Celery workers --------------------------------------------------------------------------
 @pytest.fixture
 def host_name() -> str:

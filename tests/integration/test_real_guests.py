@@ -35,20 +35,6 @@ IDLE_CPU_PERCENT = 10
 SAVE_DIR = "/var/lib/libvirt/qemu/save"
 
 
-@pytest.fixture
-def linux_guests(libvirt_conn):  # type: ignore[no-untyped-def]
-    """Factory of real Linux guests (KVM where a stock kernel boots, else TCG), all removed."""
-    from tests.support.linux_guest import LinuxGuestFactory, Unavailable
-
-    try:
-        factory = LinuxGuestFactory(libvirt_conn)
-    except Unavailable as exc:
-        from tests.conftest import unavailable
-        unavailable(str(exc))
-    yield factory
-    factory.cleanup()
-
-
 def _cpu_share(guest, seconds: float = 1.0) -> float:  # type: ignore[no-untyped-def]
     """Share of one host CPU the guest used over ``seconds`` (a measurement, not a wait);
     1.0 when libvirtd restarted meanwhile (other sessions restart it): measured again."""

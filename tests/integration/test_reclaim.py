@@ -55,9 +55,9 @@ class Scene:
         self.worker = start_worker(pool="threads", concurrency=8, env=self.env)
         self.state = redis_clean.client(2)
 
-    def create(self, kind: str, role: str, *, metadata: str = ""):
+    def create(self, kind: str, role: str, *, metadata: str = "", **kw):
         name = f"{self.prefix}{role}-p{os.getpid()}"
-        return self.guests.create(kind, name=name, metadata=metadata)
+        return self.guests.create(kind, name=name, metadata=metadata, **kw)
 
     def queue(self) -> str:
         return f"dormant.{self.host}"
@@ -366,3 +366,53 @@ def test_a_drain_whose_worker_is_killed_mid_save_is_finished_by_another_worker(
     for g in trio:  # each guest saved exactly once, whatever was redelivered
         changed = [e for e in journal(redis_clean, g.uuid) if e["outcome"] == "changed"]
         assert len(changed) == 1, journal(redis_clean, g.uuid)
+
+
+@pytest.mark.slow
+def test_a_guest_libvirt_cannot_save_is_remembered_and_not_tried_again_until_redefined(
+        guests, start_worker, client_app, redis_clean, host_name, libvirt_conn):
+    """A guest with an ivshmem device: libvirt refuses its save at once. The first night
+    reports the failure with libvirt's reason; the next night gives it ``cannot_save`` with
+    that reason and asks libvirt nothing; once the device is gone from its definition (and the
+    guest restarted without it), it is judged and suspended like any other."""
+    from tests.support.journal import journal
+
+    scene = Scene(guests, start_worker, client_app, redis_clean, host_name)
+    shm = f"dormant-test-{scene.token}"
+    device = f"<shmem name='{shm}'><model type='ivshmem-plain'/><size unit='M'>4</size></shmem>"
+    stuck = scene.create("idle", "ivshmem", devices=device)
+    other = scene.create("idle", "plain")
+    try:
+        for guest in (stuck, other):
+            wait_until(lambda g=guest: settled(g.domain), timeout=30,
+                       message=f"{guest.name} halts")
+        scene.sample_for(5)
+
+        first = scene.finished(scene.send("dormant.reclaim", run_id=f"{host_name}:n1")["run_id"])
+        entries = by_instance(first)
+        assert entries[stuck.uuid]["verdict"] == "suspend"
+        assert entries[stuck.uuid]["outcome"] == "failed"
+        assert entries[stuck.uuid]["error_type"] == "Unsavable"
+        assert "ivshmem" in entries[stuck.uuid]["error"]  # libvirt's reason, as it gave it
+        assert entries[other.uuid]["outcome"] == "suspended"
+        assert state_of(libvirt_conn, stuck) == "running"
+        attempts = len(journal(redis_clean, stuck.uuid))
+
+        second = scene.finished(scene.send("dormant.reclaim", run_id=f"{host_name}:n2")["run_id"])
+        entry = by_instance(second)[stuck.uuid]
+        assert entry["verdict"] == "cannot_save" and entry["outcome"] == "none"
+        assert "ivshmem" in entry["reason"] and entry["reason"].startswith("idle:")
+        assert len(journal(redis_clean, stuck.uuid)) == attempts  # libvirt was not asked
+
+        # The device removed from its definition, and the guest restarted without it.
+        xml = stuck.domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        libvirt_conn.defineXML(xml[:xml.index("<shmem")] + xml[xml.index("</shmem>") + 8:])
+        stuck.domain.destroy()
+        stuck.domain.create()
+        wait_until(lambda: settled(stuck.domain), timeout=30, message="restarted and halts")
+        scene.sample_for(5)
+        third = scene.finished(scene.send("dormant.reclaim", run_id=f"{host_name}:n3")["run_id"])
+        assert by_instance(third)[stuck.uuid]["outcome"] == "suspended"
+        assert state_of(libvirt_conn, stuck) == "suspended"
+    finally:
+        Path(f"/dev/shm/{shm}").unlink(missing_ok=True)

@@ -4,8 +4,13 @@ a spinning guest is not idle, a halted one is, and a paused one is sampled as pa
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import threading
 import time
+from pathlib import Path
 
+import libvirt
 import pytest
 
 from tests.support.services import wait_until
@@ -82,3 +87,61 @@ def test_sampled_busy_guest_is_not_idle_and_idle_guest_is(guests, redis_clean, h
         assert paused.state == "paused"
     finally:
         hv.close()
+
+
+@pytest.mark.slow
+def test_a_guest_held_by_a_save_does_not_hold_the_hosts_sample(  # type: ignore[no-untyped-def]
+        guests, start_worker, client_app, redis_clean, host_name):
+    """One guest's QEMU is stopped with a managed save under way (the save holds its job):
+    ``dormant.sample`` still answers at once, the other guests are sampled running, the held
+    one busy (a gap, not an idle interval). A stats call that waits for jobs, made beside it,
+    is still stuck: the job really is held."""
+    start_worker(pool="threads", concurrency=2)
+    held, *others = (guests.create("idle") for _ in range(3))
+    qemu = int(Path(f"/run/libvirt/qemu/{held.name}.pid").read_text())
+    outcomes: dict[str, object] = {}
+
+    def save() -> None:
+        conn = libvirt.open("qemu:///system")
+        try:
+            conn.lookupByUUIDString(held.uuid).managedSave(0)
+            outcomes["save"] = "saved"
+        except libvirt.libvirtError as exc:
+            outcomes["save"] = exc.get_error_message()
+        finally:
+            conn.close()
+
+    def waiting_stats() -> None:
+        conn = libvirt.open("qemu:///system")
+        try:
+            domain = conn.lookupByUUIDString(held.uuid)
+            conn.domainListGetStats([domain], libvirt.VIR_DOMAIN_STATS_BLOCK, 0)
+            outcomes["waiting stats"] = time.monotonic()
+        except libvirt.libvirtError as exc:
+            outcomes["waiting stats"] = exc.get_error_message()
+        finally:
+            conn.close()
+
+    saver = threading.Thread(target=save, daemon=True)
+    waiter = threading.Thread(target=waiting_stats, daemon=True)
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        saver.start()
+        wait_until(lambda: held.domain.controlInfo()[0] == libvirt.VIR_DOMAIN_CONTROL_JOB,
+                   timeout=30, message="the save holds the guest's job")
+        waiter.start()
+        started = time.monotonic()
+        answer = client_app.send_task("dormant.sample",
+                                      queue=f"dormant.{host_name}").get(timeout=30)
+        took = time.monotonic() - started
+        assert "waiting stats" not in outcomes  # a call without NOWAIT is still stuck
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+        saver.join(90)
+        waiter.join(90)
+    assert took < 10, f"dormant.sample took {took:.1f} s beside a held save"
+    at = answer["at"]
+    rows = sampling.load(redis_clean.client(2), [held.uuid, *(g.uuid for g in others)], since=at)
+    for guest in others:
+        assert [(s.t, s.state) for s in rows[guest.uuid]] == [(round(at, 3), "running")]
+    assert [s.state for s in rows[held.uuid]] == ["busy"]

@@ -1,6 +1,9 @@
 """Tiny real KVM guests for tests and benchmarks: a 512-byte boot sector, no OS image.
 
-A *busy* guest spins (``jmp $``) and burns one vCPU; an *idle* guest halts (``cli; hlt``).
+A *busy* guest spins (``jmp $``) and burns one vCPU; an *idle* guest halts (``cli; hlt``); a
+*writer* writes one disk sector per timer tick (~18 a second, the BIOS's extended write to
+ever higher sectors of a sparse disk): a bystander whose writes fail, and which QEMU pauses
+(``paused(ioerror)``), when the filesystem holding its disk fills.
 The recipe (boot sectors, domain XML) is worker/demo/bootsector.py, shared with ``make run``'s demo.
 Guests are persistent (defined) so managedsave works, uniquely named, and always destroyed,
 undefined and stripped of their managed-save image by :meth:`GuestFactory.cleanup`.
@@ -25,6 +28,16 @@ __all__ = ["BOOT_SECTORS", "NAME_PREFIX", "GuestFactory", "TestGuest", "boot_sec
 
 NAME_PREFIX = "dormant-test-"
 
+# cli; xor ax,ax; mov ds,ax; mov ss,ax; mov sp,0x7c00; sti
+# loop: mov si,dap; mov ah,0x43; xor al,al; mov dl,0x80; int 0x13  (write 1 sector, LBA dap+8)
+#       add word [dap+8],1; adc word [dap+10],0; hlt (until the next timer tick); jmp loop
+# dap (at 0x7c23): size 16, 1 sector, buffer 0000:7c00 (this very sector), LBA 1
+WRITER = bytes.fromhex(
+    "fa31c08ed88ed0bc007cfb"
+    "be237cb44330c0b280cd13"
+    "83062b7c0183162d7c00f4ebe8"
+    "1000010000" "7c0000" "0100000000000000")
+
 
 @dataclass
 class TestGuest:
@@ -48,13 +61,25 @@ class GuestFactory:
         self.created: list[TestGuest] = []
 
     def create(self, kind: str = "idle", *, name: str | None = None, start: bool = True,
-               metadata: str = "") -> TestGuest:
+               metadata: str = "", memory_mib: int = 32, disk_dir: Path | None = None,
+               disk_mib: int = 64, devices: str = "") -> TestGuest:
+        """``kind``: idle, busy or writer (whose sparse disk of ``disk_mib`` lies in
+        ``disk_dir``); ``devices``: more XML for ``<devices>`` (an ivshmem ``<shmem>``)."""
         # The creating pid is part of the name: remove_leftovers spares live sessions' guests.
         name = name or f"{NAME_PREFIX}{kind}-{uuid.uuid4().hex[:8]}-p{os.getpid()}"
-        disk = self.workdir / f"{name}.img"
-        disk.write_bytes(boot_sector(kind))
-        xml = domain_xml(name, disk, uuid=str(uuid.uuid4()), domain_type=self.domain_type,
-                         metadata=metadata)
+        disk = (disk_dir or self.workdir) / f"{name}.img"
+        if kind == "writer":
+            disk.write_bytes(WRITER + bytes(510 - len(WRITER)) + b"\x55\xaa")
+            os.truncate(disk, disk_mib * 2**20)
+        else:
+            disk.write_bytes(boot_sector(kind))
+        # A writer runs under TCG: under this machine's nested KVM (PVM) SeaBIOS never gets
+        # past an IDE disk of more than one sector (measured: stuck in the BIOS for minutes).
+        kvm = self.domain_type if kind != "writer" else "qemu"
+        xml = domain_xml(name, disk, uuid=str(uuid.uuid4()), domain_type=kvm,
+                         metadata=metadata, memory_mib=memory_mib)
+        if devices:
+            xml = xml.replace("</devices>", f"  {devices}\n  </devices>")
         domain = self.conn.defineXML(xml)
         guest = TestGuest(name=name, uuid=domain.UUIDString(), kind=kind, domain=domain)
         self.created.append(guest)

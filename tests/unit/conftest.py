@@ -65,10 +65,12 @@ def make_domain(test_conn: libvirt.virConnect) -> Iterator[DomainFactory]:
     """Define (and by default start) a uniquely named test domain; removed after the test."""
     made: list[libvirt.virDomain] = []
 
-    def make(*, start: bool = True, prefix: str = "unit") -> libvirt.virDomain:
+    def make(*, start: bool = True, prefix: str = "unit",
+             memory_mib: int = 64) -> libvirt.virDomain:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
         xml = (
-            f"<domain type='test'><name>{name}</name><memory unit='MiB'>64</memory>"
+            f"<domain type='test'><name>{name}</name>"
+            f"<memory unit='MiB'>{memory_mib}</memory>"
             "<vcpu>1</vcpu><os><type>hvm</type></os></domain>"
         )
         domain = test_conn.defineXML(xml)

@@ -41,6 +41,18 @@ class InvalidTransition(PermanentError):
     """The guest's current state does not allow the requested action."""
 
 
+class Unsavable(InvalidTransition):
+    """libvirt refuses to save this guest's memory (ivshmem, passthrough, vGPU, virtiofs...)."""
+
+
+class SaveDirectoryFull(PermanentError):
+    """The save directory's filesystem cannot hold the guest's memory plus the reserve."""
+
+
+class HostMemoryShort(PermanentError):
+    """The host has too little available memory to restore the guest without swapping."""
+
+
 class TransitionNotReached(PermanentError):
     """libvirt accepted the call but the guest did not reach the target state in time."""
 
@@ -75,6 +87,14 @@ class InstanceBusy(TransientError):
 
 class StateStoreUnavailable(TransientError):
     """The Redis state store cannot be reached."""
+
+
+class StateStoreFull(StateStoreUnavailable):
+    """The Redis state store is at maxmemory and refuses writes (noeviction)."""
+
+
+class RoomReserved(TransientError):
+    """The disk or memory a transition needs is promised to others in flight on its host."""
 
 
 class BrokerUnavailable(TransientError):

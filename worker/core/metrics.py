@@ -65,6 +65,16 @@ EVENT_STREAM = Gauge(
     "1 while this worker's libvirt lifecycle-event subscription is connected", ["host"],
 )
 
+STATE_STORE_FULL = Counter(
+    "dormant_state_store_full_total",
+    "Writes the state Redis refused at maxmemory (OOM, noeviction); retried, nothing half-done",
+)
+ROOM_REFUSED = Counter(
+    "dormant_room_refused_total",
+    "Saves or restores refused for want of room on the host (disk: the save directory's "
+    "filesystem, memory: available host memory)", ["host", "resource"],
+)
+
 LIBVIRT_ABANDONED = Counter(
     "dormant_libvirt_calls_abandoned_total",
     "libvirt calls given up on past their deadline (their connection was retired)",
@@ -105,6 +115,16 @@ def transition_retried(action: str, error: str) -> None:
 
 def libvirt_call_abandoned() -> None:
     LIBVIRT_ABANDONED.inc()
+
+
+def state_store_full() -> None:
+    """One write the state Redis refused at maxmemory."""
+    STATE_STORE_FULL.inc()
+
+
+def room_refused(host: str, resource: str) -> None:
+    """A save (``disk``) or restore (``memory``) refused: the host had no room for it."""
+    ROOM_REFUSED.labels(host, resource).inc()
 
 
 def lock_waited(seconds: float) -> None:

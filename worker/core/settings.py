@@ -53,6 +53,16 @@ class Settings:
     libvirt_save_timeout: float = 120.0  # seconds for a save or restore, plus per GiB below
     libvirt_save_seconds_per_gib: float = 30.0  # added per GiB of guest memory (~35 MB/s)
     save_bypass_cache: bool = True  # O_DIRECT save images (false where the save dir lacks it)
+
+    # Room on the host (worker/transition/room.py). A save needs the guest's memory free in the
+    # save directory's filesystem, a restore needs it in the host's available memory; each
+    # also keeps a reserve free: this fraction of the filesystem (or of the host's memory),
+    # but at least the floor in MiB.
+    save_dir: str = "/var/lib/libvirt/qemu/save"  # where libvirtd writes managed-save images
+    save_reserve_fraction: float = 0.10
+    save_reserve_mib: int = 2048
+    memory_reserve_fraction: float = 0.10
+    memory_reserve_mib: int = 2048
     host_claim_ttl: int = 15  # seconds a dead worker's claim on its host outlives it
     orphan_sweep_interval: int = 30  # seconds between sweeps for messages nobody holds
     concurrency: int = 0  # worker pool size (threads or processes); 0 = Celery's default
@@ -212,6 +222,8 @@ RANGES: dict[str, Range] = {
     "idle_net_quantile": Range(0.0, 1.0, open=True),
     "idle_disk_quantile": Range(0.0, 1.0, open=True),
     "idle_min_span_fraction": _FRACTION,
+    # A reserve of the whole filesystem (or memory) would refuse every save (or restore).
+    "save_reserve_fraction": Range(0.0, 0.9), "memory_reserve_fraction": Range(0.0, 0.9),
     "reclaim_hour": Range(0, 23), "reclaim_minute": Range(0, 59),
     "metrics_port": Range(0, 65535),
 }

@@ -62,6 +62,17 @@ _PAUSED_REASONS = {
 _SETTLED_BY_JOB = {2, 7}
 
 
+# Paused reasons a failed managed save can leave behind when libvirt could not resume the
+# guest: the save's own pause, an API error, or none known. Never an I/O error or a watchdog
+# (those stopped the guest for a reason an operator must see).
+_AFTER_FAILED_SAVE = {0, 3, 14}
+
+
+def left_paused_by_failed_save(reason: int) -> bool:
+    """Whether a guest paused with ``reason`` after a failed save should simply be unpaused."""
+    return reason in _AFTER_FAILED_SAVE
+
+
 def needs_job_check(state: int, reason: int) -> bool:
     """Whether :func:`from_libvirt` needs to know if a libvirt job still runs on the domain."""
     return state == _PAUSED and reason in _SETTLED_BY_JOB

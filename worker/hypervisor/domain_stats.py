@@ -1,4 +1,12 @@
-"""Activity statistics for reclamation: one ``getAllDomainStats`` call for every domain."""
+"""Activity statistics for reclamation: one ``getAllDomainStats`` call for every domain.
+
+The call never waits for a domain's job (``NOWAIT``): without it, one guest in the middle of
+a save, or with a stuck QEMU, held the whole host's sample until libvirt's job wait expired.
+With it, libvirt leaves out of that guest's record what needs the job (block statistics
+from QEMU's monitor), while its CPU time, read from the host, may stand still: so every
+running guest's control state is read too (``controlInfo``, answered without waiting), and a
+guest a job holds is reported ``busy`` -- a gap in its activity, never evidence of idleness.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import libvirt
 
 from worker.core import states
 from worker.core.errors import UnknownInstance
-from worker.core.states import State
+from worker.core.states import Observed, State
 from worker.hypervisor.guest import Guest
 
 if TYPE_CHECKING:
@@ -43,7 +51,8 @@ def collect(hypervisor: Hypervisor) -> Iterator[DomainStats]:
         | libvirt.VIR_DOMAIN_STATS_INTERFACE
         | libvirt.VIR_DOMAIN_STATS_BLOCK
     )
-    records = hv.call("read domain stats", lambda: conn.getAllDomainStats(wanted, 0),
+    nowait = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    records = hv.call("read domain stats", lambda: conn.getAllDomainStats(wanted, nowait),
                       line=line)
     for domain, record in records:
         has_image = False
@@ -55,13 +64,15 @@ def collect(hypervisor: Hypervisor) -> Iterator[DomainStats]:
             except UnknownInstance:  # undefined since the stats call: gone, not an error
                 continue
         reason = record.get("state.reason", 0)
-        job = True
-        if states.needs_job_check(state, reason):
-            try:  # a finished paused restore, or a job still running
+        job = False
+        if state != libvirt.VIR_DOMAIN_SHUTOFF:
+            try:  # a job holds it (its record may be partial), or a finished paused restore
                 job = Guest(domain, hv, line).job_running()
             except UnknownInstance:
                 continue
         observed = states.from_libvirt(state, reason, has_image, job_running=job)
+        if job and observed.state is not State.BUSY:
+            observed = Observed(State.BUSY, "job")
         yield DomainStats(
             uuid=domain.UUIDString(),
             name=domain.name(),

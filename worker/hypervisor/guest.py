@@ -7,13 +7,16 @@ dormant's *resume* is starting from that image.
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar, cast
 
 import libvirt
 
 from worker.core import states
-from worker.core.errors import HypervisorRefused
+from worker.core.errors import HypervisorRefused, InvalidTransition
 from worker.core.states import Observed
 from worker.transition.table import Step
 
@@ -22,6 +25,7 @@ if TYPE_CHECKING:
     from worker.hypervisor.host import Hypervisor
 
 T = TypeVar("T")
+MONITOR_STUCK_MS = 1000  # a monitor call this old is a stuck QEMU, not another thread's query
 
 
 class Guest:
@@ -50,17 +54,40 @@ class Guest:
         return states.from_libvirt(state, reason, has_image, job_running=job)
 
     def job_running(self) -> bool:
-        """Whether a libvirt job (save, restore, migration...) is moving this guest now."""
+        """Whether a libvirt job (save, restore, migration...) or a monitor call stuck for a
+        while holds this guest now. Read from its control state, which libvirt answers
+        without waiting for the job (``jobInfo`` waits up to 30 s for the domain's job lock).
+        A query of another thread occupies the monitor for milliseconds: not a job."""
         try:
-            info = self._call("read job of", self._domain.jobInfo)
-        except HypervisorRefused:  # a driver without job info (test driver): nothing runs
+            control = self._call("read control state of", self._domain.controlInfo)
+        except InvalidTransition:  # not running: no job can hold it
             return False
-        return bool(info) and info[0] != libvirt.VIR_DOMAIN_JOB_NONE
+        except HypervisorRefused:  # a driver without control info: nothing runs
+            return False
+        if not control:
+            return False
+        state, _details, held_ms = control
+        return bool(state == libvirt.VIR_DOMAIN_CONTROL_JOB or (
+            state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and held_ms >= MONITOR_STUCK_MS))
+
+    def memory_bytes(self) -> int:
+        """The most memory the guest may use (``maxMemory``): what a save writes at most, and
+        what a restore needs."""
+        return int(self._call("read memory size of", self._domain.maxMemory)) * 1024
 
     def _save_deadline(self) -> float:
         """Seconds a save or restore may take: a base plus a share per GiB of memory."""
-        kib = self._call("read memory size of", self._domain.maxMemory)
-        return self._hypervisor.save_deadline(int(kib) * 1024)
+        return self._hypervisor.save_deadline(self.memory_bytes())
+
+    def definition_digest(self) -> str:
+        """A digest of the persistent definition, ``<metadata>`` left out (dormant writes its
+        own there): it changes when a device is added or removed, not when dormant acts."""
+        xml = self._call("read definition of",
+                         lambda: self._domain.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        root = ET.fromstring(xml)
+        for element in root.findall("metadata"):
+            root.remove(element)
+        return hashlib.sha256(ET.tostring(root)).hexdigest()[:32]
 
     def pause(self) -> None:
         """Stop the vCPUs, keep memory in RAM (virDomainSuspend)."""
@@ -74,6 +101,37 @@ class Guest:
         flags = libvirt.VIR_DOMAIN_SAVE_RUNNING | self._hypervisor.save_flags
         self._call("suspend", lambda: self._domain.managedSave(flags),
                    timeout=self._save_deadline())
+
+    def settle_failed_save(self, *, was_running: bool) -> list[str]:
+        """After a failed managed save: running again if it ran before, and no image left.
+
+        libvirt resumes the guest itself (``running(save_canceled)``) but cannot promise it,
+        and deletes an image it created, not one that was there before. Returns what was done.
+        """
+        done = []
+        state, reason = self._call("read state of", self._domain.state)
+        if was_running and state == libvirt.VIR_DOMAIN_PAUSED \
+                and states.left_paused_by_failed_save(reason):
+            self.unpause()
+            done.append(f"unpaused (libvirt left it paused, reason {reason})")
+            state = libvirt.VIR_DOMAIN_RUNNING
+        if state != libvirt.VIR_DOMAIN_SHUTOFF and self.discard_image():
+            done.append("partial image removed")
+        return done
+
+    def discard_image(self) -> bool:
+        """Remove the managed-save image; False when there was none. Only ever called on an
+        active guest, whose image can only be a leftover (a restore deletes its own)."""
+        def remove() -> bool:
+            try:
+                self._domain.managedSaveRemove(0)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR \
+                        and exc.get_int1() == errno.ENOENT:  # the errno libvirt reports
+                    return False
+                raise
+            return True
+        return self._call("remove saved image of", remove)
 
     def restore(self) -> None:
         """Start from the managed-save image (virDomainCreate)."""

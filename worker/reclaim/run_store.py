@@ -239,6 +239,28 @@ def take(client: redis.Redis, rid: str, count: int) -> list[str]:
                 continue
 
 
+def stop(client: redis.Redis, rid: str, stopped: dict[str, Any]) -> list[str]:
+    """Start nothing more in ``rid``: note why in its meta (``stopped``) and take every action
+    still queued, whatever its wave, in one transaction; the caller records them skipped."""
+    run, queue = keys.run(rid), keys.run_queue(rid)
+    with client.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                pipe.watch(run, queue)
+                raw = pipe.hget(run, "meta")
+                left = cast(list[str], pipe.lrange(queue, 0, -1))
+                current = json.loads(raw) if raw else {}
+                current.setdefault("stopped", stopped)  # the first reason stays
+                pipe.multi()
+                pipe.hset(run, "meta", json.dumps(current, sort_keys=True))
+                pipe.delete(queue)
+                pipe.hincrby(run, "taken", len(left))
+                pipe.execute()
+                return left
+            except redis.WatchError:  # an action finished or was taken meanwhile: again
+                continue
+
+
 def wave_end(client: redis.Redis, rid: str, done: int) -> bool:
     """Whether ``done`` finished actions close a wave with more to come (then the caller
     that recorded the last one starts the next wave, up to the cap)."""

@@ -6,7 +6,8 @@ before a suspend, whether fresh activity or a changed state must stop it. Nothin
 Redis, libvirt or Celery, so every rule is tested with plain data (tests/unit/test_reclaim.py).
 
 Doubt means *keep*: an instance is only suspended when it is running, idle over the window,
-not exempt, old enough, reclamation is enabled and (with grace) it was marked on an earlier run.
+not exempt, old enough, not known to be unsavable, reclamation is enabled and (with grace) it
+was marked on an earlier run.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Verdict(StrEnum):
     TOO_YOUNG = "too_young"  # observed for less than the minimum age
     NOT_RUNNING = "not_running"  # paused, suspended, shut off...: nothing to reclaim
     DISABLED = "disabled"  # idle, but the kill switch is on
+    CANNOT_SAVE = "cannot_save"  # idle, but libvirt refused to save it (reclaim/unsavable.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class Candidate:
     exempt_cli: bool = False
     first_seen: float | None = None
     mark: Mark | None = None
+    unsavable: str = ""  # libvirt's reason when it refused to save this very definition
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,6 +144,9 @@ def _judge(c: Candidate, safety: Safety, *, now: float, run_id: str) -> Entry:
         seen = "never observed" if age is None else f"observed for {age:.0f} s"
         return entry(Verdict.TOO_YOUNG, f"{d.reason}; but {seen}, minimum age is "
                      f"{safety.min_age:g} s")
+    if c.unsavable:
+        return entry(Verdict.CANNOT_SAVE, f"{d.reason}; but libvirt cannot save it: "
+                     f"{c.unsavable} (not tried again until its definition changes)")
     if safety.disabled_reason:
         return entry(Verdict.DISABLED, f"{d.reason}; not suspended: {safety.disabled_reason}")
     if safety.grace:

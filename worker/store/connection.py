@@ -5,12 +5,19 @@ the kill switch...) gets its client from :func:`connect`, so every command, pipe
 script call passes through the same translation: once redis-py's own retries of a brief blip
 are used up, a connection error or a timeout becomes :class:`StateStoreUnavailable`, the
 transient (retried) branch of dormant's error tree, exactly as libvirt's errors are translated
-once in ``worker/hypervisor/errors.py``. Other Redis errors (a wrong type, a script error)
-are bugs and stay what they are.
+once in ``worker/hypervisor/errors.py``. A Redis at ``maxmemory`` (``noeviction``, the
+policy production uses) refuses writes with an OOM error: that becomes
+:class:`StateStoreFull`, transient as well, counted in ``dormant_state_store_full_total`` and
+logged at error level (at most every few seconds per process) for an alert to fire on. What
+it refused was not done: a Lua script or a transaction is refused whole (Redis stops a script
+only at its first write), so a transition retried later finds nothing half-written. Other
+Redis errors (a wrong type, a script error) are bugs and stay what they are.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, cast
@@ -20,19 +27,38 @@ from redis.backoff import ExponentialBackoff
 from redis.client import Pipeline
 from redis.retry import Retry
 
-from worker.core.errors import StateStoreUnavailable
+from worker.core import metrics
+from worker.core.errors import StateStoreFull, StateStoreUnavailable
 from worker.core.settings import redis_tls
 
+log = logging.getLogger("dormant.store")
+
 OUTAGES = (redis.ConnectionError, redis.TimeoutError)
+FULL_LOG_EVERY = 10.0  # seconds between two "state store full" log lines of one process
+_last_full_log = [0.0]
 
 
 @contextmanager
 def translated() -> Iterator[None]:
-    """Redis outages become StateStoreUnavailable, a transient (retried) error."""
+    """Redis outages become StateStoreUnavailable, a full Redis StateStoreFull: both transient
+    (retried)."""
     try:
         yield
     except OUTAGES as exc:
         raise StateStoreUnavailable(f"state store unavailable: {exc}") from None
+    except redis.exceptions.OutOfMemoryError as exc:
+        raise full(exc) from None
+
+
+def full(exc: Exception) -> StateStoreFull:
+    """Count and log a write refused by a Redis at maxmemory; the error to raise for it."""
+    metrics.state_store_full()
+    now = time.monotonic()
+    if now - _last_full_log[0] >= FULL_LOG_EVERY:
+        _last_full_log[0] = now
+        log.error("state store full: Redis refuses writes at maxmemory (%s); transitions are "
+                  "retried, nothing is half-written; raise maxmemory or free memory", exc)
+    return StateStoreFull(f"state store full (Redis at maxmemory refuses writes): {exc}")
 
 
 class Boundary:

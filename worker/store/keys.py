@@ -57,6 +57,13 @@ def watched(host: str) -> str:
     return f"{PREFIX}:events:{host}:watched"
 
 
+def reserved(host: str, resource: str) -> str:
+    """Hash of the room promised on one host to saves (``disk``) or restores (``memory``) in
+    flight: guest uuid -> ``<bytes>:<expiry epoch ms>`` (worker/transition/room.py). A field
+    per transition running now; the key expires with its last promise."""
+    return f"{PREFIX}:host:{host}:reserved:{resource}"
+
+
 HOSTS = f"{PREFIX}:hosts"  # zset: host -> last registry refresh (epoch seconds)
 
 # Reclamation.
@@ -77,6 +84,12 @@ def first_seen(instance_uuid: str) -> str:
 def sampled(host: str) -> str:
     """Sorted set: instance uuid -> time of its last sample taken by this host."""
     return f"{PREFIX}:sampled:{host}"
+
+
+def unsavable(instance_uuid: str) -> str:
+    """Why libvirt refused to save this instance, for which definition (reclamation's
+    ``cannot_save``, worker/reclaim/unsavable.py): one small JSON string per such guest."""
+    return f"{PREFIX}:reclaim:unsavable:{instance_uuid}"
 
 
 def mark(instance_uuid: str) -> str:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from worker.hypervisor import Hypervisor
 from worker.transition.guards import Store
 from worker.transition.table import Action
+
+if TYPE_CHECKING:
+    from worker.transition.room import Room
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -28,11 +31,13 @@ class Request:
 
 @dataclass(frozen=True, kw_only=True)
 class Context:
-    """What a worker brings: its hypervisor, its state store and how long to wait."""
+    """What a worker brings: its hypervisor, its state store, the room checks of its host
+    (None: none) and how long to wait."""
 
     hypervisor: Hypervisor
     store: Store
     host: str
+    room: Room | None = None
     lock_wait: float = 60.0
     verify_timeout: float = 30.0
     clock: Callable[[], float] = time.time

@@ -24,10 +24,11 @@ from worker.core.errors import (
 from worker.core.states import Observed, State, Target
 from worker.fleet import registry
 from worker.hypervisor import Guest, Hypervisor
+from worker.transition import failed_save
 from worker.transition.context import Context, Request
 from worker.transition.guards import Done, Held, Reused, Store
 from worker.transition.release import Release, log_fields, patiently
-from worker.transition.table import STEP_RESULT, Action, Plan, plan
+from worker.transition.table import STEP_RESULT, Action, Plan, Step, plan
 
 log = logging.getLogger("dormant.transition")
 
@@ -210,23 +211,50 @@ class _Transition:
             after = observed
         else:
             assert self.held is not None
-            self.ctx.store.record_intent(
-                self.held, self.request_id,
-                {"state_before": str(observed.state), "reason_before": observed.reason,
-                 "task_id": self.req.task_id, "action": str(self.req.action),
-                 "instance": uuid, "name": self.guest.name, "fence": self.held.fence,
-                 "fingerprint": self.fingerprint(uuid).key()},
-            )
-            after = self._act(steps)
+            # Room on the host first (disk for a save, memory for a restore): a refusal comes
+            # before anything is recorded or asked of libvirt.
+            promise = self.ctx.room.promise(steps.steps[0], self.guest, str(self.req.action)) \
+                if self.ctx.room is not None else None
+            try:
+                self.ctx.store.record_intent(
+                    self.held, self.request_id,
+                    {"state_before": str(observed.state), "reason_before": observed.reason,
+                     "task_id": self.req.task_id, "action": str(self.req.action),
+                     "instance": uuid, "name": self.guest.name, "fence": self.held.fence,
+                     "fingerprint": self.fingerprint(uuid).key()},
+                )
+                after = self._act(steps)
+            except BaseException as exc:
+                outstanding = getattr(exc, "outstanding", None)
+                if outstanding is not None and promise is not None:  # libvirt still at it
+                    outstanding.add_done_callback(lambda _f: self._release(promise))
+                else:
+                    self._release(promise)
+                raise
+            self._release(promise)
             outcome = "changed"
         return self._succeed(outcome, before, after, steps)
+
+    def _release(self, promise: Any) -> None:
+        if self.ctx.room is not None and promise is not None:
+            try:
+                self.ctx.room.release(promise)
+            except DormantError as exc:  # it lapses by itself past the call's deadline
+                log.warning("could not release the room promised to %s: %s", promise.uuid, exc)
 
     def _act(self, steps: Plan) -> Observed:
         assert self.guest is not None
         observed = self.before
         for step in steps.steps:
             self.acted = True
-            self.guest.run(step)
+            try:
+                self.guest.run(step)
+            except DormantError as exc:
+                if step is Step.SAVE and getattr(exc, "outstanding", None) is None:
+                    assert self.before is not None
+                    raise failed_save.settle(exc, self.guest, self.before, self.ctx.room,
+                                             str(self.req.action)) from None
+                raise
             observed = self._wait_for(STEP_RESULT[step])
         assert observed is not None
         return observed
@@ -317,6 +345,8 @@ class _Transition:
             **_error(exc, self.base["started_at"], self.ctx),
         }
         entry["error_class"] = "transient" if isinstance(exc, TransientError) else "permanent"
+        if isinstance(exc, DormantError) and exc.details:  # figures of a refusal, and so on
+            entry["details"] = exc.details
         held, self.held = self.held, None
         instance = entry["instance"]
         outstanding = getattr(exc, "outstanding", None)

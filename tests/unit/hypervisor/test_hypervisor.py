@@ -197,22 +197,23 @@ def test_shared_hypervisor_seeds_the_demo_fleet_once() -> None:
 class _FakeDomain:
     """Just enough of a virDomain to reproduce what QEMU reports (test driver cannot)."""
 
-    def __init__(self, state: tuple[int, int], job: int | None) -> None:
-        self._state, self._job = state, job
+    def __init__(self, state: tuple[int, int], job: int | None,
+                 uuid_: str = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0", held_ms: int = 0) -> None:
+        self._state, self._job, self._uuid, self._held_ms = state, job, uuid_, held_ms
 
     def UUIDString(self) -> str:
-        return "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+        return self._uuid
 
     def name(self) -> str:
-        return "fake"
+        return f"fake-{self._uuid[:4]}"
 
     def state(self) -> list[int]:
         return list(self._state)
 
-    def jobInfo(self) -> list[int]:
+    def controlInfo(self) -> list[int]:
         if self._job is None:
             raise _error(libvirt.VIR_ERR_NO_SUPPORT, TEST, "not supported")
-        return [self._job] + [0] * 11
+        return [self._job, 0, self._held_ms]
 
 
 P = libvirt.VIR_DOMAIN_PAUSED
@@ -222,15 +223,15 @@ P = libvirt.VIR_DOMAIN_PAUSED
     ("state", "job", "expected"),
     [
         # QEMU reports a managed-save image restored paused as PAUSED/MIGRATION for good.
-        ((P, libvirt.VIR_DOMAIN_PAUSED_MIGRATION), libvirt.VIR_DOMAIN_JOB_NONE,
+        ((P, libvirt.VIR_DOMAIN_PAUSED_MIGRATION), libvirt.VIR_DOMAIN_CONTROL_OK,
          Observed(State.PAUSED, "user")),
-        ((P, libvirt.VIR_DOMAIN_PAUSED_MIGRATION), libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+        ((P, libvirt.VIR_DOMAIN_PAUSED_MIGRATION), libvirt.VIR_DOMAIN_CONTROL_JOB,
          Observed(State.BUSY, "migration")),
-        ((P, libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT), libvirt.VIR_DOMAIN_JOB_NONE,
+        ((P, libvirt.VIR_DOMAIN_PAUSED_FROM_SNAPSHOT), libvirt.VIR_DOMAIN_CONTROL_OK,
          Observed(State.PAUSED, "user")),
-        ((P, libvirt.VIR_DOMAIN_PAUSED_SAVE), libvirt.VIR_DOMAIN_JOB_UNBOUNDED,
+        ((P, libvirt.VIR_DOMAIN_PAUSED_SAVE), libvirt.VIR_DOMAIN_CONTROL_JOB,
          Observed(State.BUSY, "save")),
-        ((P, libvirt.VIR_DOMAIN_PAUSED_IOERROR), libvirt.VIR_DOMAIN_JOB_NONE,
+        ((P, libvirt.VIR_DOMAIN_PAUSED_IOERROR), libvirt.VIR_DOMAIN_CONTROL_OK,
          Observed(State.PAUSED, "ioerror")),
         ((P, libvirt.VIR_DOMAIN_PAUSED_USER), None, Observed(State.PAUSED, "user")),
     ],
@@ -240,3 +241,49 @@ def test_a_settled_restore_pause_is_a_pause_not_a_job(
         expected: Observed) -> None:
     guest = hv_module.Guest(_FakeDomain(state, job), hypervisor)  # type: ignore[arg-type]
     assert guest.observe() == expected
+
+
+@pytest.mark.parametrize(("control", "held_ms", "job"), [
+    (libvirt.VIR_DOMAIN_CONTROL_OK, 0, False),
+    (libvirt.VIR_DOMAIN_CONTROL_JOB, 0, True),  # an async job: a save, a migration, a dump
+    (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, 20, False),  # another thread's query, right now
+    (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, 5000, True),  # a monitor call stuck: QEMU hangs
+    (libvirt.VIR_DOMAIN_CONTROL_ERROR, 0, False),  # a sync job between its steps
+])
+def test_only_a_job_or_a_stuck_monitor_holds_a_guest(
+        hypervisor: Hypervisor, control: int, held_ms: int, job: bool) -> None:
+    running = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+    guest = hv_module.Guest(_FakeDomain(running, control, held_ms=held_ms),  # type: ignore[arg-type]
+                            hypervisor)
+    assert guest.job_running() is job
+
+
+class _FakeStatsConnection:
+    """A connection whose getAllDomainStats answers as libvirt does with NOWAIT while one
+    guest's job holds it: its record lacks what needs the job, its CPU time stands still."""
+
+    def __init__(self, records: list[tuple[_FakeDomain, dict[str, int]]]) -> None:
+        self.records, self.flags = records, -1
+
+    def getAllDomainStats(self, stats: int, flags: int) -> list[tuple[_FakeDomain, dict[str, int]]]:
+        self.flags = flags
+        return self.records
+
+
+def test_stats_never_wait_for_a_job_and_report_a_held_guest_busy(
+        hypervisor: Hypervisor, monkeypatch: pytest.MonkeyPatch) -> None:
+    running = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+    held = _FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_JOB, str(uuid.uuid4()))
+    free = _FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_OK, str(uuid.uuid4()))
+    conn = _FakeStatsConnection([
+        (held, {"state.state": running[0], "state.reason": running[1], "cpu.time": 5,
+                "block.count": 1}),  # no block.0.rd.bytes: that needs the job
+        (free, {"state.state": running[0], "state.reason": running[1], "cpu.time": 7,
+                "block.count": 1, "block.0.rd.bytes": 3, "block.0.wr.bytes": 4}),
+    ])
+    monkeypatch.setattr(hypervisor, "connection", lambda: conn)
+    stats = {s.uuid: s for s in hypervisor.stats()}
+    assert conn.flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    assert stats[held.UUIDString()].state is State.BUSY  # a gap, never evidence of idleness
+    assert stats[free.UUIDString()].state is State.RUNNING
+    assert stats[free.UUIDString()].block_rd_bytes == 3

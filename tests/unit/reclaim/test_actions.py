@@ -5,6 +5,7 @@ the way ``dormant.run_item`` would, and the guests' states are read through libv
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -12,17 +13,21 @@ import libvirt
 import pytest
 
 from tests.unit.conftest import DomainFactory
-from worker.core.errors import HypervisorUnavailable, InvalidInput
+from worker.core.errors import HypervisorUnavailable, InvalidInput, SaveDirectoryFull, Unsavable
 from worker.core.settings import Settings
 from worker.hypervisor import Hypervisor
-from worker.reclaim import exemptions, killswitch, run_store
+from worker.hypervisor.resources import Disk
+from worker.reclaim import exemptions, killswitch, run_store, selection, unsavable
 from worker.reclaim.actions import Reclaimer
-from worker.reclaim.progress import Precheck, closing, outcome_of, run_status
+from worker.reclaim.outcomes import Precheck, closing, outcome_of, run_status
+from worker.store import keys
 from worker.transition.context import Context, Request
 from worker.transition.guards import Store
+from worker.transition.room import Reserve, Room
 from worker.transition.runner import run
 from worker.transition.table import Action
 
+MiB = 2**20
 RUNNING, PAUSED, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, \
     libvirt.VIR_DOMAIN_SHUTOFF
 
@@ -295,3 +300,79 @@ def test_a_second_restore_names_the_restore_that_brought_the_guests_back(
     scene.reclaimer.restore("drain:r1", "restore:third", owner="task-4")
     [third] = scene.work()
     assert third["reason"] == "skipped: already running (resumed by someone else)"
+
+
+# -- room and unsavable guests -------------------------------------------------------------------
+def _priority(domain: libvirt.virDomain, priority: int) -> None:
+    domain.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, f'<policy priority="{priority}"/>',
+                       "dormant", selection.NAMESPACE, 0)
+
+
+def test_a_full_save_directory_stops_a_drain_and_what_is_queued_is_skipped(
+        hypervisor: Hypervisor, store: Store, make_domain: DomainFactory) -> None:
+    """500 MiB free, 100 MiB kept free: the 64 MiB guests fit, the 512 MiB one does not."""
+    scene = Scene(hypervisor, store, reclaim_host_cap=1)
+    scene.ctx = dataclasses.replace(scene.ctx, room=Room(
+        store.redis, hypervisor, "hv1", save_dir="/save",
+        disk_reserve=Reserve(0.10, 0), memory_reserve=Reserve(0.0, 0),
+        read_disk=lambda _d: Disk("/save", total=1000 * MiB, free=500 * MiB),
+        read_memory=lambda _hv: None))
+    scene.reclaimer.ctx = scene.ctx
+    small = make_domain(prefix=scene.prefix)
+    _priority(small, -20)  # a drain takes the lowest priority first: this one, then big
+    big = make_domain(prefix=scene.prefix, memory_mib=512)
+    _priority(big, -10)
+    rest = [make_domain(prefix=scene.prefix) for _ in range(2)]
+
+    scene.reclaimer.drain("drain:full", owner="task-1")
+    with pytest.raises(SaveDirectoryFull):
+        scene.work()  # small is suspended, then big is refused and the run stops
+    assert scene.sent == []  # nothing more was started
+    report = run_store.load(store.redis, "drain:full")
+    entries = {e["instance"]: e for e in report["entries"]}
+    assert entries[small.UUIDString()]["outcome"] == "suspended"
+    failed = entries[big.UUIDString()]
+    assert failed["outcome"] == "failed" and failed["error_type"] == "SaveDirectoryFull"
+    assert failed["details"]["needed_bytes"] == 512 * MiB
+    assert failed["details"]["free_bytes"] == 500 * MiB
+    for d in rest:
+        assert entries[d.UUIDString()]["outcome"] == "skipped"
+        assert entries[d.UUIDString()]["reason"] == "not started: save directory full"
+        assert d.state()[0] == RUNNING
+    assert big.state()[0] == RUNNING and not big.hasManagedSaveImage()
+    assert report["status"] == "done" and report["manifest"] == [small.UUIDString()]
+    assert report["stopped"]["reason"] == "save directory full"
+    assert report["stopped"]["free_bytes"] == 500 * MiB
+    assert report["reason"].endswith("; stopped: save directory full")
+
+
+def test_a_guest_libvirt_cannot_save_is_remembered_until_its_definition_changes(
+        scene: Scene, make_domain: DomainFactory) -> None:
+    dom = make_domain(prefix=scene.prefix)
+    client, hv = scene.ctx.store.redis, scene.ctx.hypervisor
+    why = "Requested operation is not valid: cannot migrate domain: ... 'ivshmem'"
+
+    def refused(action: Action, request_id: str) -> dict[str, Any]:
+        raise Unsavable(f"libvirt cannot save it: {why}", reason=why)
+
+    scene.reclaimer.drain("drain:unsavable", owner="task-1")
+    [(rid, instance)] = scene.sent
+    with pytest.raises(Unsavable):
+        scene.reclaimer.run_item(rid, instance, final=True, transition=refused)
+    assert unsavable.reasons(client, hv, [dom.UUIDString()]) == {dom.UUIDString(): why}
+    assert unsavable.reasons(client, hv, [dom.UUIDString()]) == {dom.UUIDString(): why}
+
+    # The definition changes (here: its memory; in life, the device removed): judged again.
+    xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE).replace(
+        "<memory unit='KiB'>65536</memory>", "<memory unit='KiB'>131072</memory>")
+    dom.connect().defineXML(xml)
+    assert unsavable.reasons(client, hv, [dom.UUIDString()]) == {}
+    assert client.get(keys.unsavable(dom.UUIDString())) is None
+
+
+def test_the_definition_digest_ignores_dormant_metadata(
+        hypervisor: Hypervisor, make_domain: DomainFactory) -> None:
+    dom = make_domain()
+    before = hypervisor.guest(dom.UUIDString()).definition_digest()
+    _priority(dom, 5)
+    assert hypervisor.guest(dom.UUIDString()).definition_digest() == before

@@ -79,6 +79,16 @@ def test_kill_switch_turns_every_suspend_into_disabled_with_the_reason():
     assert plan.to_suspend == []
 
 
+def test_an_idle_guest_libvirt_cannot_save_is_reported_not_tried_nor_marked():
+    reason = "Requested operation is not valid: cannot migrate domain: ... 'ivshmem'"
+    e = judge(cand(unsavable=reason), Safety(grace=True))
+    assert e.verdict is Verdict.CANNOT_SAVE and reason in e.reason
+    assert e.reason.startswith(IDLE.reason)
+    assert judge(cand(unsavable=reason, decision=BUSY)).verdict is Verdict.KEEP  # busy: as ever
+    plan = selection.select([cand("a", unsavable=reason)], Safety(), now=NOW, run_id="r")
+    assert plan.to_suspend == []
+
+
 def test_grace_marks_first_waits_out_the_period_then_suspends():
     safety = Safety(grace=True, grace_period=3600)
     assert judge(cand(), safety).verdict is Verdict.MARK

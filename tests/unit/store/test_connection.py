@@ -3,19 +3,23 @@ into the transient StateStoreUnavailable; other Redis errors stay bugs."""
 
 from __future__ import annotations
 
+import logging
 import ssl
 from collections.abc import Callable
 from typing import Any
 
+import fakeredis
 import pytest
 import redis
 
 from tests.unit.conftest import FakeStateRedis
-from worker.core.errors import StateStoreUnavailable
+from worker.core import metrics
+from worker.core.errors import StateStoreFull, StateStoreUnavailable
 from worker.fleet import registry
 from worker.reclaim import exemptions, killswitch, marks, run_store, sampling, ticks
 from worker.reclaim.sampling import Sample
-from worker.store.connection import StateRedis, connect
+from worker.store import connection
+from worker.store.connection import Boundary, StateRedis, connect
 
 SAMPLE = Sample(t=100.0, state="running", cpu_ns=1, vcpus=1, rx=0, tx=0, rd=0, wr=0)
 
@@ -91,3 +95,38 @@ def test_no_module_opens_a_redis_client_of_its_own() -> None:
                                     "ConnectionPool")):
                     opened.append(f"{path.relative_to(root)}:{node.lineno} {called}")
     assert opened == []
+
+
+class _RefusesWrites:
+    """Answers writes as a Redis at maxmemory with noeviction does (reads still work)."""
+
+    full = False
+
+    def execute_command(self, *args: Any, **options: Any) -> Any:
+        if self.full and str(args[0]).upper() in {"SET", "SADD", "XADD", "HSET", "ZADD"}:
+            raise redis.exceptions.OutOfMemoryError(
+                "command not allowed when used memory > 'maxmemory'.")
+        return super().execute_command(*args, **options)  # type: ignore[misc]
+
+
+class _FullableRedis(Boundary, _RefusesWrites, fakeredis.FakeRedis):
+    pass
+
+
+def test_a_full_redis_is_the_transient_state_store_full_error_counted_and_logged(
+        caplog: pytest.LogCaptureFixture) -> None:
+    client = _FullableRedis(decode_responses=True)
+    before = metrics.STATE_STORE_FULL._value.get()
+    exemptions.add(client, "u")
+    client.full = True
+    connection._last_full_log[0] = 0.0
+    with caplog.at_level(logging.ERROR, logger="dormant.store"), \
+            pytest.raises(StateStoreFull, match="state store full"):
+        exemptions.add(client, "v")
+    assert isinstance(StateStoreFull(""), StateStoreUnavailable)  # retried like an outage
+    assert exemptions.contains(client, "u")  # reads still answer
+    assert metrics.STATE_STORE_FULL._value.get() == before + 1
+    assert [r.message for r in caplog.records if "state store full" in r.message]
+    client.full = False
+    exemptions.add(client, "v")
+    assert exemptions.contains(client, "v")

@@ -1,6 +1,6 @@
-"""How a run progresses, in plain functions: a new run's status, what one action does, the
-outcome a transition result means, the check before an action, and the changes that close a
-run. :mod:`worker.reclaim.actions` applies them; tests read them as tables."""
+"""What a run records, as plain functions: a new run's status, one action's outcome, the
+counts that close a run, and the check just before an action (used by
+:mod:`worker.reclaim.actions`, tested without Redis or libvirt)."""
 
 from __future__ import annotations
 
@@ -44,12 +44,15 @@ def outcome_of(action: Action, result: dict[str, Any]) -> tuple[str, bool]:
 
 
 def closing(entries: Iterable[dict[str, Any]], done: int,
-            cancelled: dict[str, Any] | None = None) -> dict[str, Any]:
+            cancelled: dict[str, Any] | None = None,
+            stopped: dict[str, Any] | None = None) -> dict[str, Any]:
     """The meta changes that close a run: outcome counts of its finished actions, a reason
-    (status ``cancelled`` when ``dormant cancel`` stopped it)."""
+    (and why it stopped starting actions, when it did; status ``cancelled`` when ``dormant
+    cancel`` stopped it)."""
     outcomes = Counter(str(e.get("outcome")) for e in entries if e.get("finished"))
+    why = f"; stopped: {stopped['reason']}" if stopped else ""
     reason = f"{done} action(s) finished: " + ", ".join(
-        f"{n} {o}" for o, n in sorted(outcomes.items()))
+        f"{n} {o}" for o, n in sorted(outcomes.items())) + why
     if cancelled is not None:
         return {"status": "cancelled", "outcomes": dict(outcomes),
                 "reason": f"{run_store.cancel_reason(cancelled)}; {reason}"}

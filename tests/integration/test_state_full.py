@@ -1,0 +1,101 @@
+"""A state Redis at maxmemory (noeviction) refuses writes: transitions wait, nothing is half-done.
+
+The worker's state store is a private redis-server of its own (the broker and results stay on
+the harness's), given a maxmemory of 1 byte at the worst moments: before a transition starts,
+and while libvirt is in the middle of a managed save. Writes are refused with Redis's OOM
+error; the worker retries (StateStoreFull, transient), counts it in a metric and logs it; once
+maxmemory is lifted the transition finishes, and the journal and libvirt say it happened once.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+import uuid
+
+import pytest
+
+from tests.support.journal import journal, real_state, record, saving
+from tests.support.services import RedisServer, free_port, new_workdir, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def state_redis():  # type: ignore[no-untyped-def]
+    server = RedisServer(port=free_port(), workdir=new_workdir("dormant-state-full-"))
+    server.start()
+    server.client().config_set("maxmemory-policy", "noeviction")
+    yield server
+    server.stop()
+
+
+def _full(server: RedisServer, full: bool) -> None:
+    server.client().config_set("maxmemory", 1 if full else 0)
+
+
+def _metric(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def _env(state_redis: RedisServer, port: int) -> dict[str, str]:
+    return {"DORMANT_STATE_URL": state_redis.url(2), "DORMANT_METRICS_PORT": str(port),
+            "DORMANT_LOCK_TTL": "5", "DORMANT_MAX_RETRIES": "40",
+            "DORMANT_RETRY_BACKOFF": "1", "DORMANT_RETRY_BACKOFF_MAX": "2",
+            "DORMANT_EVENTS": "false"}  # no external entries: the journal is dormant's alone
+
+
+def test_a_transition_waits_while_the_state_store_is_full_then_happens_once(
+        state_redis, guests, start_worker, client_app, host_name):  # type: ignore[no-untyped-def]
+    port = free_port()
+    worker = start_worker(pool="threads", concurrency=2, env=_env(state_redis, port))
+    guest = guests.create("idle")
+    _full(state_redis, True)
+    rid = f"full-{uuid.uuid4().hex[:8]}"
+    result = client_app.send_task("dormant.pause", args=[guest.uuid],
+                                  kwargs={"request_id": rid}, queue=f"dormant.{host_name}")
+    wait_until(lambda: _metric(port, "dormant_state_store_full_total") >= 3, timeout=60,
+               interval=0.2, message="three refused writes, each retried")
+    assert result.state == "RETRY" and "StateStoreFull" in repr(result.info)
+    assert real_state(guest.domain) == "running"  # nothing was done meanwhile
+    assert "state store full: Redis refuses writes at maxmemory" in worker.log()
+
+    _full(state_redis, False)
+    answer = result.get(timeout=60)
+    assert answer["outcome"] == "changed" and answer["attempts"] > 1
+    assert real_state(guest.domain) == "paused(user)"
+    assert [e["outcome"] for e in journal(state_redis, guest.uuid)] == ["changed"]
+    assert (record(state_redis, rid) or {})["status"] == "done"
+
+
+@pytest.mark.slow
+def test_a_save_finished_while_the_state_store_was_full_is_recorded_once_it_accepts_writes(
+        state_redis, guests, start_worker, client_app, host_name):  # type: ignore[no-untyped-def]
+    """Redis fills while libvirt writes the image: the save completes, its result cannot be
+    recorded; the retries find Redis full, then (once writes are accepted) the pending intent
+    and the guest already suspended: one 'changed' entry, saying it was running before."""
+    port = free_port()
+    start_worker(pool="threads", concurrency=2, env=_env(state_redis, port))
+    guest = guests.create("idle")
+    rid = f"full-{uuid.uuid4().hex[:8]}"
+    result = client_app.send_task("dormant.suspend", args=[guest.uuid],
+                                  kwargs={"request_id": rid}, queue=f"dormant.{host_name}")
+    wait_until(lambda: saving(guest.domain), timeout=60, interval=0.005,
+               message="the save under way")
+    _full(state_redis, True)
+    wait_until(lambda: real_state(guest.domain) == "suspended", timeout=60,
+               message="libvirt finishes the save")
+    wait_until(lambda: result.state == "RETRY", timeout=60, interval=0.1,
+               message="the unrecorded result is retried")
+    assert (record(state_redis, rid) or {}).get("status") == "pending"  # not half-recorded
+    _full(state_redis, False)
+
+    answer = result.get(timeout=120)
+    assert answer["outcome"] == "changed" and answer["state_before"] == "running"
+    assert real_state(guest.domain) == "suspended"
+    entries = [e for e in journal(state_redis, guest.uuid) if e["outcome"] != "retrying"]
+    assert [(e["outcome"], e["state_before"]) for e in entries] == [("changed", "running")]
+    assert (record(state_redis, rid) or {})["status"] == "done"
