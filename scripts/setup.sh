@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(redis-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+APT_PACKAGES=(redis-server redis-sentinel libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
               qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc)
 PY=${PYTHON:-python3}
 # Debian's own python3 needs python3-venv for `-m venv`; other Pythons (pyenv) bring it.

@@ -177,7 +177,7 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
         return  # not serving a host (e.g. a control-only worker): nothing of a host to restore
     try:
         presence, _restored = recovery.recover(
-            app, connection.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
+            app, connection.for_settings(s), host=s.host,
             queue=s.host_queue, node=str(getattr(sender, "hostname", "") or s.host),
             ttl=s.host_claim_ttl)
     except Exception as exc:  # Redis down at start: the visibility timeout still applies

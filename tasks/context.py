@@ -33,7 +33,7 @@ def context() -> Context:
             ctx = _cached.get(pid)
             if ctx is None:
                 s = settings()
-                client = connection.connect(s.state_url, tls_ca=s.tls_ca)
+                client = connection.for_settings(s)
                 ctx = Context(
                     hypervisor=shared(
                         s.libvirt_uri, timeout=s.libvirt_timeout,

@@ -33,7 +33,8 @@ from worker.fleet import registry
 from worker.fleet.registry import TTL_INTERVALS
 from worker.reclaim import run_store
 from worker.store import keys
-from worker.store.connection import connect
+from worker.store.connection import for_settings
+from worker.store.sentinel import SentinelOptions
 from worker.transition.guards import Store
 
 # Fail fast when the broker is down: a caller (or the CLI) wants "unavailable" in about a
@@ -51,6 +52,9 @@ def celery_client(settings: Settings) -> Celery:
     backend_transport = {"visibility_timeout": settings.visibility_timeout,
                          "retry_policy": {"max_retries": 2, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 0.5}}
+    sentinel = SentinelOptions.from_settings(settings)  # sentinel:// (worker/store/sentinel.py)
+    transport.update(sentinel.transport_options(settings.broker_url))
+    backend_transport.update(sentinel.transport_options(settings.result_backend))
     app = Celery("dormant-client", broker=settings.broker_url, backend=settings.result_backend,
                  set_as_current=False)
     app.conf.update(
@@ -87,7 +91,7 @@ class Client:
     def from_settings(cls, settings: Settings | None = None) -> Client:
         """A client configured from the ``DORMANT_*`` environment (or the given settings)."""
         s = settings or settings_mod.get()
-        return cls(celery_client(s), connect(s.state_url, tls_ca=s.tls_ca), s)
+        return cls(celery_client(s), for_settings(s), s)
 
     def close(self) -> None:
         self.app.close()

@@ -5,8 +5,10 @@ the kill switch...) gets its client from :func:`connect`, so every command, pipe
 script call passes through the same translation: once redis-py's own retries of a brief blip
 are used up, a connection error or a timeout becomes :class:`StateStoreUnavailable`, the
 transient (retried) branch of dormant's error tree, exactly as libvirt's errors are translated
-once in ``worker/hypervisor/errors.py``. Other Redis errors (a wrong type, a script error)
-are bugs and stay what they are.
+once in ``worker/hypervisor/errors.py``. So does READONLY: a master demoted to a replica by a
+failover, still answering a client that knew its old address, is an outage of that client
+until it asks again (``sentinel://`` URLs ask the sentinels: :mod:`worker.store.sentinel`).
+Other Redis errors (a wrong type, a script error) are bugs and stay what they are.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from redis.client import Pipeline
 from redis.retry import Retry
 
 from worker.core.errors import StateStoreUnavailable
-from worker.core.settings import redis_tls
+from worker.core.settings import Settings, redis_tls
+from worker.store.sentinel import SentinelOptions, is_sentinel, master_client
 
-OUTAGES = (redis.ConnectionError, redis.TimeoutError)
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 
 
 @contextmanager
@@ -68,19 +71,28 @@ class StateRedis(Boundary, redis.Redis):
     """``redis.Redis`` behind the boundary."""
 
 
-def connect(url: str, *, tls_ca: str = "") -> StateRedis:
+def connect(url: str, *, tls_ca: str = "",
+            sentinel: SentinelOptions | None = None) -> StateRedis:
     """A state-store client that retries brief connection blips itself, then translates.
 
     A ``rediss://`` URL verifies the server's certificate and host name (against ``tls_ca``
-    when given, else the system's CAs).
+    when given, else the system's CAs). A ``sentinel://`` URL follows the master the
+    sentinels name (``sentinel``: its name, the sentinels' password, TLS).
     """
-    return cast(StateRedis, StateRedis.from_url(
-        url,
-        **(redis_tls(url, tls_ca) or {}),
-        decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    ))
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if is_sentinel(url):
+        return master_client(url, sentinel or SentinelOptions(ca=tls_ca), StateRedis, **common)
+    return cast(StateRedis, StateRedis.from_url(url, **(redis_tls(url, tls_ca) or {}), **common))
+
+
+def for_settings(s: Settings) -> StateRedis:
+    """The state store of the given settings (``DORMANT_STATE_URL`` with its TLS and
+    Sentinel options)."""
+    return connect(s.state_url, tls_ca=s.tls_ca, sentinel=SentinelOptions.from_settings(s))
