@@ -44,6 +44,7 @@ def context() -> Context:
                     store=store_mod.Store(
                         client, lock_ttl=s.lock_ttl, result_ttl=s.result_ttl,
                         registry_ttl=s.registry_interval * TTL_INTERVALS,
+                        wait_replicas=s.state_wait_replicas, wait_timeout=s.state_wait_timeout,
                     ),
                     host=s.host,
                     lock_wait=s.lock_wait,

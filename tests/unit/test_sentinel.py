@@ -38,9 +38,13 @@ def test_settings_refuse_a_malformed_sentinel_url_naming_the_variable() -> None:
     with pytest.raises(ConfigurationError, match="DORMANT_STATE_URL"):
         settings.load({"DORMANT_STATE_URL": "sentinel://h:1/db"})
     s = settings.load({"DORMANT_STATE_URL": URL, "DORMANT_SENTINEL_MASTER": "mymaster",
-                       "DORMANT_SENTINEL_PASSWORD": "sp", "DORMANT_SENTINEL_TLS": "true"})
+                       "DORMANT_SENTINEL_PASSWORD": "sp", "DORMANT_SENTINEL_TLS": "true",
+                       "DORMANT_STATE_WAIT_REPLICAS": "1", "DORMANT_STATE_WAIT_TIMEOUT": "0.5"})
     assert SentinelOptions.from_settings(s) == SentinelOptions(master="mymaster", password="sp",
                                                                tls=True, ca="")
+    assert (s.state_wait_replicas, s.state_wait_timeout) == (1, 0.5)
+    with pytest.raises(ConfigurationError, match="DORMANT_STATE_WAIT_TIMEOUT"):
+        settings.load({"DORMANT_STATE_WAIT_TIMEOUT": "0"})  # WAIT 0 would block for ever
 
 
 def test_the_state_store_follows_the_master_the_sentinels_name() -> None:

@@ -42,6 +42,10 @@ class Settings:
     sentinel_master: str = "dormant"
     sentinel_password: str = ""
     sentinel_tls: bool = False
+    # Replicas that must acknowledge (Redis WAIT) a lock and fence taken and a result recorded
+    # before a transition goes on: such a write survives a failover. 0 = a single Redis.
+    state_wait_replicas: int = 0
+    state_wait_timeout: float = 1.0  # seconds; no acknowledgement in time = transient error
 
     # Delivery and retries. Every countdown stays far below the visibility timeout.
     visibility_timeout: int = 3600  # seconds before Redis redelivers an unacked message
@@ -224,6 +228,7 @@ RANGES: dict[str, Range] = {
     "idle_min_span_fraction": _FRACTION,
     "reclaim_hour": Range(0, 23), "reclaim_minute": Range(0, 59),
     "metrics_port": Range(0, 65535),
+    "state_wait_timeout": _POSITIVE,
 }
 _LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
 

@@ -17,6 +17,7 @@ from worker.core.errors import (
     DormantError,
     InvalidInput,
     StaleLock,
+    StateStoreUnavailable,
     TransientError,
     TransitionNotReached,
     UnknownInstance,
@@ -101,6 +102,7 @@ class _Transition:
         self.before: Observed | None = None
         self.acted = False  # a state-changing libvirt call was made
         self.refused = False  # a reused request id was refused (journaled already)
+        self.recorded = False  # the result is recorded (a replica had not acknowledged it)
 
     def fingerprint(self, uuid: str) -> Fingerprint:
         """What this request asks for; its request id is bound to it."""
@@ -135,7 +137,7 @@ class _Transition:
             self.base["started_at"] = self.ctx.clock()
             return self._locked(key)
         except Exception as exc:  # not only DormantError: a held lock must never outlive us
-            if not self.refused:
+            if not self.refused and not self.recorded:
                 self._fail(key, exc)
             raise
 
@@ -295,6 +297,14 @@ class _Transition:
                 {**result, "outcome": "stale", **_error(exc, self.base["started_at"], self.ctx)},
                 self.guest.uuid,
             )
+            raise
+        except StateStoreUnavailable as exc:
+            if "replicated" in exc.details:
+                # Recorded and unlocked, on the master alone: the retry answers from the
+                # record, or redoes the request if a failover lost it.
+                self.held, self.recorded = None, True
+                metrics.transition_retried(str(self.req.action), type(exc).__name__)
+                log.warning("%s %s: %s", self.req.action, self.guest.name, exc)
             raise
         self.held = None
         metrics.transition_finished(str(self.req.action), outcome,
