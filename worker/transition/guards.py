@@ -159,14 +159,16 @@ class Store:
 
     # -- the three steps of a transition ---------------------------------------------------
     def begin(self, request_id: str, instance: str, token: str, *, fingerprint: str = "",
-              pending: dict[str, Any] | None = None) -> Held | Done | Reused | tuple[str, int]:
+              pending: dict[str, Any] | None = None,
+              fence_floor: int = 0) -> Held | Done | Reused | tuple[str, int]:
         """Reused (the id was first used for another fingerprint), Done (already finished),
-        Held (lock taken; a new id is bound to ``fingerprint``) or ("busy", ms left)."""
+        Held (lock taken; a new id is bound to ``fingerprint``) or ("busy", ms left).
+        ``fence_floor``: the guest carries this fence; hand out a greater one."""
         record = "" if not fingerprint else json.dumps(
             {"status": "pending", **(pending or {}), "fingerprint": fingerprint}, sort_keys=True)
         reply, acked = self._replicated(lambda client: self._begin(
             keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
-            args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl],
+            args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl, fence_floor],
             client=client))
         status = reply[0]
         if status == "mismatch":
@@ -201,14 +203,15 @@ class Store:
             f"within {self.wait_timeout_ms} ms; a failover could lose it", replicated=acked)
 
     def acquire(self, request_id: str, instance: str, *, wait: float, fingerprint: str = "",
-                pending: dict[str, Any] | None = None) -> Held | Done | Reused:
+                pending: dict[str, Any] | None = None,
+                fence_floor: int = 0) -> Held | Done | Reused:
         """Like :meth:`begin`, polling a busy lock for up to ``wait`` seconds."""
         token = uuid.uuid4().hex
         deadline = time.monotonic() + wait
         pause = 0.005
         while True:
             outcome = self.begin(request_id, instance, token, fingerprint=fingerprint,
-                                 pending=pending)
+                                 pending=pending, fence_floor=fence_floor)
             if not isinstance(outcome, tuple):
                 return outcome
             remaining = deadline - time.monotonic()
