@@ -23,6 +23,7 @@ from tasks.timers import (
     expire_deadlines_in_background,
     in_background,
     refresh_registry_in_background,
+    resend_unanswered_in_background,
 )
 from worker.api import contract
 from worker.core import logs, metrics
@@ -109,8 +110,22 @@ class DeadlineStep(TimerStep):
                 (worker_app,))
 
 
+class OutboxStep(TimerStep):
+    """On workers that consume ``dormant.control``: every third of ``DORMANT_RESEND_AFTER``,
+    send again what a worker sent and nobody answered (worker/fleet/outbox.py)."""
+
+    def every(self, parent: Any) -> TimerPlan | None:
+        queues = parent.app.amqp.queues
+        consumed = queues.consume_from if queues.consume_from is not None else queues
+        if settings_mod.CONTROL_QUEUE not in consumed:
+            return None
+        return (max(1.0, settings_mod.get().resend_after / 3),
+                resend_unanswered_in_background, (parent.app,))
+
+
 app.steps["worker"].add(RegistryStep)
 app.steps["worker"].add(DeadlineStep)
+app.steps["worker"].add(OutboxStep)
 
 
 class EventsStep(bootsteps.StartStopStep):

@@ -56,6 +56,7 @@ class ScriptedClient:
     recorded_entries: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     sent: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
     waits: list[float | None] = field(default_factory=list)
+    _outgoing: dict[str, Any] = field(default_factory=dict)  # the real wait's: nothing resent
 
     def __enter__(self) -> ScriptedClient:
         return self
@@ -363,9 +364,9 @@ class RecordingApp:
     sent: list[dict[str, Any]] = field(default_factory=list)
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
-                  queue: str | None = None) -> str:
+                  queue: str | None = None, task_id: str | None = None) -> FakeResult:
         self.sent.append({"name": name, "args": args, "kwargs": kwargs, "queue": queue})
-        return f"task-{len(self.sent)}"
+        return FakeResult(id=task_id or f"task-{len(self.sent)}", outcome=None)
 
     def close(self) -> None:
         pass
@@ -385,13 +386,14 @@ def test_client_sends_to_the_host_serving_the_instance(routed) -> None:  # type:
     client, app, domain = routed
     client.pause(domain.name(), request_id="r-1", max_seconds=30)
     client.suspend(domain.UUIDString().upper())
-    client.ensure(domain.name(), "running")
+    ensured = client.ensure(domain.name(), "running")
     assert [(s["name"], s["queue"]) for s in app.sent] == [
         ("dormant.pause", "dormant.h1"), ("dormant.suspend", "dormant.h1"),
         ("dormant.ensure", "dormant.h1")]
     assert app.sent[0]["kwargs"] == {"request_id": "r-1", "max_seconds": 30.0}
     assert app.sent[1]["args"] == [domain.UUIDString()]
-    assert app.sent[2]["kwargs"] == {"target": "running", "request_id": None}
+    # No request id given: the first task's id, so that a copy sent again is the same request.
+    assert app.sent[2]["kwargs"] == {"target": "running", "request_id": ensured.id}
 
 
 def test_client_falls_back_to_the_control_queue(routed) -> None:  # type: ignore[no-untyped-def]

@@ -9,6 +9,7 @@ to ``dormant.control``, whose worker forwards it (or answers that it is unknown)
 from __future__ import annotations
 
 import json
+import uuid as uuidlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from worker.api import contract
+from worker.api import contract, resend
 from worker.core import settings as settings_mod
 from worker.core import validation
 from worker.core.errors import (
@@ -86,6 +87,8 @@ class Client:
         self.app = app
         self.state = state
         self.settings = settings
+        # What was sent, by task id, so that wait() can send it again (worker/api/resend.py).
+        self._outgoing: dict[str, resend.Outgoing] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Client:
@@ -143,8 +146,30 @@ class Client:
     def _send(self, name: str, instance: str, kwargs: Mapping[str, Any],
               queue: str | None = None) -> AsyncResult:
         instance = validation.instance(instance)
-        return self.app.send_task(name, args=[instance], kwargs=dict(kwargs),
-                                  queue=queue or self.queue_for(instance))
+        kwargs = dict(kwargs)
+        task_id = str(uuidlib.uuid4())
+        if "request_id" in kwargs and not kwargs["request_id"]:
+            # A copy sent again must be the same request: name it after the first task, as
+            # the worker would have (a request without an id takes its task's).
+            kwargs["request_id"] = task_id
+        return self.send(name, args=[instance], kwargs=kwargs,
+                         queue=queue or self.queue_for(instance), task_id=task_id)
+
+    def send(self, name: str, *, args: Sequence[Any] | None = None,
+             kwargs: Mapping[str, Any] | None = None, queue: str,
+             task_id: str | None = None) -> AsyncResult:
+        """Send a task by name and keep it, so that :meth:`wait` sends it again (same
+        arguments, so the same request or run id) while it goes unanswered."""
+        listed = list(args) if args is not None else None
+        named = dict(kwargs) if kwargs is not None else None
+
+        def copy() -> AsyncResult:
+            return self.app.send_task(name, args=listed, kwargs=named, queue=queue)
+
+        first = self.app.send_task(name, args=listed, kwargs=named, queue=queue,
+                                   task_id=task_id)
+        self._outgoing[first.id] = resend.Outgoing(send=copy, copies=[first])
+        return first
 
     # -- the task contract ----------------------------------------------------------------------
     def pause(self, instance: str, request_id: str | None = None,
@@ -177,7 +202,7 @@ class Client:
         worker takes it from the control queue)."""
         if instance is None:
             queue = queue_for_host(host) if host else CONTROL_QUEUE
-            return self.app.send_task(contract.STATUS.name, args=[], queue=queue)
+            return self.send(contract.STATUS.name, args=[], queue=queue)
         return self._send(contract.STATUS.name, instance, {},
                           queue=queue_for_host(host) if host else None)
 
@@ -188,11 +213,11 @@ class Client:
     # -- reclamation ------------------------------------------------------------------------------
     def sample(self, host: str) -> AsyncResult:
         """One activity sample of every guest of a live ``host``."""
-        return self.app.send_task(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)))
+        return self.send(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)))
 
     def reclaim(self, host: str, *, run_id: str, dry_run: bool = False) -> AsyncResult:
         """A reclamation run of a live ``host`` now."""
-        return self.app.send_task(
+        return self.send(
             contract.RECLAIM.name, queue=queue_for_host(self.live_host(host)),
             kwargs={"run_id": run_store.run_id(run_id), "dry_run": bool(dry_run)})
 
@@ -205,13 +230,12 @@ class Client:
         if instances:
             kwargs["instances"] = [self.published(validation.instance(i), host=host)
                                    for i in instances]
-        return self.app.send_task(contract.DRAIN.name, queue=queue_for_host(host),
-                                  kwargs=kwargs)
+        return self.send(contract.DRAIN.name, queue=queue_for_host(host), kwargs=kwargs)
 
     def restore(self, run_id: str, *, restore_id: str) -> AsyncResult:
         """Resume what run ``run_id`` suspended, on the host that ran it."""
         source = self.report(run_id)
-        return self.app.send_task(
+        return self.send(
             contract.RESTORE.name, queue=queue_for_host(source["host"]),
             kwargs={"run_id": source["run_id"], "restore_id": run_store.run_id(restore_id)})
 
@@ -227,7 +251,16 @@ class Client:
     # -- reading results --------------------------------------------------------------------------
     def wait(self, result: AsyncResult, timeout: float | None = 60.0, what: str = "") -> Any:
         """The task's JSON result; raises the task's error (dormant's own class, or
-        TaskFailed for any other), or WorkerTimeout."""
+        TaskFailed for any other), or WorkerTimeout.
+
+        A task this client sent is sent again while it goes unanswered (same request id,
+        ``DORMANT_RESEND_AFTER``; worker/api/resend.py): the answer of any copy counts.
+        """
+        outgoing = self._outgoing.pop(result.id, None)
+        if outgoing is not None:
+            result = resend.wait(outgoing, timeout, resend_after=self.settings.resend_after,
+                                 what=what or result.id)
+            timeout = 5.0  # it has answered: reading the answer is all that is left
         try:
             return result.get(timeout=timeout, propagate=True, interval=0.05)
         except CeleryTimeout:

@@ -46,6 +46,10 @@ class Settings:
     # before a transition goes on: such a write survives a failover. 0 = a single Redis.
     state_wait_replicas: int = 0
     state_wait_timeout: float = 1.0  # seconds; no acknowledgement in time = transient error
+    # Seconds dormant's own senders (CLI, Client.wait, run items, forwarding, auto-unpauses)
+    # wait for an answer before sending the same request again (same request id), doubling
+    # up to ten times this: a message lost in a failover costs a delay, not the request.
+    resend_after: float = 30.0
 
     # Delivery and retries. Every countdown stays far below the visibility timeout.
     visibility_timeout: int = 3600  # seconds before Redis redelivers an unacked message
@@ -228,7 +232,7 @@ RANGES: dict[str, Range] = {
     "idle_min_span_fraction": _FRACTION,
     "reclaim_hour": Range(0, 23), "reclaim_minute": Range(0, 59),
     "metrics_port": Range(0, 65535),
-    "state_wait_timeout": _POSITIVE,
+    "state_wait_timeout": _POSITIVE, "resend_after": _POSITIVE,
 }
 _LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
 
