@@ -7,6 +7,7 @@ idempotent; serialisation is JSON only.
 from kombu import Exchange, Queue
 
 from worker.core import settings as _settings
+from worker.store.sentinel import SentinelOptions
 
 _s = _settings.get()
 
@@ -71,3 +72,9 @@ task_create_missing_queues = True
 
 timezone = _s.reclaim_timezone
 enable_utc = True
+
+# sentinel:// URLs (worker/store/sentinel.py): the master's name and how to reach the sentinels,
+# which Celery and kombu take as transport options rather than from the URL.
+_sentinel = SentinelOptions.from_settings(_s)
+broker_transport_options.update(_sentinel.transport_options(_s.broker_url))
+result_backend_transport_options.update(_sentinel.transport_options(_s.result_backend))

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 # the interpreter's own headers (below). procps: the test harness's pgrep. ca-certificates: pip
 # reaches PyPI over TLS. Named even where a dependency brings them (a bare debian:bookworm-slim
 # has none of these; tests/fresh/check.sh proves the list there).
-APT_PACKAGES=(redis-server libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+APT_PACKAGES=(redis-server redis-sentinel libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
               qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc libc6-dev procps
               ca-certificates)
 PY=${PYTHON:-python3}

@@ -23,6 +23,7 @@ from tasks.timers import (
     expire_deadlines_in_background,
     in_background,
     refresh_registry_in_background,
+    resend_unanswered_in_background,
 )
 from worker.api import contract
 from worker.core import logs, metrics
@@ -109,8 +110,22 @@ class DeadlineStep(TimerStep):
                 (worker_app,))
 
 
+class OutboxStep(TimerStep):
+    """On workers that consume ``dormant.control``: every third of ``DORMANT_RESEND_AFTER``,
+    send again what a worker sent and nobody answered (worker/fleet/outbox.py)."""
+
+    def every(self, parent: Any) -> TimerPlan | None:
+        queues = parent.app.amqp.queues
+        consumed = queues.consume_from if queues.consume_from is not None else queues
+        if settings_mod.CONTROL_QUEUE not in consumed:
+            return None
+        return (max(1.0, settings_mod.get().resend_after / 3),
+                resend_unanswered_in_background, (parent.app,))
+
+
 app.steps["worker"].add(RegistryStep)
 app.steps["worker"].add(DeadlineStep)
+app.steps["worker"].add(OutboxStep)
 
 
 class EventsStep(bootsteps.StartStopStep):
@@ -177,7 +192,7 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
         return  # not serving a host (e.g. a control-only worker): nothing of a host to restore
     try:
         presence, _restored = recovery.recover(
-            app, connection.connect(s.state_url, tls_ca=s.tls_ca), host=s.host,
+            app, connection.for_settings(s), host=s.host,
             queue=s.host_queue, node=str(getattr(sender, "hostname", "") or s.host),
             ttl=s.host_claim_ttl)
     except Exception as exc:  # Redis down at start: the visibility timeout still applies

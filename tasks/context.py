@@ -44,7 +44,7 @@ def context() -> Context:
             ctx = _cached.get(pid)
             if ctx is None:
                 s = settings()
-                client = connection.connect(s.state_url, tls_ca=s.tls_ca)
+                client = connection.for_settings(s)
                 hypervisor = shared(
                     s.libvirt_uri, timeout=s.libvirt_timeout,
                     save_timeout=s.libvirt_save_timeout,
@@ -56,6 +56,7 @@ def context() -> Context:
                     store=store_mod.Store(
                         client, lock_ttl=s.lock_ttl, result_ttl=s.result_ttl,
                         registry_ttl=s.registry_interval * TTL_INTERVALS,
+                        wait_replicas=s.state_wait_replicas, wait_timeout=s.state_wait_timeout,
                     ),
                     host=s.host,
                     room=room(client, hypervisor, s),

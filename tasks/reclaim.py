@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
+import uuid
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -27,10 +28,11 @@ from celery import Task
 from tasks.base import DormantTask
 from tasks.celery_app import app
 from tasks.context import context, settings
+from tasks.timers import send_kept
 from tasks.transitions import TransitionTask
 from worker.api import contract
 from worker.core.settings import Settings, queue_for_host
-from worker.fleet import registry
+from worker.fleet import outbox, registry
 from worker.fleet.registry import TTL_INTERVALS
 from worker.reclaim import run_store, ticks
 from worker.reclaim.actions import Reclaimer
@@ -38,11 +40,14 @@ from worker.transition.table import Action
 
 
 def reclaimer() -> Reclaimer:
-    """This process's reclaimer; its queued actions go to this host's queue."""
+    """This process's reclaimer; its queued actions go to this host's queue, kept in the
+    outbox until their run entry is finished (sent again if a failover loses them)."""
     s = settings()
 
     def send_item(rid: str, instance: str) -> None:
-        run_item.apply_async(args=(rid, instance), queue=s.host_queue)
+        send_kept(app, outbox.Entry(task_id=str(uuid.uuid4()), task=contract.RUN_ITEM.name,
+                                    args=[rid, instance], queue=s.host_queue,
+                                    instance=instance, run=rid))
 
     return Reclaimer(context(), s, send_item)
 

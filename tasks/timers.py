@@ -1,5 +1,6 @@
-"""Work a worker does on its own timer, not as tasks: publishing this host's instances, and
-acting on due auto-unpause deadlines.
+"""Work a worker does on its own timer, not as tasks: publishing this host's instances,
+acting on due auto-unpause deadlines, and sending again what the workers sent and nobody
+answered (worker/fleet/outbox.py).
 
 Neither needs beat nor shows up in Flower as a task every few seconds. The deadlines are a
 durable sorted set in the state Redis, so a deadline set by a worker that died is acted on by
@@ -11,17 +12,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 
 from tasks.context import context, settings
-from worker.api import contract
+from worker.api import contract, resend
 from worker.core import metrics
 from worker.core.settings import queue_for_host
 from worker.core.validation import MAX_REQUEST_ID
-from worker.fleet import registry
+from worker.fleet import outbox, registry
 
 log = logging.getLogger("dormant.timers")
 
@@ -97,10 +99,59 @@ def expire_deadlines(app: Celery, now: float | None = None) -> int:
                 log.error("deadline for %s: no host serves it any more", due["instance"])
                 continue
             request_id = f"deadline:{due.get('request_id', '')}"[:MAX_REQUEST_ID]
-            app.send_task(contract.UNPAUSE.name, args=[due["instance"]],
-                          kwargs={"request_id": request_id}, queue=queue_for_host(host))
+            send_kept(app, outbox.Entry(
+                task_id=str(uuid.uuid4()), task=contract.UNPAUSE.name, args=[due["instance"]],
+                kwargs={"request_id": request_id}, queue=queue_for_host(host),
+                instance=due["instance"], request_id=request_id))
             log.info("auto-unpause of %s sent to %s (%s)", due["instance"], host, request_id)
             sent += 1
     except Exception as exc:  # the next tick tries again; a claimed one was already sent
         log.warning("deadline check failed: %s", exc)
+    return sent
+
+
+def send_kept(app: Celery, entry: outbox.Entry) -> None:
+    """Send a task that must be answered, kept in the outbox first (so that a message the
+    broker loses, or a send that fails here, is sent again by :func:`resend_unanswered`)."""
+    ctx = context()
+    outbox.keep(ctx.store.redis, entry, check_at=time.time() + settings().resend_after)
+    app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, queue=entry.queue,
+                  task_id=entry.task_id)
+
+
+_resending = threading.Lock()
+
+
+def resend_unanswered_in_background(app: Celery) -> None:
+    """Check the outbox on a thread of its own (:func:`in_background`)."""
+    in_background(_resending, "dormant-outbox", lambda: resend_unanswered(app))
+
+
+def resend_unanswered(app: Celery, now: float | None = None) -> int:
+    """Send again each due outbox message that nobody answered and nothing is working on
+    (worker/fleet/outbox.py); never raise. Returns how many were sent again."""
+    client = context().store.redis
+    first = settings().resend_after
+    now = time.time() if now is None else now
+    sent = 0
+    try:
+        for entry in outbox.due(client, now):
+            if outbox.answered(client, entry):
+                outbox.drop(client, entry)
+            elif outbox.under_way(client, entry):
+                outbox.again(client, entry, check_at=now + resend.delay(first, entry.sends))
+            elif entry.sends >= outbox.MAX_SENDS:
+                log.error("%s[%s] for %s: unanswered after %d copies; given up", entry.task,
+                          entry.task_id, entry.instance or entry.queue, entry.sends)
+                outbox.drop(client, entry)
+            else:
+                entry.sends += 1
+                outbox.again(client, entry, check_at=now + resend.delay(first, entry.sends))
+                app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs,
+                              queue=entry.queue, task_id=entry.task_id)
+                log.warning("%s[%s] for %s: no answer, sent again (copy %d)", entry.task,
+                            entry.task_id, entry.instance or entry.queue, entry.sends)
+                sent += 1
+    except Exception as exc:  # the next tick tries again; a claimed entry comes due again
+        log.warning("outbox check failed: %s", exc)
     return sent

@@ -6,16 +6,17 @@ concerns live in :class:`TransitionTask`; each body is one call into ``worker.tr
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tasks.base import DormantTask
 from tasks.celery_app import app
-from tasks.context import context
+from tasks.context import context, settings
 from worker.api import contract
 from worker.core import validation
 from worker.core.errors import PermanentError
 from worker.core.settings import CONTROL_QUEUE, queue_for_host
-from worker.fleet import registry
+from worker.fleet import outbox, registry
 from worker.transition.context import Request
 from worker.transition.runner import run
 from worker.transition.table import Action
@@ -46,12 +47,26 @@ class TransitionTask(DormantTask):
             validation.instance(instance)
         except PermanentError:
             return  # the runner rejects and journals it
-        _uuid, host = registry.resolve(context().store.redis, instance)
+        uuid, host = registry.resolve(context().store.redis, instance)
         if host and host != context().host:
+            self.keep_until_answered(uuid or instance, queue_for_host(host))
             raise self.replace(
                 self.signature(tuple(self.request.args or ()), dict(self.request.kwargs or {}),
                                queue=queue_for_host(host), immutable=True)
             )
+
+    def keep_until_answered(self, instance: str, queue: str) -> None:
+        """The forwarded message keeps this task's id; it goes into the outbox, sent again
+        while its request is not recorded (worker/fleet/outbox.py)."""
+        kwargs = dict(self.request.kwargs or {})
+        try:
+            request_id = validation.request_id(kwargs.get("request_id")) or self.request.id
+        except PermanentError:
+            return  # refused by the runner, never recorded: nothing to wait for
+        outbox.keep(context().store.redis, outbox.Entry(
+            task_id=self.request.id or "", task=self.name or "", queue=queue,
+            args=list(self.request.args or ()), kwargs=kwargs, instance=instance,
+            request_id=request_id or ""), check_at=time.time() + settings().resend_after)
 
 
 @app.task(base=TransitionTask, shared=False, bind=True, name=contract.PAUSE.name)

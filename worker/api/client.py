@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid as uuidlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -18,7 +19,8 @@ from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from celery.result import AsyncResult
 
-from worker.api import contract
+from worker.api import contract, resend
+from worker.api.routing import Routing
 from worker.core import settings as settings_mod
 from worker.core import validation
 from worker.core.errors import (
@@ -33,10 +35,10 @@ from worker.core.errors import (
 from worker.core.settings import CONTROL_QUEUE, Settings, celery_tls, queue_for_host
 from worker.core.validation import quote
 from worker.fleet import registry
-from worker.fleet.registry import TTL_INTERVALS
 from worker.reclaim import run_store
 from worker.store import keys
-from worker.store.connection import connect
+from worker.store.connection import for_settings
+from worker.store.sentinel import SentinelOptions
 from worker.transition.guards import Store
 
 # Fail fast when the broker is down: a caller (or the CLI) wants "unavailable" in about a
@@ -49,10 +51,6 @@ SOCKET_TIMEOUT = 5.0  # seconds for any one broker/backend socket operation
 # what it waits for.
 WORKER_CHECK_EVERY = 2.0
 WAIT_NOTICE_AFTER = 3.0
-# A worker without a presence entry (worker/recovery.py; e.g. Redis was down as it started) is
-# still found by a broadcast asking which workers consume the queue; replies are awaited this
-# long, only when presence finds none.
-INSPECT_TIMEOUT = 1.0
 CLOSED = frozenset({"done", "disabled", "dry_run", "cancelled"})  # a run's final statuses
 
 
@@ -64,6 +62,9 @@ def celery_client(settings: Settings) -> Celery:
     backend_transport = {"visibility_timeout": settings.visibility_timeout,
                          "retry_policy": {"max_retries": 2, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 0.5}}
+    sentinel = SentinelOptions.from_settings(settings)  # sentinel:// (worker/store/sentinel.py)
+    transport.update(sentinel.transport_options(settings.broker_url))
+    backend_transport.update(sentinel.transport_options(settings.result_backend))
     app = Celery("dormant-client", broker=settings.broker_url, backend=settings.result_backend,
                  set_as_current=False)
     app.conf.update(
@@ -88,19 +89,21 @@ def celery_client(settings: Settings) -> Celery:
     return app
 
 
-class Client:
+class Client(Routing):
     """Send dormant's tasks to the right queue and wait for their JSON results."""
 
     def __init__(self, app: Celery, state: redis.Redis, settings: Settings) -> None:
         self.app = app
         self.state = state
         self.settings = settings
+        # What was sent, by task id, so that wait() can send it again (worker/api/resend.py).
+        self._outgoing: dict[str, resend.Outgoing] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> Client:
         """A client configured from the ``DORMANT_*`` environment (or the given settings)."""
         s = settings or settings_mod.get()
-        return cls(celery_client(s), connect(s.state_url, tls_ca=s.tls_ca), s)
+        return cls(celery_client(s), for_settings(s), s)
 
     def close(self) -> None:
         self.app.close()
@@ -112,99 +115,34 @@ class Client:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    # -- routing ------------------------------------------------------------------------------
-    def locate(self, instance: str) -> tuple[str | None, str | None]:
-        """(uuid, host) from the registry; Nones when no worker has published the instance."""
-        return registry.resolve(self.state, validation.instance(instance))
-
-    def queue_for(self, instance: str) -> str:
-        """The host queue serving ``instance``, or the control queue when it is unknown."""
-        _uuid, host = self.locate(instance)
-        return queue_for_host(host) if host else CONTROL_QUEUE
-
-    def hosts(self) -> list[str]:
-        """Hosts whose workers published to the registry within its lifetime."""
-        max_age = self.settings.registry_interval * TTL_INTERVALS
-        return sorted(registry.hosts(self.state, max_age=max_age))
-
-    def workers_of(self, hosts: Sequence[str]) -> dict[str, list[str]]:
-        """The live workers (node names) serving each host: their presence entries in Redis
-        (worker/recovery.py), else what one broadcast finds consuming the host's queue."""
-        hosts = list(hosts)
-        now = time.time()
-        with self.state.pipeline(transaction=False) as pipe:
-            for host in hosts:
-                pipe.zrangebyscore(keys.host_workers(host), now, "+inf")
-            found = {h: sorted(nodes) for h, nodes in zip(hosts, pipe.execute(), strict=True)}
-        missing = [h for h in hosts if not found[h]]
-        if missing:
-            consumers = self._consumers()
-            for host in missing:
-                found[host] = consumers.get(queue_for_host(host), [])
-        return found
-
-    def serving(self, host: str | None) -> list[str]:
-        """Live workers serving ``host``; for None, those consuming ``dormant.control``."""
-        if host is not None:
-            return self.workers_of([host])[host]
-        nodes = sorted({n for ns in self.workers_of(self.hosts()).values() for n in ns})
-        return nodes or self._consumers().get(CONTROL_QUEUE, [])
-
-    def _consumers(self) -> dict[str, list[str]]:
-        """queue -> nodes consuming it, from the workers that answer one broadcast."""
-        replies = self.app.control.inspect(timeout=INSPECT_TIMEOUT).active_queues() or {}
-        queues: dict[str, list[str]] = {}
-        for node, consumed in replies.items():
-            for queue in consumed or []:
-                queues.setdefault(str(queue.get("name")), []).append(node)
-        return {q: sorted(nodes) for q, nodes in queues.items()}
-
-    def live_hosts(self) -> list[str]:
-        """Hosts in the registry that a live worker serves now."""
-        return [h for h, nodes in self.workers_of(self.hosts()).items() if nodes]
-
-    def live_host(self, host: str) -> str:
-        """``host`` when a live worker serves it. A host no worker ever published is
-        InvalidInput (a typo: nothing is queued); a known host whose worker is gone is
-        NoWorker; both name the live hosts."""
-        if host in registry.hosts(self.state) and self.serving(host):
-            return host
-        live = self.live_hosts()
-        names = ", ".join(live) if live else "none (is any worker running?)"
-        if host in registry.hosts(self.state):
-            raise NoWorker(f"no live worker serves host {quote(host)}; live hosts: {names}")
-        raise InvalidInput(f"unknown host {quote(host)}: no live worker serves it; "
-                           f"live hosts: {names}")
-
-    def require_worker(self, instance: str) -> str | None:
-        """The host whose worker will answer for ``instance`` (None: the control queue's);
-        NoWorker at once when no live worker would take the task."""
-        _uuid, host = self.locate(instance)
-        if self.serving(host):
-            return host
-        live = self.live_hosts()
-        names = ", ".join(live) if live else "none (is any worker running?)"
-        where = f"host {quote(host)} (which serves {quote(instance)})" if host else \
-            f"{CONTROL_QUEUE} (no worker has published {quote(instance)})"
-        raise NoWorker(f"no live worker serves {where}; live hosts: {names}")
-
-    def published(self, instance: str, *, host: str | None = None) -> str:
-        """The UUID of an instance some worker (of ``host``) has published, or
-        UnknownInstance."""
-        uuid, where = self.locate(instance)
-        if uuid is None or where is None:
-            raise UnknownInstance(f"unknown instance {quote(instance)}: no worker has "
-                                  "published it")
-        if host is not None and where != host:
-            raise UnknownInstance(f"instance {quote(instance)} is on host {where}, "
-                                  f"not {host}")
-        return uuid
-
     def _send(self, name: str, instance: str, kwargs: Mapping[str, Any],
               queue: str | None = None) -> AsyncResult:
         instance = validation.instance(instance)
-        return self.app.send_task(name, args=[instance], kwargs=dict(kwargs),
-                                  queue=queue or self.queue_for(instance))
+        kwargs = dict(kwargs)
+        task_id = str(uuidlib.uuid4())
+        if "request_id" in kwargs and not kwargs["request_id"]:
+            # A copy sent again must be the same request: name it after the first task, as
+            # the worker would have (a request without an id takes its task's).
+            kwargs["request_id"] = task_id
+        return self.send(name, args=[instance], kwargs=kwargs,
+                         queue=queue or self.queue_for(instance), task_id=task_id)
+
+    def send(self, name: str, *, args: Sequence[Any] | None = None,
+             kwargs: Mapping[str, Any] | None = None, queue: str,
+             task_id: str | None = None, **options: Any) -> AsyncResult:
+        """Send a task by name and keep it, so that :meth:`wait` sends it again (same
+        arguments, so the same request or run id) while it goes unanswered. ``options``
+        (``expires``...) go with every copy."""
+        listed = list(args) if args is not None else None
+        named = dict(kwargs) if kwargs is not None else None
+
+        def copy() -> AsyncResult:
+            return self.app.send_task(name, args=listed, kwargs=named, queue=queue, **options)
+
+        first = self.app.send_task(name, args=listed, kwargs=named, queue=queue,
+                                   task_id=task_id, **options)
+        self._outgoing[first.id] = resend.Outgoing(send=copy, copies=[first])
+        return first
 
     # -- the task contract ----------------------------------------------------------------------
     def pause(self, instance: str, request_id: str | None = None,
@@ -237,7 +175,7 @@ class Client:
         worker takes it from the control queue)."""
         if instance is None:
             queue = queue_for_host(host) if host else CONTROL_QUEUE
-            return self.app.send_task(contract.STATUS.name, args=[], queue=queue)
+            return self.send(contract.STATUS.name, args=[], queue=queue)
         return self._send(contract.STATUS.name, instance, {},
                           queue=queue_for_host(host) if host else None)
 
@@ -249,13 +187,13 @@ class Client:
     def sample(self, host: str, *, expires: float | None = None) -> AsyncResult:
         """One activity sample of every guest of a live ``host``; not taken at all if no
         worker has started it within ``expires`` seconds (a late sample is of no use)."""
-        return self.app.send_task(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)),
-                                  expires=expires)
+        return self.send(contract.SAMPLE.name, queue=queue_for_host(self.live_host(host)),
+                         expires=expires)
 
     def reclaim(self, host: str, *, run_id: str, dry_run: bool = False) -> AsyncResult:
         """A reclamation run of a live ``host`` now."""
         rid = run_store.run_id(run_id)
-        result = self.app.send_task(
+        result = self.send(
             contract.RECLAIM.name, queue=queue_for_host(self.live_host(host)),
             kwargs={"run_id": rid, "dry_run": bool(dry_run)})
         return self._queued(result, rid, "reclaim", host)
@@ -275,8 +213,7 @@ class Client:
         if instances:
             kwargs["instances"] = [self.published(validation.instance(i), host=host)
                                    for i in instances]
-        result = self.app.send_task(contract.DRAIN.name, queue=queue_for_host(host),
-                                    kwargs=kwargs)
+        result = self.send(contract.DRAIN.name, queue=queue_for_host(host), kwargs=kwargs)
         return self._queued(result, kwargs["run_id"], "drain", host)
 
     def restore(self, run_id: str, *, restore_id: str) -> AsyncResult:
@@ -285,7 +222,7 @@ class Client:
         source = self.report(run_id)
         rid = run_store.run_id(restore_id)
         host = self.live_host(source["host"])
-        result = self.app.send_task(
+        result = self.send(
             contract.RESTORE.name, queue=queue_for_host(host),
             kwargs={"run_id": source["run_id"], "restore_id": rid})
         return self._queued(result, rid, "restore", host)
@@ -330,6 +267,30 @@ class Client:
         return found
 
     # -- reading results --------------------------------------------------------------------------
+    def _watcher(self, result: AsyncResult, host: str | None, what: str,
+                 timeout: float | None, notice: Callable[[str], None] | None
+                 ) -> Callable[[float], None]:
+        """What :meth:`wait` with ``watch`` does while copies are out: every
+        WORKER_CHECK_EVERY seconds, NoWorker once no live worker serves ``host``; once, after
+        WAIT_NOTICE_AFTER seconds, a note of what it waits for."""
+        where = f"host {host}" if host else CONTROL_QUEUE
+        checked = [0.0]
+        noticed = [False]
+
+        def poll(elapsed: float) -> None:
+            if elapsed - checked[0] >= WORKER_CHECK_EVERY:
+                checked[0] = elapsed
+                if not self.serving(host):
+                    raise NoWorker(f"no live worker serves {where} any more: "
+                                   f"{what or result.id} is not done (task {result.id} stays "
+                                   "queued and runs when a worker comes back)")
+            if notice is not None and not noticed[0] and elapsed >= WAIT_NOTICE_AFTER:
+                noticed[0] = True
+                limit = f"; at most {timeout:g}s" if timeout is not None else ""
+                notice(f"waiting for {what or result.id} (task {result.id}, {where}{limit})")
+
+        return poll
+
     def wait(self, result: AsyncResult, timeout: float | None = 60.0, what: str = "", *,
              watch: bool = False, host: str | None = None,
              notice: Callable[[str], None] | None = None) -> Any:
@@ -338,7 +299,19 @@ class Client:
 
         With ``watch``, the wait checks every WORKER_CHECK_EVERY seconds that a live worker
         still serves ``host`` (None: the control queue) and raises NoWorker as soon as none
-        does; after WAIT_NOTICE_AFTER seconds it tells ``notice`` what it waits for."""
+        does; after WAIT_NOTICE_AFTER seconds it tells ``notice`` what it waits for.
+
+        A task this client sent is sent again while it goes unanswered (same request id,
+        ``DORMANT_RESEND_AFTER``; worker/api/resend.py): the answer of any copy counts.
+        """
+        outgoing = self._outgoing.pop(result.id, None)
+        if outgoing is not None:
+            result = resend.wait(outgoing, timeout, resend_after=self.settings.resend_after,
+                                 what=what or result.id,
+                                 on_poll=self._watcher(result, host, what, timeout, notice)
+                                 if watch else None)
+            timeout = 5.0  # it has answered: reading the answer is all that is left
+            watch = False
         if not watch or timeout is None:
             try:
                 return _get_result(result, timeout)

@@ -17,6 +17,7 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from worker.core.errors import ConfigurationError
+from worker.store import sentinel
 
 PREFIX = "DORMANT_"
 
@@ -35,6 +36,20 @@ class Settings:
     # PEM bundle of the CA that signs the Redis server certificate, for rediss:// URLs
     # (certificates are always verified; empty = the system's CAs).
     tls_ca: str = ""
+
+    # Redis behind Sentinel (sentinel:// URLs, worker/store/sentinel.py): the name the
+    # sentinels monitor, their own password ("" = none) and TLS to them and to the master.
+    sentinel_master: str = "dormant"
+    sentinel_password: str = ""
+    sentinel_tls: bool = False
+    # Replicas that must acknowledge (Redis WAIT) a lock and fence taken and a result recorded
+    # before a transition goes on: such a write survives a failover. 0 = a single Redis.
+    state_wait_replicas: int = 0
+    state_wait_timeout: float = 1.0  # seconds; no acknowledgement in time = transient error
+    # Seconds dormant's own senders (CLI, Client.wait, run items, forwarding, auto-unpauses)
+    # wait for an answer before sending the same request again (same request id), doubling
+    # up to ten times this: a message lost in a failover costs a delay, not the request.
+    resend_after: float = 30.0
 
     # Delivery and retries. Every countdown stays far below the visibility timeout.
     visibility_timeout: int = 3600  # seconds before Redis redelivers an unacked message
@@ -123,12 +138,14 @@ class Settings:
 CONTROL_QUEUE = "dormant.control"
 
 
-def redis_tls(url: str, ca: str = "") -> dict[str, object] | None:
-    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for a ``rediss://`` URL.
+def redis_tls(url: str, ca: str = "", *, sentinel_tls: bool = False) -> dict[str, object] | None:
+    """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` for a ``rediss://`` URL (or a
+    ``sentinel://`` one with ``DORMANT_SENTINEL_TLS``: then for the master's connections).
 
     Without them Celery's broker connects to rediss:// without checking the certificate.
     """
-    if not url.startswith("rediss://"):
+    sentinel = url.startswith("sentinel://") and sentinel_tls
+    if not url.startswith("rediss://") and not sentinel:
         return None
     options: dict[str, object] = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_check_hostname": True}
     if ca:
@@ -139,8 +156,9 @@ def redis_tls(url: str, ca: str = "") -> dict[str, object] | None:
 def celery_tls(s: Settings) -> dict[str, dict[str, object]]:
     """Celery's ``broker_use_ssl`` / ``redis_backend_use_ssl`` entries for the ``rediss://``
     URLs among the broker and the result backend (the worker's and the client's alike)."""
-    entries = {"broker_use_ssl": redis_tls(s.broker_url, s.tls_ca),
-               "redis_backend_use_ssl": redis_tls(s.result_backend, s.tls_ca)}
+    entries = {"broker_use_ssl": redis_tls(s.broker_url, s.tls_ca, sentinel_tls=s.sentinel_tls),
+               "redis_backend_use_ssl": redis_tls(s.result_backend, s.tls_ca,
+                                                  sentinel_tls=s.sentinel_tls)}
     return {name: options for name, options in entries.items() if options is not None}
 
 
@@ -226,6 +244,7 @@ RANGES: dict[str, Range] = {
     "save_reserve_fraction": Range(0.0, 0.9), "memory_reserve_fraction": Range(0.0, 0.9),
     "reclaim_hour": Range(0, 23), "reclaim_minute": Range(0, 59),
     "metrics_port": Range(0, 65535),
+    "state_wait_timeout": _POSITIVE, "resend_after": _POSITIVE,
 }
 _LOG_LEVELS = {"CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"}
 
@@ -249,6 +268,13 @@ def _check(s: Settings) -> None:
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigurationError(f"{_variable('reclaim_timezone')}={s.reclaim_timezone!r} is "
                                  "not a known time zone (e.g. UTC, Europe/Paris)") from None
+    for name in ("broker_url", "result_backend", "state_url"):
+        url = getattr(s, name)
+        if url.startswith("sentinel://"):
+            try:
+                sentinel.parse(url)
+            except ConfigurationError as exc:
+                raise ConfigurationError(f"{_variable(name)}: {exc}") from None
     if s.log_level.upper() not in _LOG_LEVELS:
         raise ConfigurationError(f"{_variable('log_level')}={s.log_level!r} is not one of "
                                  f"{', '.join(sorted(_LOG_LEVELS))}")

@@ -26,6 +26,17 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 MONITOR_STUCK_MS = 1000  # a monitor call this old is a stuck QEMU, not another thread's query
+# metadata(): no element of that namespace, or no definition (a transient domain).
+_NO_COPY = {libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_OPERATION_INVALID}
+
+
+def element_in(domain_xml: str, namespace: str) -> str | None:
+    """The ``<metadata>`` child of ``namespace`` in a whole domain XML, or None."""
+    metadata = ET.fromstring(domain_xml).find("metadata")
+    for child in metadata if metadata is not None else ():
+        if child.tag.startswith(f"{{{namespace}}}"):
+            return ET.tostring(child, encoding="unicode")
+    return None
 
 
 class Guest:
@@ -156,6 +167,42 @@ class Guest:
             Step.RESTORE: self.restore,
             Step.RESTORE_PAUSED: self.restore_paused,
         }[step]()
+
+    def metadata_copies(self, namespace: str) -> list[str]:
+        """The element of ``namespace`` in every copy a later start could bring back: the
+        running domain and its definition while active; the definition and the managed-save
+        image while shut off (a restore brings back the image's live XML, not the
+        definition's)."""
+        def one(flags: int) -> str | None:
+            try:
+                return cast(str | None, self._domain.metadata(
+                    libvirt.VIR_DOMAIN_METADATA_ELEMENT, namespace, flags))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in _NO_COPY:  # none there, or no definition (transient)
+                    return None
+                raise
+
+        def read() -> list[str | None]:
+            if self._domain.isActive():
+                return [one(libvirt.VIR_DOMAIN_AFFECT_LIVE), one(libvirt.VIR_DOMAIN_AFFECT_CONFIG)]
+            found = [one(libvirt.VIR_DOMAIN_AFFECT_CONFIG)]
+            if self._domain.hasManagedSaveImage(0):
+                try:
+                    found.append(element_in(self._domain.managedSaveGetXMLDesc(0), namespace))
+                except libvirt.libvirtError as exc:  # a driver that cannot read images
+                    if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+                        raise
+            return found
+        return [xml for xml in self._call("read metadata of", read) if xml]
+
+    def set_metadata(self, namespace: str, key: str, xml: str) -> None:
+        """Write the element of ``namespace`` where it counts now: the running domain while
+        active (a managed save carries it into the image), the definition while shut off.
+        libvirt announces it with a metadata-change event, not a lifecycle one, so the drift
+        watcher never sees it."""
+        self._call("write metadata of", lambda: self._domain.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, key, namespace,
+            libvirt.VIR_DOMAIN_AFFECT_CURRENT))
 
     def metadata(self, namespace: str) -> str | None:
         """The element dormant keeps in the domain's ``<metadata>``, or None."""

@@ -10,8 +10,11 @@ policy production uses) refuses writes with an OOM error: that becomes
 :class:`StateStoreFull`, transient as well, counted in ``dormant_state_store_full_total`` and
 logged at error level (at most every few seconds per process) for an alert to fire on. What
 it refused was not done: a Lua script or a transaction is refused whole (Redis stops a script
-only at its first write), so a transition retried later finds nothing half-written. Other
-Redis errors (a wrong type, a script error) are bugs and stay what they are.
+only at its first write), so a transition retried later finds nothing half-written. So is
+READONLY: a master demoted to a replica by a failover, still answering a client that knew its
+old address, is an outage of that client until it asks again (``sentinel://`` URLs ask the
+sentinels: :mod:`worker.store.sentinel`). Other Redis errors (a wrong type, a script error)
+are bugs and stay what they are.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ from redis.retry import Retry
 
 from worker.core import metrics
 from worker.core.errors import StateStoreFull, StateStoreUnavailable
-from worker.core.settings import redis_tls
+from worker.core.settings import Settings, redis_tls
+from worker.store.sentinel import SentinelOptions, is_sentinel, master_client
 
 log = logging.getLogger("dormant.store")
 
-OUTAGES = (redis.ConnectionError, redis.TimeoutError)
+OUTAGES = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError)
 FULL_LOG_EVERY = 10.0  # seconds between two "state store full" log lines of one process
 _last_full_log = [0.0]
 
@@ -94,19 +98,28 @@ class StateRedis(Boundary, redis.Redis):
     """``redis.Redis`` behind the boundary."""
 
 
-def connect(url: str, *, tls_ca: str = "") -> StateRedis:
+def connect(url: str, *, tls_ca: str = "",
+            sentinel: SentinelOptions | None = None) -> StateRedis:
     """A state-store client that retries brief connection blips itself, then translates.
 
     A ``rediss://`` URL verifies the server's certificate and host name (against ``tls_ca``
-    when given, else the system's CAs).
+    when given, else the system's CAs). A ``sentinel://`` URL follows the master the
+    sentinels name (``sentinel``: its name, the sentinels' password, TLS).
     """
-    return cast(StateRedis, StateRedis.from_url(
-        url,
-        **(redis_tls(url, tls_ca) or {}),
-        decode_responses=True,
-        socket_timeout=10,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
-    ))
+    common: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [redis.ConnectionError, redis.TimeoutError],
+    }
+    if is_sentinel(url):
+        return master_client(url, sentinel or SentinelOptions(ca=tls_ca), StateRedis, **common)
+    return cast(StateRedis, StateRedis.from_url(url, **(redis_tls(url, tls_ca) or {}), **common))
+
+
+def for_settings(s: Settings) -> StateRedis:
+    """The state store of the given settings (``DORMANT_STATE_URL`` with its TLS and
+    Sentinel options)."""
+    return connect(s.state_url, tls_ca=s.tls_ca, sentinel=SentinelOptions.from_settings(s))

@@ -66,6 +66,10 @@ def reserved(host: str, resource: str) -> str:
 
 HOSTS = f"{PREFIX}:hosts"  # zset: host -> last registry refresh (epoch seconds)
 
+# Messages workers sent on their own, until answered (worker/fleet/outbox.py).
+OUTBOX = f"{PREFIX}:outbox"  # zset: task id -> when to check it next (epoch seconds)
+OUTBOX_ENTRIES = f"{PREFIX}:outbox:entries"  # hash: task id -> the message (JSON)
+
 # Reclamation.
 KILL_SWITCH = f"{PREFIX}:reclaim:disabled"  # present = reclamation disabled fleet-wide
 EXEMPT = f"{PREFIX}:reclaim:exempt"  # set of instance uuids exempted by CLI

@@ -13,6 +13,13 @@ arguments) keep a transition to two or three round trips:
 
 A lock's value is ``<fence>:<token>``; a process-wide keeper thread renews every lock this
 process holds, so a long managedSave keeps it while a dead worker's lock lapses by its TTL.
+
+With ``wait_replicas`` (``DORMANT_STATE_WAIT_REPLICAS``) the two writes a failover must not
+lose, the lock and fence that ``begin`` takes and the result that ``finish`` records, are
+followed by ``WAIT`` on the same connection (a pipeline: WAIT counts the writes of its own
+connection). Replication is asynchronous; without it a promoted replica may hand out a fence
+number that already reached a guest, or forget a finished request. Fewer replicas than asked
+acknowledging in time is ``StateStoreUnavailable``: retried like any outage.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -134,11 +143,14 @@ class Store:
     """Idempotency records, per-instance locks and the journal, in the state Redis."""
 
     def __init__(self, client: redis.Redis, *, lock_ttl: float, result_ttl: int,
-                 registry_ttl: int = 0) -> None:
+                 registry_ttl: int = 0, wait_replicas: int = 0,
+                 wait_timeout: float = 1.0) -> None:
         self.redis = client
         self.registry_ttl = registry_ttl  # >0: a recorded transition also refreshes `where`
         self.lock_ttl_ms = int(lock_ttl * 1000)
         self.result_ttl = result_ttl
+        self.wait_replicas = wait_replicas
+        self.wait_timeout_ms = max(1, int(wait_timeout * 1000))  # WAIT 0 would block for ever
         self._begin = client.register_script(_BEGIN)
         self._intent = client.register_script(_INTENT)
         self._finish = client.register_script(_FINISH)
@@ -147,16 +159,17 @@ class Store:
 
     # -- the three steps of a transition ---------------------------------------------------
     def begin(self, request_id: str, instance: str, token: str, *, fingerprint: str = "",
-              pending: dict[str, Any] | None = None) -> Held | Done | Reused | tuple[str, int]:
+              pending: dict[str, Any] | None = None,
+              fence_floor: int = 0) -> Held | Done | Reused | tuple[str, int]:
         """Reused (the id was first used for another fingerprint), Done (already finished),
-        Held (lock taken; a new id is bound to ``fingerprint``) or ("busy", ms left)."""
+        Held (lock taken; a new id is bound to ``fingerprint``) or ("busy", ms left).
+        ``fence_floor``: the guest carries this fence; hand out a greater one."""
         record = "" if not fingerprint else json.dumps(
             {"status": "pending", **(pending or {}), "fingerprint": fingerprint}, sort_keys=True)
-        with translated():
-            reply = self._begin(
-                keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
-                args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl],
-            )
+        reply, acked = self._replicated(lambda client: self._begin(
+            keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
+            args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl, fence_floor],
+            client=client))
         status = reply[0]
         if status == "mismatch":
             return Reused(json.loads(reply[1]))
@@ -165,18 +178,40 @@ class Store:
         if status == "busy":
             return ("busy", int(reply[2]))
         previous = json.loads(reply[2]) if reply[2] else None
+        if acked < self.wait_replicas:
+            with suppress(StateStoreUnavailable):  # let it lapse now: the retry takes another
+                self.renew(keys.lock(instance), reply[1], ttl_ms=1)
+            raise self._unreplicated(f"the lock and fence on {instance}", acked)
         _keeper.add(self, keys.lock(instance), reply[1])
         return Held(instance=instance, value=reply[1], previous=previous)
 
+    def _replicated(self, script: Callable[[Any], Any]) -> tuple[Any, int]:
+        """Run one script and, with ``wait_replicas``, WAIT on the same connection: (the
+        script's reply, replicas that acknowledged); without, the count is 0."""
+        if not self.wait_replicas:
+            with translated():
+                return script(self.redis), 0
+        with translated(), self.redis.pipeline(transaction=False) as pipe:
+            script(pipe)
+            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
+            reply, acked = pipe.execute()
+        return reply, int(acked)
+
+    def _unreplicated(self, what: str, acked: int) -> StateStoreUnavailable:
+        return StateStoreUnavailable(
+            f"state store: {what} acknowledged by {acked} of {self.wait_replicas} replica(s) "
+            f"within {self.wait_timeout_ms} ms; a failover could lose it", replicated=acked)
+
     def acquire(self, request_id: str, instance: str, *, wait: float, fingerprint: str = "",
-                pending: dict[str, Any] | None = None) -> Held | Done | Reused:
+                pending: dict[str, Any] | None = None,
+                fence_floor: int = 0) -> Held | Done | Reused:
         """Like :meth:`begin`, polling a busy lock for up to ``wait`` seconds."""
         token = uuid.uuid4().hex
         deadline = time.monotonic() + wait
         pause = 0.005
         while True:
             outcome = self.begin(request_id, instance, token, fingerprint=fingerprint,
-                                 pending=pending)
+                                 pending=pending, fence_floor=fence_floor)
             if not isinstance(outcome, tuple):
                 return outcome
             remaining = deadline - time.monotonic()
@@ -223,46 +258,54 @@ class Store:
         must_own = held is not None and record is not None
         if held is not None:  # whatever happens next, this process stops renewing the lock
             _keeper.remove(self, keys.lock(instance))
-        with translated():
-            ok = self._finish(
-                keys=[
-                    keys.lock(instance),
-                    keys.request(request_id),
-                    keys.journal(instance),
-                    keys.JOURNAL_ALL,
-                    keys.DEADLINES,
-                    keys.deadline(instance),
-                    keys.where(instance),
-                ],
-                args=[
-                    held.value if held else "",
-                    json.dumps(record, sort_keys=True) if record is not None else "",
-                    self.result_ttl,
-                    json.dumps(entry, sort_keys=True),
-                    deadline_arg,
-                    "1" if must_own else "0",
-                    JOURNAL_MAXLEN,
-                    JOURNAL_ALL_MAXLEN,
-                    instance,
-                    request_id,
-                    host,
-                    self.registry_ttl if journal_instance else 0,  # never for an unknown one
-                    "1" if journal_instance else "0",
-                ],
-            )
+        run = self._replicated if must_own else self._alone  # a result must be replicated
+        ok, acked = run(lambda client: self._finish(
+            client=client,
+            keys=[
+                keys.lock(instance),
+                keys.request(request_id),
+                keys.journal(instance),
+                keys.JOURNAL_ALL,
+                keys.DEADLINES,
+                keys.deadline(instance),
+                keys.where(instance),
+            ],
+            args=[
+                held.value if held else "",
+                json.dumps(record, sort_keys=True) if record is not None else "",
+                self.result_ttl,
+                json.dumps(entry, sort_keys=True),
+                deadline_arg,
+                "1" if must_own else "0",
+                JOURNAL_MAXLEN,
+                JOURNAL_ALL_MAXLEN,
+                instance,
+                request_id,
+                host,
+                self.registry_ttl if journal_instance else 0,  # never for an unknown one
+                "1" if journal_instance else "0",
+            ],
+        ))
         if not ok:
             raise StaleLock(
                 f"the lock on {instance} expired while held (fence {held.fence if held else '?'}); "
                 "a newer transition owns the instance, so this result was not recorded"
             )
+        if must_own and acked < self.wait_replicas:  # recorded, but only on the master
+            raise self._unreplicated(f"the result of {request_id}", acked)
+
+    def _alone(self, script: Callable[[Any], Any]) -> tuple[Any, int]:
+        """Run one script with no WAIT (a failure or a release: a redelivery redoes it)."""
+        with translated():
+            return script(self.redis), self.wait_replicas
 
     def holds(self, held: Held) -> bool:
         """Whether the lock still carries this holder's fence (checked on slow paths only)."""
         with translated():
             return self.redis.get(keys.lock(held.instance)) == held.value
 
-    def renew(self, key: str, value: str) -> bool:
-        return bool(self._renew(keys=[key], args=[value, self.lock_ttl_ms]))
+    def renew(self, key: str, value: str, *, ttl_ms: int = 0) -> bool:
+        return bool(self._renew(keys=[key], args=[value, ttl_ms or self.lock_ttl_ms]))
 
     # -- reading -----------------------------------------------------------------------------
     def journal(self, instance: str | None = None, *, count: int = 50) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""One transition, step by step: validate, deduplicate, lock, read, act, verify, record.
+"""One transition, step by step: validate, deduplicate, lock, read, let the guest judge the
+fence (fencing.py), act, verify, record.
 
 Plain Python over a Hypervisor and a Store, so it runs the same inside a Celery task, a test
 or a benchmark. Errors leave the journal saying what happened and the lock released.
@@ -17,6 +18,7 @@ from worker.core.errors import (
     DormantError,
     InvalidInput,
     StaleLock,
+    StateStoreUnavailable,
     TransientError,
     TransitionNotReached,
     UnknownInstance,
@@ -24,13 +26,14 @@ from worker.core.errors import (
 from worker.core.states import Observed, State, Target
 from worker.fleet import registry
 from worker.hypervisor import Guest, Hypervisor
-from worker.transition import failed_save
+from worker.transition import failed_save, fencing
 from worker.transition.context import Context, Request
 from worker.transition.guards import Done, Held, Reused, Store
 from worker.transition.release import Release, log_fields, patiently
 from worker.transition.table import STEP_RESULT, Action, Plan, Step, plan
 
 log = logging.getLogger("dormant.transition")
+FENCE_TRIES = 3  # fresh fences a transition takes when the guest refuses one (a failover)
 
 
 def run(ctx: Context, req: Request) -> dict[str, Any]:
@@ -102,6 +105,7 @@ class _Transition:
         self.before: Observed | None = None
         self.acted = False  # a state-changing libvirt call was made
         self.refused = False  # a reused request id was refused (journaled already)
+        self.recorded = False  # the result is recorded (a replica had not acknowledged it)
 
     def fingerprint(self, uuid: str) -> Fingerprint:
         """What this request asks for; its request id is bound to it."""
@@ -117,28 +121,60 @@ class _Transition:
                 return answer
             key = self._lookup().uuid
         try:
-            waited = time.monotonic()
-            outcome = self.ctx.store.acquire(
-                self.request_id, key, wait=self.ctx.lock_wait,
-                fingerprint=self.fingerprint(key).key(),
-                pending={"action": str(self.req.action), "instance": key,
-                         "name": self.guest.name if self.guest else None,
-                         "task_id": self.req.task_id})
-            metrics.lock_waited(time.monotonic() - waited)
-            if isinstance(outcome, Reused):
-                self._refuse(outcome.record)
-            if isinstance(outcome, Done):
-                return self._duplicate(outcome.result)
-            self.held = outcome
-            # The journal interval [started_at, finished_at] is the time the lock was held,
-            # so entries of one instance never overlap; the wait for the lock is before it.
-            self.base["received_at"] = self.base["started_at"]
-            self.base["started_at"] = self.ctx.clock()
-            return self._locked(key)
+            floor = 0
+            for _try in range(FENCE_TRIES):
+                if (answer := self._acquire(key, floor)) is not None:
+                    return answer
+                try:
+                    with fencing.exclusive(key, self.ctx.lock_wait):
+                        return self._locked(key)
+                except StaleLock as exc:
+                    if "guest_fence" not in exc.details:
+                        raise
+                    floor = self._outdated(exc)  # the guest refused this fence: take a newer
+            raise StaleLock(f"{FENCE_TRIES} fences in a row were not newer than the one "
+                            f"{self.instance} carries; giving up")
         except Exception as exc:  # not only DormantError: a held lock must never outlive us
-            if not self.refused:
+            if not self.refused and not self.recorded:
                 self._fail(key, exc)
             raise
+
+    def _acquire(self, key: str, floor: int) -> dict[str, Any] | None:
+        """Take the lock (a fence above ``floor``); the answer when there is nothing to do."""
+        waited = time.monotonic()
+        outcome = self.ctx.store.acquire(
+            self.request_id, key, wait=self.ctx.lock_wait,
+            fingerprint=self.fingerprint(key).key(), fence_floor=floor,
+            pending={"action": str(self.req.action), "instance": key,
+                     "name": self.guest.name if self.guest else None,
+                     "task_id": self.req.task_id})
+        metrics.lock_waited(time.monotonic() - waited)
+        if isinstance(outcome, Reused):
+            self._refuse(outcome.record)
+        if isinstance(outcome, Done):
+            return self._duplicate(outcome.result)
+        self.held = outcome
+        # The journal interval [started_at, finished_at] is the time the lock was held,
+        # so entries of one instance never overlap; the wait for the lock is before it.
+        self.base.setdefault("received_at", self.base["started_at"])
+        self.base["started_at"] = self.ctx.clock()
+        return None
+
+    def _outdated(self, exc: StaleLock) -> int:
+        """The guest carries a fence at least as new as ours: journal the refusal, let the
+        lock go, and return the guest's fence (the next one taken is above it)."""
+        held, self.held = self.held, None
+        assert held is not None
+        entry = {**self.base, "instance": held.instance, "outcome": "stale",
+                 "name": self.guest.name if self.guest else None, "fence": held.fence,
+                 "guest_fence": exc.details["guest_fence"],
+                 **_error(exc, self.base["started_at"], self.ctx)}
+        self.ctx.store.finish(held, instance=held.instance, request_id=self.request_id,
+                              entry=entry, record=None)
+        metrics.transition_retried(str(self.req.action), type(exc).__name__)
+        log.warning("%s %s: %s", self.req.action, held.instance, exc,
+                    extra={"dormant": log_fields(entry)})
+        return int(exc.details["guest_fence"])
 
     def _recorded(self, recorded: dict[str, Any]) -> dict[str, Any] | None:
         """For a request by name: the duplicate answer, a refusal, or None to go on."""
@@ -216,6 +252,9 @@ class _Transition:
             promise = self.ctx.room.promise(steps.steps[0], self.guest, str(self.req.action)) \
                 if self.ctx.room is not None else None
             try:
+                # The guest judges the fence before anything is recorded or done (fencing.py).
+                fencing.claim(self.guest, fence=self.held.fence, request_id=self.request_id,
+                              host=self.ctx.host, now=self.ctx.clock())
                 self.ctx.store.record_intent(
                     self.held, self.request_id,
                     {"state_before": str(observed.state), "reason_before": observed.reason,
@@ -323,6 +362,14 @@ class _Transition:
                 {**result, "outcome": "stale", **_error(exc, self.base["started_at"], self.ctx)},
                 self.guest.uuid,
             )
+            raise
+        except StateStoreUnavailable as exc:
+            if "replicated" in exc.details:
+                # Recorded and unlocked, on the master alone: the retry answers from the
+                # record, or redoes the request if a failover lost it.
+                self.held, self.recorded = None, True
+                metrics.transition_retried(str(self.req.action), type(exc).__name__)
+                log.warning("%s %s: %s", self.req.action, self.guest.name, exc)
             raise
         self.held = None
         metrics.transition_finished(str(self.req.action), outcome,

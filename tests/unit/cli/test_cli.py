@@ -59,6 +59,7 @@ class ScriptedClient:
     waits: list[float | None] = field(default_factory=list)
     dead: set[str] = field(default_factory=set)  # hosts (or instances) no live worker serves
     watched: list[str | None] = field(default_factory=list)  # hosts the waits watched
+    _outgoing: dict[str, Any] = field(default_factory=dict)  # the real wait's: nothing resent
 
     def __enter__(self) -> ScriptedClient:
         return self
@@ -383,6 +384,11 @@ def test_history_of_an_unknown_instance_exits_2(scripted: ScriptedClient) -> Non
 class Sent:
     id: str
     answer: Any = None
+    state: str = "SUCCESS"  # answered at once (what the client's resend loop looks at)
+
+    @property
+    def result(self) -> Any:
+        return self.answer
 
     def get(self, **_: Any) -> Any:
         return self.answer
@@ -411,10 +417,11 @@ class RecordingApp:
     answers: dict[str, Any] = field(default_factory=dict)  # task name -> its answer
 
     def send_task(self, name: str, args: Any = None, kwargs: Any = None,
-                  queue: str | None = None, **options: Any) -> Sent:
+                  queue: str | None = None, task_id: str | None = None,
+                  **options: Any) -> Sent:
         self.sent.append({"name": name, "args": args, "kwargs": kwargs, "queue": queue,
                           **options})
-        return Sent(f"task-{len(self.sent)}", self.answers.get(name))
+        return Sent(task_id or f"task-{len(self.sent)}", self.answers.get(name))
 
     def close(self) -> None:
         pass
@@ -444,13 +451,14 @@ def test_client_sends_to_the_host_serving_the_instance(routed) -> None:  # type:
     client, app, domain = routed
     client.pause(domain.name(), request_id="r-1", max_seconds=30)
     client.suspend(domain.UUIDString().upper())
-    client.ensure(domain.name(), "running")
+    ensured = client.ensure(domain.name(), "running")
     assert [(s["name"], s["queue"]) for s in app.sent] == [
         ("dormant.pause", "dormant.h1"), ("dormant.suspend", "dormant.h1"),
         ("dormant.ensure", "dormant.h1")]
     assert app.sent[0]["kwargs"] == {"request_id": "r-1", "max_seconds": 30.0}
     assert app.sent[1]["args"] == [domain.UUIDString()]
-    assert app.sent[2]["kwargs"] == {"target": "running", "request_id": None}
+    # No request id given: the first task's id, so that a copy sent again is the same request.
+    assert app.sent[2]["kwargs"] == {"target": "running", "request_id": ensured.id}
 
 
 def test_client_falls_back_to_the_control_queue(routed) -> None:  # type: ignore[no-untyped-def]

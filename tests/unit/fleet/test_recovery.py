@@ -47,7 +47,7 @@ def test_worker_start_up_wires_presence_and_recovery_to_the_state_store(
     from worker.store import connection
 
     calls = []
-    monkeypatch.setattr(connection, "connect", lambda url, tls_ca="": fake_redis)
+    monkeypatch.setattr(connection, "connect", lambda url, **_options: fake_redis)
     monkeypatch.setattr(recovery, "recover",
                         lambda app, client, **kw: calls.append((client, kw)) or (None, []))
     monkeypatch.setattr(celery_app, "_presence", [])

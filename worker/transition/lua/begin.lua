@@ -9,6 +9,8 @@
 --                     or '' to neither check nor bind it
 --       pending       the record binding a new id (JSON, status pending; '' = none)
 --       result_ttl    seconds a request record is kept
+--       fence_floor   the fence a guest carries that this counter fell behind ('0' = none):
+--                     a failover lost fences; the next one handed out is above it
 --
 -- Returns one of
 --   {'mismatch', record}              the id was first used for another fingerprint
@@ -21,6 +23,7 @@ local lock_ttl_ms = ARGV[2]
 local fingerprint = ARGV[3]
 local pending = ARGV[4]
 local result_ttl = ARGV[5]
+local fence_floor = tonumber(ARGV[6])
 
 local record = redis.call('GET', request_key)
 if record then
@@ -42,6 +45,9 @@ if holder then
   return {'busy', holder, redis.call('PTTL', lock_key)}
 end
 
+if fence_floor > tonumber(redis.call('GET', fence_key) or '0') then
+  redis.call('SET', fence_key, fence_floor)
+end
 local fence = redis.call('INCR', fence_key)
 local lock_value = fence .. ':' .. token
 redis.call('SET', lock_key, lock_value, 'PX', lock_ttl_ms)
