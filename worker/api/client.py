@@ -29,7 +29,7 @@ from worker.core.errors import (
 )
 from worker.core.settings import CONTROL_QUEUE, Settings, celery_tls, queue_for_host
 from worker.core.validation import quote
-from worker.fleet import registry
+from worker.fleet import broker, registry
 from worker.fleet.registry import TTL_INTERVALS
 from worker.reclaim import run_store
 from worker.store import keys
@@ -45,9 +45,7 @@ SOCKET_TIMEOUT = 5.0  # seconds for any one broker/backend socket operation
 
 def celery_client(settings: Settings) -> Celery:
     """A JSON-only Celery client for dormant's broker and result backend."""
-    transport = {"visibility_timeout": settings.visibility_timeout,
-                 "socket_connect_timeout": SOCKET_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT,
-                 "max_retries": 1}
+    kind = broker.for_url(settings.broker_url)
     backend_transport = {"visibility_timeout": settings.visibility_timeout,
                          "retry_policy": {"max_retries": 2, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 0.5}}
@@ -62,7 +60,6 @@ def celery_client(settings: Settings) -> Celery:
         broker_connection_retry=False,
         broker_connection_max_retries=1,
         broker_connection_timeout=SOCKET_TIMEOUT,
-        broker_transport_options=transport,
         result_backend_transport_options=backend_transport,
         redis_socket_connect_timeout=SOCKET_TIMEOUT,
         redis_socket_timeout=SOCKET_TIMEOUT,
@@ -72,6 +69,9 @@ def celery_client(settings: Settings) -> Celery:
     )
     # rediss:// without these would skip certificate checks (see settings.redis_tls).
     app.conf.update(celery_tls(settings))
+    # Timeouts, and on RabbitMQ quorum queues and publisher confirms (worker/fleet/broker.py).
+    app.conf.update(kind.client_settings(settings, SOCKET_TIMEOUT))
+    kind.configure(app)
     return app
 
 
