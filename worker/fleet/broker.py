@@ -109,6 +109,10 @@ class Broker(Protocol):
     def depth(self, connection: Connection, queue: str) -> QueueDepth:
         """How many messages a queue holds."""
 
+    def delayed(self, connection: Connection) -> QueueDepth | None:
+        """Countdowns (retries waiting for their backoff) the broker holds, or None where
+        the workers hold them (``celery inspect scheduled`` lists those)."""
+
 
 class RedisBroker:
     """kombu's Redis transport: delivery state lives in Redis keys that dormant tends."""
@@ -184,6 +188,9 @@ class RedisBroker:
             unacked += routing_key == queue
         return QueueDepth(queue, int(client.llen(queue)), unacked, None)
 
+    def delayed(self, connection: Connection) -> QueueDepth | None:
+        return None  # kombu's Redis transport: a countdown waits in the worker that took it
+
 
 class RabbitBroker:
     """RabbitMQ with quorum queues: the broker keeps every delivery until it is acknowledged."""
@@ -255,6 +262,17 @@ class RabbitBroker:
                 channel.close()
         return QueueDepth(queue, int(declared.message_count), None,
                           int(declared.consumer_count))
+
+    def delayed(self, connection: Connection) -> QueueDepth:
+        """Native delayed delivery's queues, one per bit of the countdown, added up."""
+        from kombu.transport.native_delayed_delivery import (
+            MAX_NUMBER_OF_BITS_TO_USE,
+            level_name,
+        )
+
+        levels = [self.depth(connection, level_name(n)) for n in range(MAX_NUMBER_OF_BITS_TO_USE)]
+        return QueueDepth("celery_delayed_* (countdowns)", sum(d.ready for d in levels), None,
+                          None)
 
 
 def _topic_exchange(_queue: str) -> Exchange:
