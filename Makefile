@@ -21,11 +21,12 @@ lint:   ## ruff and mypy (configured in pyproject.toml), as CI runs them
 	.venv/bin/mypy
 
 bench:  ## the benchmarks (see bench/README.md); record results in bench/RESULTS.md
-	scripts/setup.sh
+	scripts/setup.sh --with-rabbitmq
 	.venv/bin/python -m bench.transitions -P threads -c 8
+	.venv/bin/python -m bench.brokers -P threads -c 8
 	.venv/bin/python -m bench.bulk_suspend
 	.venv/bin/python -m bench.plan_fleet
 
-faults:  ## the fault suite on real parts (bench/faults.py, table in bench/RESULTS.md); FAULTS_QUICK=1: the reduced CI version
-	scripts/setup.sh
+faults:  ## the fault suite on real parts, on both brokers (bench/faults.py, table in bench/RESULTS.md); FAULTS_QUICK=1: the reduced CI version
+	scripts/setup.sh --with-rabbitmq
 	FAULTS_QUICK=$(FAULTS_QUICK) .venv/bin/python -m bench.faults

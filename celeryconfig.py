@@ -1,15 +1,16 @@
 """Celery settings for dormant, read from DORMANT_* environment variables — nothing else.
 
 Delivery is at-least-once (late acks, reject on worker lost, prefetch 1), so every task is
-idempotent; serialisation is JSON only.
+idempotent; serialisation is JSON only. The broker is Redis or RabbitMQ (quorum queues); what
+differs between them is in worker/fleet/broker.py.
 """
 
-from kombu import Exchange, Queue
-
 from worker.core import settings as _settings
+from worker.fleet import broker as _broker
 from worker.store.sentinel import SentinelOptions
 
 _s = _settings.get()
+_b = _broker.for_url(_s.broker_url)
 
 broker_url = _s.broker_url
 result_backend = _s.result_backend
@@ -30,15 +31,18 @@ result_accept_content = ["json"]
 task_acks_late = True
 task_reject_on_worker_lost = True
 worker_prefetch_multiplier = 1
-# Redis redelivers an unacked message after this; retries and countdowns stay far below it.
-# kombu sweeps for expired unacked messages only every interval x throttle seconds (10 x 10 by
-# default): a worker SIGKILLed mid-task would wait up to 100 s past the visibility timeout.
-broker_transport_options = {
-    "visibility_timeout": _s.visibility_timeout,
-    "unacked_restore_interval": max(1, min(10, _s.visibility_timeout // 4)),
-    "unacked_restore_throttle": 1,
-}
-result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout}
+# What the broker needs (worker/fleet/broker.py): Redis's visibility timeout and unacked sweep;
+# RabbitMQ's quorum queues, publisher confirms and native delayed delivery.
+# sentinel:// URLs (worker/store/sentinel.py): the master's name and how to reach the sentinels,
+# which Celery and kombu take as transport options rather than from the URL.
+_sentinel = SentinelOptions.from_settings(_s)
+_broker_settings = _b.celery_settings(_s)
+_broker_settings["broker_transport_options"] = {
+    **_broker_settings.get("broker_transport_options", {}),
+    **_sentinel.transport_options(_s.broker_url)}
+globals().update(_broker_settings)
+result_backend_transport_options = {"visibility_timeout": _s.visibility_timeout,
+                                    **_sentinel.transport_options(_s.result_backend)}
 # A result that cannot be stored because Redis is down is stored once it is back (backoff up
 # to 10 s, for about ten minutes). Without this Celery gives up at once; on the way out it
 # fails to record the failure too, and the request is never finished: its message stays
@@ -61,20 +65,10 @@ worker_send_task_events = True
 task_send_sent_event = True
 task_track_started = True
 
-# Queues: this host's own and the fleet-wide control queue.
-# Each queue has its own direct exchange, as a plain client that names only the queue creates.
-task_queues = tuple(
-    Queue(name, Exchange(name, type="direct"), routing_key=name)
-    for name in (_s.host_queue, _settings.CONTROL_QUEUE)
-)
+# Queues: this host's own and the fleet-wide control queue, declared as the broker needs.
+task_queues = tuple(_b.queue(name) for name in (_s.host_queue, _settings.CONTROL_QUEUE))
 task_default_queue = _settings.CONTROL_QUEUE
 task_create_missing_queues = True
 
 timezone = _s.reclaim_timezone
 enable_utc = True
-
-# sentinel:// URLs (worker/store/sentinel.py): the master's name and how to reach the sentinels,
-# which Celery and kombu take as transport options rather than from the URL.
-_sentinel = SentinelOptions.from_settings(_s)
-broker_transport_options.update(_sentinel.transport_options(_s.broker_url))
-result_backend_transport_options.update(_sentinel.transport_options(_s.result_backend))

@@ -14,6 +14,7 @@ shared machine hits both sides alike.
   per-process context), i.e. Celery's own per-task cost with a result.
 
 Run: ``.venv/bin/python -m bench.transitions --pool prefork -c 2`` (see bench/README.md).
+``bench/brokers.py`` runs the same measurement on a private RabbitMQ node as the broker too.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class Client:
     queue: str
     worker: WorkerProcess
     redis_pid: int
+    broker_pid: int | None = None  # the RabbitMQ node, when it is the broker
     _pubsub: Any = None
 
     def listen(self) -> None:
@@ -150,19 +152,25 @@ class Client:
 
 
 @contextlib.contextmanager
-def services(pool: str, concurrency: int) -> Iterator[Client]:
-    """A private redis-server and one ``celery -A tasks worker`` on the shared fake hypervisor."""
+def services(pool: str, concurrency: int, broker: Any = None) -> Iterator[Client]:
+    """A private redis-server and one ``celery -A tasks worker`` on the shared fake hypervisor;
+    ``broker`` is a running tests.support.rabbit.RabbitServer to use as the broker (the
+    results and the state stay in the Redis), sent to with publisher confirms as
+    docs/production.md tells callers."""
     server = RedisServer(port=free_port(), workdir=new_workdir("dormant-bench-redis-"))
     server.start()
     host = unique("bench-host-")
+    broker_url = broker.url() if broker is not None else server.url(0)
     worker = WorkerProcess(
         name=unique("bench"),
-        env=test_env(server, host, DORMANT_LIBVIRT_URI=URI,
+        env=test_env(server, host, DORMANT_LIBVIRT_URI=URI, DORMANT_BROKER_URL=broker_url,
                      **_passthrough("DORMANT_LOG_LEVEL", "DORMANT_LOG_JSON", "DORMANT_EVENTS")),
         log_path=server.workdir / "worker.log",
         args=["-P", pool, "-c", str(concurrency)],
     )
-    app = server.celery_client("bench-client", results=False)
+    app = server.celery_client("bench-client", results=False, broker=broker_url)
+    if broker is not None:
+        app.conf.broker_transport_options = {"confirm_publish": True}
     try:
         worker.start()
 
@@ -175,7 +183,8 @@ def services(pool: str, concurrency: int) -> Iterator[Client]:
         print(f"worker log: {worker.log_path}", file=sys.stderr)
         assert server.process is not None
         client = Client(app=app, results=server.client(1), queue=f"dormant.{host}",
-                        worker=worker, redis_pid=server.process.pid)
+                        worker=worker, redis_pid=server.process.pid,
+                        broker_pid=broker.beam_pid() if broker is not None else None)
         client.listen()
         yield client
     finally:
@@ -243,6 +252,8 @@ def cpu_snapshot(client: Client) -> dict[str, float]:
         "pool children": client.worker.children(),
         "libvirtd": _libvirtd_pids(),
     }
+    if client.broker_pid is not None:
+        roles["rabbitmq"] = [client.broker_pid]
     return {role: sum(_cpu_seconds(p) for p in pids) for role, pids in roles.items()}
 
 
@@ -295,11 +306,33 @@ def profiled(client: Client, out: Path | None, label: str) -> Iterator[None]:
         proc.wait(30)
 
 
+def latencies(client: Client, fleet: Fleet, count: int) -> dict[str, dict[str, float]]:
+    """Send to result, one task at a time (nothing else queued): ``count`` no-op tasks and
+    ``count`` pause/unpause of one guest, alternating; milliseconds, median and 95th
+    percentile."""
+    times: dict[str, list[float]] = {"noop": [], "transition": []}
+    guest = fleet.uuids[0]
+    for i in range(count):
+        for kind, call in (("noop", ("dormant.ping", [])),
+                           ("transition", ("dormant.pause" if i % 2 == 0 else "dormant.unpause",
+                                           [guest]))):
+            started = time.perf_counter()
+            [answer] = client.batch([call])
+            times[kind].append((time.perf_counter() - started) * 1000)
+            if kind == "transition":
+                assert answer["outcome"] == "changed", answer
+    return {kind: {"p50": round(statistics.median(ms), 2),
+                   "p95": round(statistics.quantiles(ms, n=20)[-1], 2)}
+            for kind, ms in times.items()}
+
+
 def measure(pool: str, concurrency: int, guests: int, cycles: int, rounds: int,
-            profile: Path | None = None) -> dict[str, Any]:
+            profile: Path | None = None, *, broker: Any = None,
+            latency: int = 0) -> dict[str, Any]:
     fleet = Fleet(guests)
+    lat: dict[str, dict[str, float]] = {}
     try:
-        with services(pool, concurrency) as client:
+        with services(pool, concurrency, broker) as client:
             # Warm-up: every pool process/thread opens its Redis and libvirt connections.
             noop_block(client, batches=2, size=guests)
             transition_block(client, fleet, cycles=1)
@@ -317,9 +350,13 @@ def measure(pool: str, concurrency: int, guests: int, cycles: int, rounds: int,
                         elapsed = time.perf_counter() - started
                         (noop if kind == "noop" else trans).add(n, elapsed, cpu_before,
                                                                 cpu_snapshot(client))
+            if latency:
+                lat = latencies(client, fleet, latency)
     finally:
         fleet.close()
     return {
+        "broker": "redis" if broker is None else "rabbitmq",
+        "latency_ms": lat,
         "pool": pool,
         "concurrency": concurrency,
         "guests": guests,

@@ -3,7 +3,10 @@
 # (docker.io, docker-compose, debootstrap, socat; dockerd; the project's .venv and libvirtd),
 # builds the images from Dockerfile and Dockerfile.redis, then tests/deploy/check.py brings
 # docker-compose.yml up under its own project name with generated secrets and a worker for this
-# host and checks it (see that file). Everything it started is stopped at the end: the stack
+# host and checks it (see that file); then the same stack on RabbitMQ (Dockerfile.rabbitmq,
+# docker-compose.rabbitmq.yml, tests/deploy/check_rabbitmq.py). DORMANT_DEPLOY_BROKERS chooses
+# ("redis rabbitmq" by default; "redis" or "rabbitmq" for one). Everything it started is
+# stopped at the end: the stack
 # (down -v), the libvirt socket proxy or libvirtd's own configuration, and dockerd when this
 # script started it.
 #
@@ -24,6 +27,10 @@ say() { printf '\033[1m[deploy-test]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[deploy-test] %s\033[0m\n' "$*" >&2; exit 1; }
 lap() { say "$1: $(( $(date +%s) - T0 ))s since start"; }
 [[ $(id -u) -eq 0 ]] || die "run as root: it installs Docker, starts dockerd and uses the libvirt socket"
+BROKERS=${DORMANT_DEPLOY_BROKERS:-redis rabbitmq}
+for broker in $BROKERS; do
+  [[ $broker == redis || $broker == rabbitmq ]] || die "DORMANT_DEPLOY_BROKERS: redis and/or rabbitmq, not $broker"
+done
 
 missing=()
 for pkg in docker.io docker-compose debootstrap socat; do
@@ -53,7 +60,10 @@ cleanup() {
   set +e
   # The checker takes the stack down itself (and checks nothing is left); this is for a run
   # that died before it could.
-  [[ -n ${COMPOSE:-} ]] && $COMPOSE -p "$DEPLOY_PROJECT" down -v --remove-orphans >/dev/null 2>&1
+  [[ -n ${COMPOSE:-} ]] && RABBITMQ_PASSWORD=${RABBITMQ_PASSWORD:-x} \
+    REDIS_PASSWORD=${REDIS_PASSWORD:-x} FLOWER_BASIC_AUTH=${FLOWER_BASIC_AUTH:-x:x} \
+    $COMPOSE -p "$DEPLOY_PROJECT" -f docker-compose.yml -f docker-compose.rabbitmq.yml \
+    down -v --remove-orphans >/dev/null 2>&1
   if [[ -n $proxy_pid ]]; then kill "$proxy_pid"; wait "$proxy_pid" 2>/dev/null; fi
   if [[ -n $reconfigured ]]; then
     say "restoring libvirtd's own configuration"
@@ -86,7 +96,8 @@ fi
 if docker compose version >/dev/null 2>&1; then COMPOSE="docker compose"; else COMPOSE=docker-compose; fi
 export COMPOSE DEPLOY_PROJECT=dormant-deploy-test
 # A run killed half-way left its stack: remove it first.
-$COMPOSE -p "$DEPLOY_PROJECT" down -v --remove-orphans >/dev/null 2>&1 || true
+RABBITMQ_PASSWORD=x REDIS_PASSWORD=x FLOWER_BASIC_AUTH=x:x $COMPOSE -p "$DEPLOY_PROJECT" \
+  -f docker-compose.yml -f docker-compose.rabbitmq.yml down -v --remove-orphans >/dev/null 2>&1 || true
 lap "Docker ready ($COMPOSE)"
 
 scripts/base-images.sh
@@ -97,11 +108,16 @@ shopt -s nullglob
 local_cas=(/usr/local/share/ca-certificates/*.crt /usr/local/share/ca-certificates/*/*.crt)
 shopt -u nullglob
 ((${#local_cas[@]})) && build_args+=(--build-arg "BUILD_CA_CERTS=$(cat "${local_cas[@]}")")
-say "building dormant:latest and dormant-redis:latest"
+say "building dormant:latest, dormant-redis:latest and dormant-rabbitmq:latest"
 docker build -q "${build_args[@]}" -t dormant:latest . >/dev/null
 docker build -q --network host -f Dockerfile.redis -t dormant-redis:latest . >/dev/null
+images=(dormant:latest dormant-redis:latest)
+if [[ " $BROKERS " == *" rabbitmq "* ]]; then
+  docker build -q --network host -f Dockerfile.rabbitmq -t dormant-rabbitmq:latest . >/dev/null
+  images+=(dormant-rabbitmq:latest)
+fi
 lap "images built"
-for image in dormant:latest dormant-redis:latest debian:bookworm-slim; do
+for image in "${images[@]}" debian:bookworm-slim; do
   say "image $image: $(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}')"
 done
 
@@ -168,8 +184,15 @@ esac
 # The checker SIGSTOPs this process for a moment: libvirt calls hang as with a hung libvirtd.
 export DEPLOY_HANG_PID=${hang_pid:-}
 
-export REDIS_PASSWORD FLOWER_BASIC_AUTH
+export REDIS_PASSWORD FLOWER_BASIC_AUTH RABBITMQ_PASSWORD
 REDIS_PASSWORD=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')
 FLOWER_BASIC_AUTH=ops:$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(12))')
-.venv/bin/python -m tests.deploy.check
-lap "deploy-test passed"
+RABBITMQ_PASSWORD=$(.venv/bin/python -c 'import secrets; print(secrets.token_hex(24))')
+if [[ " $BROKERS " == *" redis "* ]]; then
+  .venv/bin/python -m tests.deploy.check
+  lap "deploy-test on Redis passed"
+fi
+if [[ " $BROKERS " == *" rabbitmq "* ]]; then
+  .venv/bin/python -m tests.deploy.check_rabbitmq
+  lap "deploy-test on RabbitMQ passed"
+fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One-time (and safe to re-run) set-up of everything dormant needs on a Debian 12 machine:
 # Debian packages, a .venv with the project, and running redis-server + virtlogd + libvirtd.
-# Usage: scripts/setup.sh [--no-services]
+# Usage: scripts/setup.sh [--no-services] [--with-rabbitmq]
+#   --with-rabbitmq: also Debian's rabbitmq-server, for the tests and the fault suite (they start
+#   private nodes of their own; the package's system node is never used or needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,14 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(redis-server redis-sentinel libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
               qemu-system-x86 qemu-utils libvirt-dev pkg-config gcc libc6-dev procps
               ca-certificates)
+NO_SERVICES=
+for arg in "$@"; do
+  case $arg in
+    --no-services) NO_SERVICES=1 ;;
+    --with-rabbitmq) APT_PACKAGES+=(rabbitmq-server) ;;
+    *) echo "usage: $0 [--no-services] [--with-rabbitmq]" >&2; exit 2 ;;
+  esac
+done
 PY=${PYTHON:-python3}
 say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 die() { printf '\033[31m[setup] %s\033[0m\n' "$*" >&2; exit 1; }
@@ -71,5 +81,5 @@ if [[ ! -f $stamp || pyproject.toml -nt $stamp ]]; then
   touch "$stamp"
 fi
 
-[[ ${1:-} == --no-services ]] && exit 0
+[[ -n $NO_SERVICES ]] && exit 0
 scripts/services.sh

@@ -28,6 +28,7 @@ from tasks.timers import (
 from worker.api import contract
 from worker.core import logs, metrics
 from worker.core import settings as settings_mod
+from worker.fleet import broker
 
 if TYPE_CHECKING:
     from worker.drift.watcher import Watcher
@@ -36,6 +37,7 @@ app = Celery("dormant", include=["tasks.transitions", "tasks.housekeeping", "tas
 app.config_from_object("celeryconfig")
 
 _s = settings_mod.get()
+broker.current().configure(app)  # before any queue is declared (worker/fleet/broker.py)
 # Auto-unpause deadlines are checked by a worker timer (DeadlineStep), not a beat task.
 app.conf.beat_schedule = {
     # Reclamation: the control worker fans out to every registered host's queue.
@@ -164,32 +166,21 @@ app.steps["worker"].add(EventsStep)
 _presence: list[object] = []
 
 
-def _keep_running_messages_on_reconnect() -> None:
-    """Don't push the messages this worker is running back to the queue when its broker
-    connection closes.
-
-    kombu's Redis QoS does that on every channel close (``restore_at_shutdown``), which on a
-    lost connection would run a transition twice at once — and while Redis is down kombu 5.7
-    crashes the whole worker trying (AttributeError in ``_connparams``). Unacked messages stay
-    in Redis instead: acknowledged when their task ends, or restored by this host's next
-    worker at start-up (worker/fleet/recovery.py).
-    """
-    from kombu.transport import redis as kombu_redis
-
-    kombu_redis.QoS.restore_at_shutdown = False
-
-
 @worker_init.connect
 def _on_worker_init(sender: object = None, **_: object) -> None:
-    """Before consuming: announce this host's worker, restore a dead incarnation's messages."""
+    """Before consuming: announce this host's worker, restore a dead incarnation's messages
+    (where the broker does not requeue them itself: worker/fleet/broker.py)."""
     from worker.fleet import recovery
     from worker.store import connection
 
-    _keep_running_messages_on_reconnect()
+    current = broker.current()
+    current.prepare_worker()
     s = settings_mod.get()
     consumed = set(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
     if s.host_queue not in consumed:
         return  # not serving a host (e.g. a control-only worker): nothing of a host to restore
+    if not current.restores_unacked:
+        return  # the broker requeued them when the dead worker's channel closed (said below)
     try:
         presence, _restored = recovery.recover(
             app, connection.for_settings(s), host=s.host,
@@ -273,7 +264,13 @@ class OrphanSweepStep(TimerStep):
     """On a host's worker: every ``DORMANT_ORPHAN_SWEEP_INTERVAL`` seconds, restore the host
     queue's unacknowledged messages that this worker does not hold (worker/fleet/recovery.py)."""
 
-    def every(self, parent: Any) -> TimerPlan:
+    def every(self, parent: Any) -> TimerPlan | None:
+        current = broker.current()
+        if not current.restores_unacked:  # said here: logging is not set up at worker_init
+            logging.getLogger("dormant.recovery").info(
+                "%s requeues a dead worker's unacknowledged messages itself: no start-up "
+                "restore, no orphan sweep", current.name)
+            return None
         return settings_mod.get().orphan_sweep_interval, _sweep_orphans_in_background, ()
 
 

@@ -14,8 +14,11 @@ transitions keep running in the pool. Their message still points at the old, clo
 kombu 5.7 then fails the ack or reject with an AttributeError (not a connection error), which
 stops the whole worker, and the message would stay in kombu's ``unacked`` hash to be run
 again after the visibility timeout. This Request settles such a message through a fresh
-connection instead, with kombu's own QoS calls (ack = drop it from the unacked index; reject
-with requeue = ``restore_by_tag`` to the head of its queue).
+connection instead, as its broker needs (worker/fleet/broker.py: kombu's QoS calls on Redis;
+nothing on RabbitMQ, which requeued it when the channel closed).
+
+On RabbitMQ a retry is sent back to the queue its message came from, through native delayed
+delivery (the countdown waits in the broker, not in the worker).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 from celery.exceptions import Reject
 from celery.worker.request import Request as CeleryRequest
+
+from worker.fleet import broker
 
 log = logging.getLogger("dormant.delivery")
 
@@ -46,6 +51,11 @@ class KeepsMessageOnRetry:
             # Full jitter can draw 0 s: the next attempt could then finish before this one has
             # sent its task-retried event, and Flower would show a failed task as RETRY.
             kwargs["countdown"] = max(kwargs["countdown"], MIN_RETRY_COUNTDOWN)
+        if kwargs.get("queue") is None:
+            queue = broker.current().retry_queue(
+                self.request.delivery_info)  # type: ignore[attr-defined]
+            if queue is not None:
+                kwargs["queue"] = queue
         deadline = time.monotonic() + RETRY_PUBLISH_PATIENCE
         pause = 0.25
         while True:
@@ -70,16 +80,15 @@ class Request(CeleryRequest):
         return channel is not None and getattr(channel, "connection", None) is None
 
     def _settle(self, *, requeue: bool | None) -> None:
-        tag = self.message.delivery_tag
-        with self.task.app.connection_for_write() as connection:
-            qos = connection.default_channel.qos  # type: ignore[attr-defined]
-            if requeue:
-                qos.restore_by_tag(tag, leftmost=True)
-            else:
-                qos.ack(tag)
-        log.info("%s[%s]: %s through a fresh broker connection (its channel closed on "
-                 "reconnect)", self.task_name, self.id,
-                 "requeued" if requeue else "acknowledged")
+        if broker.current().settle_orphaned(self.task.app, self.message.delivery_tag,
+                                            requeue=bool(requeue)):
+            log.info("%s[%s]: %s through a fresh broker connection (its channel closed on "
+                     "reconnect)", self.task_name, self.id,
+                     "requeued" if requeue else "acknowledged")
+        else:
+            log.info("%s[%s]: its channel closed on reconnect; the broker requeued it, and "
+                     "its redelivery answers from the request's record", self.task_name,
+                     self.id)
 
     def acknowledge(self) -> None:
         if not self.acknowledged and self._orphaned():

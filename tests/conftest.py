@@ -4,6 +4,10 @@ Integration fixtures start *real* services: a private ``redis-server`` per test 
 ``celery -A tasks worker`` processes and tiny KVM guests on the local ``libvirtd``
 (``qemu:///system``). Where a service is missing they skip with the reason, except in CI
 (``CI=true``), where a missing service fails the test: CI never skips silently.
+
+The broker is that Redis, or for tests marked ``both_brokers`` each in turn that Redis and a
+private ``rabbitmq-server`` node (tests/support/rabbit.py), started once per session when a
+test first needs it. The state store and the result backend stay on Redis either way.
 """
 
 from __future__ import annotations
@@ -15,9 +19,11 @@ from typing import Any
 
 import pytest
 
+from tests.support.rabbit import RabbitServer
 from tests.support.services import (
     RedisServer,
     WorkerProcess,
+    answers_ping,
     free_port,
     new_workdir,
     test_env,
@@ -64,6 +70,53 @@ def redis_clean(redis_server: RedisServer) -> RedisServer:
         redis_server.start()
     redis_server.flush()
     return redis_server
+
+
+# -- RabbitMQ and the choice of broker ------------------------------------------------------
+BROKERS = ("redis", "rabbitmq")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A test marked ``both_brokers`` runs once per broker (its ids end in [redis] and
+    [rabbitmq])."""
+    if metafunc.definition.get_closest_marker("both_brokers") \
+            and "broker_kind" in metafunc.fixturenames:
+        metafunc.parametrize("broker_kind", BROKERS, indirect=True)
+
+
+@pytest.fixture
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    """"redis" unless the test is marked ``both_brokers`` (then each in turn)."""
+    return str(getattr(request, "param", "redis"))
+
+
+@pytest.fixture(scope="session")
+def rabbit_server() -> Iterator[RabbitServer]:
+    server = RabbitServer(port=free_port(), workdir=new_workdir("dormant-rabbit-"))
+    try:
+        server.start()
+    except (FileNotFoundError, TimeoutError, RuntimeError) as exc:
+        server.stop()
+        unavailable(str(exc))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def rabbit_clean(rabbit_server: RabbitServer) -> RabbitServer:
+    """The private RabbitMQ node, running (a test may have killed it). Queues are not
+    emptied: every test has a queue of its own (its host name)."""
+    if not rabbit_server._answers():
+        rabbit_server.start()
+    return rabbit_server
+
+
+@pytest.fixture
+def broker_url(request: pytest.FixtureRequest, broker_kind: str, redis_clean: RedisServer) -> str:
+    """The broker URL workers and clients of this test use."""
+    if broker_kind == "rabbitmq":
+        return request.getfixturevalue("rabbit_clean").url()  # type: ignore[no-any-return]
+    return redis_clean.url(0)
 
 
 # -- libvirt ------------------------------------------------------------------------------------
@@ -140,12 +193,12 @@ def host_name() -> str:
 
 
 @pytest.fixture
-def dormant_env(redis_clean: RedisServer, host_name: str) -> dict[str, str]:
-    return test_env(redis_clean, host_name)
+def dormant_env(redis_clean: RedisServer, host_name: str, broker_url: str) -> dict[str, str]:
+    return test_env(redis_clean, host_name, DORMANT_BROKER_URL=broker_url)
 
 
 @pytest.fixture
-def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer,
+def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer, broker_url: str,
                  host_name: str, tmp_path) -> Iterator[Callable[..., WorkerProcess]]:  # type: ignore[no-untyped-def]
     """Start ``celery -A tasks worker`` processes; stopped (SIGTERM, then SIGKILL) afterwards.
 
@@ -158,7 +211,8 @@ def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer,
               args: list[str] | None = None, host: str | None = None,
               wait: bool = True) -> WorkerProcess:
         name = unique("w")
-        environment = test_env(redis_clean, host or host_name, **(env or {}))
+        environment = test_env(redis_clean, host or host_name,
+                               **{"DORMANT_BROKER_URL": broker_url, **(env or {})})
         worker = WorkerProcess(
             name=name, env=environment, log_path=tmp_path / f"{name}.log",
             args=["-P", pool, "-c", str(concurrency), *(args or [])],
@@ -166,7 +220,7 @@ def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer,
         worker.start()
         started.append(worker)
         if wait:
-            wait_for_worker(worker, redis_clean)
+            wait_for_worker(worker, redis_clean, broker=environment["DORMANT_BROKER_URL"])
         return worker
 
     yield start
@@ -174,20 +228,21 @@ def start_worker(request: pytest.FixtureRequest, redis_clean: RedisServer,
         worker.stop()
 
 
-def wait_for_worker(worker: WorkerProcess, redis_server: RedisServer, timeout: float = 60) -> None:
-    """Ready means it answers a broadcast ping by name."""
-    app = redis_server.celery_client()
+def wait_for_worker(worker: WorkerProcess, redis_server: RedisServer, timeout: float = 60,
+                    *, broker: str | None = None) -> None:
+    """Ready means it answers a broadcast ping by name (through ``broker``, else the Redis)."""
+    app = redis_server.celery_client(broker=broker)
 
     def answered() -> bool:
         if not worker.alive():
             raise RuntimeError(f"worker {worker.nodename} exited:\n{worker.log()[-5000:]}")
-        return bool(app.control.ping(destination=[worker.nodename], timeout=0.5))
+        return answers_ping(app, worker.nodename)
 
     wait_until(answered, timeout=timeout, interval=0.2, message=f"worker {worker.nodename} ping")
 
 
 @pytest.fixture
-def client_app(redis_clean: RedisServer):  # type: ignore[no-untyped-def]
-    app = redis_clean.celery_client()
+def client_app(redis_clean: RedisServer, broker_url: str):  # type: ignore[no-untyped-def]
+    app = redis_clean.celery_client(broker=broker_url)
     yield app
     app.close()

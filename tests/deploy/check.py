@@ -69,9 +69,12 @@ def run(argv: list[str], *, timeout: float = 300, check: bool = True) -> str:
     return done.stdout + done.stderr if not check else done.stdout
 
 
+COMPOSE_FILES = ["docker-compose.yml"]  # check_rabbitmq.py adds docker-compose.rabbitmq.yml
+
+
 def compose(*args: str, timeout: float = 300) -> str:
-    return run([*COMPOSE, "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"), *args],
-               timeout=timeout)
+    files = [arg for name in COMPOSE_FILES for arg in ("-f", str(ROOT / name))]
+    return run([*COMPOSE, "-p", PROJECT, *files, *args], timeout=timeout)
 
 
 def docker(*args: str, timeout: float = 300) -> str:

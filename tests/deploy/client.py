@@ -5,8 +5,11 @@ would write it: tasks addressed by name with JSON arguments, sent to the host's 
 checker runs it as its own process (``python -I tests/deploy/client.py``), the password in
 ``REDIS_PASSWORD`` (unset: none is sent), and it fails if anything imported dormant.
 
-    client.py --port P send TASK INSTANCE --queue Q [--request-id ID] [--wait S]
-    client.py --port P result TASK_ID [--wait S]
+    client.py --port P [--amqp-port A] send TASK INSTANCE --queue Q [--request-id ID] [--wait S]
+    client.py --port P [--amqp-port A] result TASK_ID [--wait S]
+
+With ``--amqp-port`` the broker is the stack's RabbitMQ (docker-compose.rabbitmq.yml): user and
+virtual host ``dormant``, the password in ``RABBITMQ_PASSWORD``; the results stay in Redis.
 
 prints one JSON object, ``{"task_id": ..., "result": ...}``; an error exits 1 with it on stderr.
 """
@@ -24,15 +27,22 @@ from celery import Celery
 DORMANT_PACKAGES = {"worker", "tasks", "celeryconfig"}
 
 
-def app(port: int, password: str | None, *, results: bool = True) -> Celery:
-    """A Celery app on the stack's published Redis (loopback only); no password = none sent."""
+def app(port: int, password: str | None, *, results: bool = True,
+        amqp_port: int | None = None, amqp_password: str | None = None) -> Celery:
+    """A Celery app on the stack's published Redis (loopback only); no password = none sent.
+    With ``amqp_port``, on the stack's RabbitMQ (publisher confirms: a send returns once the
+    broker holds the message)."""
     auth = f":{password}@" if password is not None else ""
-    caller = Celery(broker=f"redis://{auth}127.0.0.1:{port}/0",
+    broker = f"redis://{auth}127.0.0.1:{port}/0"
+    if amqp_port is not None:
+        broker = f"amqp://dormant:{amqp_password or ''}@127.0.0.1:{amqp_port}/dormant"
+    caller = Celery(broker=broker,
                     backend=f"redis://{auth}127.0.0.1:{port}/1" if results else None)
     caller.conf.update(task_serializer="json", accept_content=["json"],
                        result_accept_content=["json"], task_send_sent_event=True,
                        broker_connection_retry_on_startup=False,
-                       broker_transport_options={"max_retries": 1},
+                       broker_transport_options={"max_retries": 1, "confirm_publish": True}
+                       if amqp_port is not None else {"max_retries": 1},
                        redis_socket_connect_timeout=5, redis_socket_timeout=30)
     return caller
 
@@ -46,6 +56,7 @@ def send(caller: Celery, task: str, instance: str, queue: str, **kwargs: Any) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--amqp-port", type=int, default=None)
     commands = parser.add_subparsers(dest="command", required=True)
     sending = commands.add_parser("send")
     sending.add_argument("task")
@@ -59,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     password = os.environ.get("REDIS_PASSWORD")
-    caller = app(args.port, password, results=args.command == "result" or args.wait > 0)
+    caller = app(args.port, password, results=args.command == "result" or args.wait > 0,
+                 amqp_port=args.amqp_port, amqp_password=os.environ.get("RABBITMQ_PASSWORD"))
     try:
         if args.command == "send":
             extra = {"request_id": args.request_id} if args.request_id else {}

@@ -22,7 +22,7 @@ import pytest
 from tests.support.services import ROOT, free_port, stop_process, wait_until
 from tests.support.services import test_env as dormant_environment
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_brokers]
 
 USER, PASSWORD = "ops", "flower-test-secret"
 
@@ -36,9 +36,13 @@ class Flower:
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=self.log_file,
                                         stderr=subprocess.STDOUT, start_new_session=True)
 
-    def get(self, path: str, *, auth: tuple[str, str] | None = (USER, PASSWORD)) -> Any:
-        """(status, body): JSON decoded when it is JSON."""
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}")
+    def get(self, path: str, *, auth: tuple[str, str] | None = (USER, PASSWORD),
+            post: dict[str, Any] | None = None) -> Any:
+        """(status, body): JSON decoded when it is JSON. With ``post``, a JSON POST."""
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=None if post is None else json.dumps(post).encode(),
+            headers={} if post is None else {"Content-Type": "application/json"})
         if auth:
             token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
@@ -65,9 +69,10 @@ class Flower:
 
 
 @pytest.fixture
-def flower(redis_clean, host_name, tmp_path) -> Iterator[Flower]:
+def flower(redis_clean, broker_url, host_name, tmp_path) -> Iterator[Flower]:
     env = dormant_environment(redis_clean, host_name, DORMANT_LIBVIRT_URI="test:///default",
-                   FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
+                              DORMANT_BROKER_URL=broker_url,
+                              FLOWER_BASIC_AUTH=f"{USER}:{PASSWORD}")
     env.pop("FLOWER_UNAUTHENTICATED_API", None)
     server = Flower(free_port(), env, tmp_path / "flower.log")
     try:
@@ -85,7 +90,7 @@ def _seen_by_flower(flower: Flower, task_id: str, state: str) -> dict[str, Any] 
 
 
 def test_flower_shows_transitions_with_credentials_and_refuses_without(
-        flower, start_worker, client_app, host_name, redis_clean):
+        flower, start_worker, client_app, host_name, redis_clean, broker_url):
     start_worker(pool="threads", concurrency=4,
                  env={"DORMANT_LIBVIRT_URI": "test:///default"})
     # A second host whose libvirtd is unreachable: its transitions are retried, then fail.
@@ -138,7 +143,8 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
     from worker.api.client import Client
     from worker.core import settings as settings_mod
 
-    own = settings_mod.load(dormant_environment(redis_clean, host_name))
+    own = settings_mod.load(dormant_environment(redis_clean, host_name,
+                                                DORMANT_BROKER_URL=broker_url))
     with Client.from_settings(own) as client:
         waiting = client.app.send_task("dormant.ping", queue="dormant.nobody-consumes-this")
     queued = wait_until(lambda: _seen_by_flower(flower, waiting.id, "PENDING"), timeout=20,
@@ -148,6 +154,14 @@ def test_flower_shows_transitions_with_credentials_and_refuses_without(
     status, listing = flower.get("/api/tasks?taskname=dormant.pause")
     assert status == 200
     assert listing[paused.id]["state"] == "SUCCESS"
+
+    # Flower's REST API as a caller: a task sent by name to the host queue.
+    status, sent = flower.get("/api/task/async-apply/dormant.unpause",
+                              post={"args": ["dormant-demo-web"], "queue": queue})
+    assert status == 200, sent
+    unpaused = wait_until(lambda: _seen_by_flower(flower, sent["task-id"], "SUCCESS"),
+                          timeout=30, message="unpause sent through Flower's API succeeded")
+    assert "'changed'" in unpaused["result"] or '"changed"' in unpaused["result"]
 
     # The same API without credentials, or with wrong ones, answers 401 and leaks nothing.
     for auth in (None, (USER, "wrong")):

@@ -15,7 +15,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from tests.support.journal import base_state, journal, real_state, record
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.both_brokers]
 
 # (task, kwargs, the real state it leads to)
 SEQUENCE = [

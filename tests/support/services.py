@@ -45,6 +45,18 @@ def wait_until(predicate: Callable[[], Any], *, timeout: float, interval: float 
         time.sleep(interval)
 
 
+def answers_ping(app: Celery, nodename: str, timeout: float = 0.5) -> bool:
+    """Whether a worker answers a broadcast ping; False (not yet) when the broker connection
+    fails: a pooled connection to a broker that was restarted meanwhile fails once (kombu
+    keeps one per URL for the whole process), the next call reconnects."""
+    from kombu.exceptions import OperationalError
+
+    try:
+        return bool(app.control.ping(destination=[nodename], timeout=timeout))
+    except (OSError, OperationalError, *app.connection_for_write().connection_errors):
+        return False
+
+
 def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
     """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
     if process.poll() is not None:
@@ -73,12 +85,16 @@ class RedisServer:
     def client(self, db: int = 0) -> redis.Redis:
         return redis.Redis.from_url(self.url(db), decode_responses=True)
 
-    def celery_client(self, main: str = "client", *, results: bool = True) -> Celery:
+    def celery_client(self, main: str = "client", *, results: bool = True,
+                      broker: str | None = None) -> Celery:
         """A Celery app as a caller outside dormant has it: broker, backend, JSON, task names.
 
         It imports nothing from dormant, so it proves the contract holds for any client.
+        ``broker`` is another broker's URL (a private RabbitMQ: tests/support/rabbit.py);
+        the results stay in this Redis.
         """
-        app = Celery(main, broker=self.url(0), backend=self.url(1) if results else None)
+        app = Celery(main, broker=broker or self.url(0),
+                     backend=self.url(1) if results else None)
         app.conf.update(task_serializer="json", result_serializer="json",
                         accept_content=["json"], result_accept_content=["json"],
                         broker_connection_retry_on_startup=True)

@@ -34,7 +34,7 @@ from worker.core.errors import (
 )
 from worker.core.settings import CONTROL_QUEUE, Settings, celery_tls, queue_for_host
 from worker.core.validation import quote
-from worker.fleet import registry
+from worker.fleet import broker, registry
 from worker.reclaim import run_store
 from worker.store import keys
 from worker.store.connection import for_settings
@@ -56,14 +56,11 @@ CLOSED = frozenset({"done", "disabled", "dry_run", "cancelled"})  # a run's fina
 
 def celery_client(settings: Settings) -> Celery:
     """A JSON-only Celery client for dormant's broker and result backend."""
-    transport = {"visibility_timeout": settings.visibility_timeout,
-                 "socket_connect_timeout": SOCKET_TIMEOUT, "socket_timeout": SOCKET_TIMEOUT,
-                 "max_retries": 1}
+    kind = broker.for_url(settings.broker_url)
     backend_transport = {"visibility_timeout": settings.visibility_timeout,
                          "retry_policy": {"max_retries": 2, "interval_start": 0,
                                           "interval_step": 0.2, "interval_max": 0.5}}
     sentinel = SentinelOptions.from_settings(settings)  # sentinel:// (worker/store/sentinel.py)
-    transport.update(sentinel.transport_options(settings.broker_url))
     backend_transport.update(sentinel.transport_options(settings.result_backend))
     app = Celery("dormant-client", broker=settings.broker_url, backend=settings.result_backend,
                  set_as_current=False)
@@ -76,7 +73,6 @@ def celery_client(settings: Settings) -> Celery:
         broker_connection_retry=False,
         broker_connection_max_retries=1,
         broker_connection_timeout=SOCKET_TIMEOUT,
-        broker_transport_options=transport,
         result_backend_transport_options=backend_transport,
         redis_socket_connect_timeout=SOCKET_TIMEOUT,
         redis_socket_timeout=SOCKET_TIMEOUT,
@@ -86,6 +82,13 @@ def celery_client(settings: Settings) -> Celery:
     )
     # rediss:// without these would skip certificate checks (see settings.redis_tls).
     app.conf.update(celery_tls(settings))
+    # Timeouts, and on RabbitMQ quorum queues and publisher confirms (worker/fleet/broker.py).
+    client_settings = kind.client_settings(settings, SOCKET_TIMEOUT)
+    client_settings["broker_transport_options"] = {
+        **client_settings.get("broker_transport_options", {}),
+        **sentinel.transport_options(settings.broker_url)}
+    app.conf.update(client_settings)
+    kind.configure(app)
     return app
 
 

@@ -6,11 +6,15 @@ libvirtd makes this fail even while the worker itself still answers pings), and,
 check's error type (``HypervisorUnavailable``, ``HypervisorBusy``, ``BrokerUnavailable``,
 ``NoWorker``) and every failed check in its one line; a bad setting or option is exit 2, like
 every command.
+
+``dormant queues``: how many messages wait in (and are held from) each dormant queue, on
+either broker -- the "every queue is empty" check of a drain or an upgrade.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 import click
@@ -83,3 +87,28 @@ def health(node: str | None, timeout: float | None, as_json: bool) -> None:
     if bad:
         fail("; ".join(f"{c['check']}: {c['detail']}" for c in bad), EXIT_UNAVAILABLE,
              bad[0]["error_type"])
+
+
+@main.command()
+@click.option("--host", "hosts", multiple=True,
+              help="Only this host's queue (repeatable) [every live host, and control].")
+@json_option
+@handles_errors
+def queues(hosts: tuple[str, ...], as_json: bool) -> None:
+    """Messages ready and in flight in dormant's queues (Redis or RabbitMQ), and on
+    RabbitMQ the countdowns (retries) it holds."""
+    from worker.api.client import Client
+    from worker.core.settings import CONTROL_QUEUE, queue_for_host
+    from worker.fleet import broker
+
+    with Client.from_settings() as client:
+        names = [queue_for_host(h) for h in hosts] if hosts else \
+            [CONTROL_QUEUE, *(queue_for_host(h) for h in client.hosts())]
+        kind = broker.for_url(client.settings.broker_url)
+        with client.app.connection_for_read() as connection:
+            depths = [kind.depth(connection, name) for name in names]
+            delayed = kind.delayed(connection)
+    rows = [asdict(d) for d in [*depths, *([delayed] if delayed is not None else [])]]
+    for row in rows:
+        row["empty"] = row["ready"] == 0 and not row["unacked"]
+    emit(rows, as_json=as_json, columns=("queue", "ready", "unacked", "consumers", "empty"))

@@ -26,6 +26,8 @@ PREFIX = "DORMANT_"
 class Settings:
     """Typed settings; each field maps to ``DORMANT_<FIELD NAME IN UPPER CASE>``."""
 
+    # Redis (redis://, rediss://) or RabbitMQ (amqp://; quorum queues): worker/fleet/broker.py
+    # says what each needs. The result backend and the state store are always Redis.
     broker_url: str = "redis://127.0.0.1:6379/0"
     result_backend: str = "redis://127.0.0.1:6379/1"
     state_url: str = "redis://127.0.0.1:6379/2"
@@ -53,6 +55,7 @@ class Settings:
 
     # Delivery and retries. Every countdown stays far below the visibility timeout.
     visibility_timeout: int = 3600  # seconds before Redis redelivers an unacked message
+    # (the Redis broker's; RabbitMQ redelivers when the consumer's channel closes)
     max_retries: int = 6  # transient libvirt failures retried this many times
     retry_backoff: int = 2  # first backoff step in seconds, doubled each retry
     retry_backoff_max: int = 60  # seconds, cap of one backoff step
@@ -78,6 +81,7 @@ class Settings:
     save_reserve_mib: int = 2048
     memory_reserve_fraction: float = 0.10
     memory_reserve_mib: int = 2048
+    # The Redis broker only (RabbitMQ requeues a dead worker's messages itself):
     host_claim_ttl: int = 15  # seconds a dead worker's claim on its host outlives it
     orphan_sweep_interval: int = 30  # seconds between sweeps for messages nobody holds
     concurrency: int = 0  # worker pool size (threads or processes); 0 = Celery's default

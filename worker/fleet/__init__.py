@@ -1,1 +1,2 @@
-"""Which worker serves which host and instance, and recovering a dead worker's messages."""
+"""Which worker serves which host and instance, what each broker needs (Redis or RabbitMQ),
+and recovering a dead worker's messages where the broker does not."""
