@@ -33,6 +33,7 @@ from worker.reclaim import (
     sampling,
     selection,
 )
+from worker.reclaim.quantise import Thresholds
 from worker.transition.context import Context
 from worker.transition.table import Action
 
@@ -124,8 +125,9 @@ class Reclaimer:
     def sample(self) -> dict[str, Any]:
         """Take one sample of every guest of this host now."""
         now = self.clock()
+        thresholds = Thresholds.of(idle.IdlePolicy.from_settings(self.settings))
         stored = sampling.take(self.ctx.hypervisor, self.client, self.ctx.host,
-                               window=self.settings.idle_window, now=now)
+                               window=self.settings.idle_window, now=now, thresholds=thresholds)
         return {"host": self.ctx.host, "stored": stored, "at": now}
 
     # -- starting runs --------------------------------------------------------------------
@@ -274,14 +276,15 @@ class Reclaimer:
                 if selection.in_scope(n, s.reclaim_scope)]
         uuids = [u for u, _, _ in seen]
         policy = idle.IdlePolicy.from_settings(s)
-        history = sampling.load(self.client, uuids, since=now - s.idle_window)
-        first = sampling.first_seen(self.client, uuids)
+        history = sampling.load(self.client, uuids, since=now - s.idle_window,
+                                host=self.ctx.host)
+        first = {u: a.first_seen for u, a in history.items()}
         exempt = exemptions.members(self.client)
         marked = marks.load(self.client, uuids)
         return [
             selection.Candidate(
                 uuid=u, name=n, state=smp.state,
-                decision=idle.decide(u, history.get(u, []), policy, now=now),
+                decision=idle.decide(u, history[u], policy, now=now),
                 exempt_metadata=smp.state == State.RUNNING and self._metadata_exempt(u),
                 exempt_cli=u in exempt, first_seen=first.get(u), mark=marked.get(u),
             )
@@ -383,8 +386,8 @@ class Reclaimer:
             self.sleep(s.reclaim_recheck_seconds)  # measuring fresh activity, not a wait
             after = self._fresh(uuid)
         policy = idle.IdlePolicy.from_settings(s)
-        stored = sampling.load(self.client, [uuid],
-                               since=self.clock() - s.idle_window).get(uuid, [])
+        stored = sampling.load(self.client, [uuid], since=self.clock() - s.idle_window,
+                               host=self.ctx.host)[uuid]
         check = selection.recheck(uuid, state=state, exempt=exempt, disabled_reason=disabled,
                            stored=stored, before=before, after=after, policy=policy)
         return Precheck(state, "" if check.ok else check.reason, check.numbers)

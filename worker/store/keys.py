@@ -65,12 +65,24 @@ EXEMPT = f"{PREFIX}:reclaim:exempt"  # set of instance uuids exempted by CLI
 RUNS = f"{PREFIX}:reclaim:runs"  # zset: run id -> start time
 
 
+def activity(instance_uuid: str) -> str:
+    """One instance's activity record: its samples as rate codes, the newest sample's counters
+    and when it was first sampled (binary string, worker/reclaim/activity.py)."""
+    return f"{PREFIX}:activity:{instance_uuid}"
+
+
+def activity_times(host: str) -> str:
+    """The times one host sampled its guests (binary string of milliseconds)."""
+    return f"{PREFIX}:activity-times:{host}"
+
+
 def samples(instance_uuid: str) -> str:
-    """Activity samples of one instance (sorted set scored by sample time)."""
+    """Activity samples in the old form (a sorted set of JSON); read once to convert them."""
     return f"{PREFIX}:samples:{instance_uuid}"
 
 
 def first_seen(instance_uuid: str) -> str:
+    """When an instance was first sampled, in the old form; read once to convert it."""
     return f"{PREFIX}:first-seen:{instance_uuid}"
 
 
