@@ -37,14 +37,15 @@ from worker.reclaim.actions import Reclaimer
 from worker.transition.table import Action
 
 
+def send_item(rid: str, instance: str) -> None:
+    """Queue one action of a run on this host's queue. Nobody waits for its Celery result:
+    its outcome is in the run's report."""
+    run_item.apply_async(args=(rid, instance), queue=settings().host_queue, ignore_result=True)
+
+
 def reclaimer() -> Reclaimer:
     """This process's reclaimer; its queued actions go to this host's queue."""
-    s = settings()
-
-    def send_item(rid: str, instance: str) -> None:
-        run_item.apply_async(args=(rid, instance), queue=s.host_queue)
-
-    return Reclaimer(context(), s, send_item)
+    return Reclaimer(context(), settings(), send_item)
 
 
 # -- sampling ----------------------------------------------------------------------------------
@@ -68,7 +69,7 @@ def sample_fleet() -> int:
     hosts = _hosts(s)
     for host in hosts:
         app.send_task(contract.SAMPLE.name, queue=queue_for_host(host),
-                      expires=s.sample_interval)
+                      expires=s.sample_interval, ignore_result=True)  # nobody waits for it
     return len(hosts)
 
 
@@ -86,7 +87,7 @@ def reclaim_fleet() -> list[str]:
         rid = run_store.manual_id(host, period_start) if s.reclaim_every else \
             run_store.nightly_id(host, day)
         app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
-                      queue=queue_for_host(host))
+                      queue=queue_for_host(host), ignore_result=True)  # the report is the run's
         sent.append(rid)
     return sent
 

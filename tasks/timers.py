@@ -98,7 +98,8 @@ def expire_deadlines(app: Celery, now: float | None = None) -> int:
                 continue
             request_id = f"deadline:{due.get('request_id', '')}"[:MAX_REQUEST_ID]
             app.send_task(contract.UNPAUSE.name, args=[due["instance"]],
-                          kwargs={"request_id": request_id}, queue=queue_for_host(host))
+                          kwargs={"request_id": request_id}, queue=queue_for_host(host),
+                          ignore_result=True)  # journaled; nobody waits for it
             log.info("auto-unpause of %s sent to %s (%s)", due["instance"], host, request_id)
             sent += 1
     except Exception as exc:  # the next tick tries again; a claimed one was already sent

@@ -35,8 +35,12 @@ from worker.store.connection import translated
 
 log = logging.getLogger("dormant.store")
 
-JOURNAL_MAXLEN = 10_000  # entries kept per instance stream (approximate trim)
+# Journals are bounded (docs/operations.md "Sizing Redis"): an instance's stream keeps about
+# this many entries (~0.5 KB each: years of nightly suspends and morning resumes) and goes 90
+# days after its last entry (a deleted guest's); the fleet stream keeps the newest 100,000.
+JOURNAL_MAXLEN = 1_000  # entries kept per instance stream (approximate trim)
 JOURNAL_ALL_MAXLEN = 100_000
+JOURNAL_TTL = 90 * 86400  # seconds an instance's journal outlives its last entry
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -248,6 +252,7 @@ class Store:
                     host,
                     self.registry_ttl if journal_instance else 0,  # never for an unknown one
                     "1" if journal_instance else "0",
+                    JOURNAL_TTL,
                 ],
             )
         if not ok:
@@ -291,6 +296,7 @@ class Store:
             if instance:
                 pipe.xadd(keys.journal(instance), {"entry": body}, maxlen=JOURNAL_MAXLEN,
                           approximate=True)
+                pipe.expire(keys.journal(instance), JOURNAL_TTL)
             pipe.xadd(keys.JOURNAL_ALL, {"entry": body}, maxlen=JOURNAL_ALL_MAXLEN,
                       approximate=True)
             pipe.execute()
@@ -335,5 +341,5 @@ class Store:
                       keys.JOURNAL_ALL, keys.DEADLINES, keys.deadline(instance)],
                 args=[seen.fence, seen.entries[0][0] if seen.entries else "",
                       json.dumps(entry, sort_keys=True), "1" if clear_deadline else "0",
-                      instance, JOURNAL_MAXLEN, JOURNAL_ALL_MAXLEN],
+                      instance, JOURNAL_MAXLEN, JOURNAL_ALL_MAXLEN, JOURNAL_TTL],
             ))
