@@ -224,3 +224,14 @@ def test_a_domain_undefined_during_sampling_is_skipped(hypervisor: Hypervisor, m
     uuids = {uuid for uuid, _name, _s in sampling.collect(hypervisor, now=T0)}
     assert kept.UUIDString() in uuids
     assert doomed.UUIDString() not in uuids
+
+
+def test_collect_of_some_guests_reads_only_theirs(hypervisor: Hypervisor, make_domain,  # type: ignore[no-untyped-def]
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-check before a suspend reads one guest's stats, whatever the host holds."""
+    wanted, other = make_domain(), make_domain()
+    monkeypatch.setattr(hypervisor, "stats", lambda: pytest.fail("every domain was read"))
+    items = sampling.collect(hypervisor, now=T0, of=[wanted.UUIDString(), "no-such-guest"])
+    assert [(u, n) for u, n, _s in items] == [(wanted.UUIDString(), wanted.name())]
+    assert items[0][2].state == "running"
+    assert other.UUIDString() not in {u for u, _n, _s in items}

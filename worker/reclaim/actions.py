@@ -354,7 +354,8 @@ class Reclaimer:
         return result
 
     def _fresh(self, uuid: str) -> sampling.Sample | None:
-        for u, _name, smp in sampling.collect(self.ctx.hypervisor, now=self.clock()):
+        """A sample of this one guest now (its stats alone: not every guest of the host)."""
+        for u, _name, smp in sampling.collect(self.ctx.hypervisor, now=self.clock(), of=[uuid]):
             if u == uuid:
                 return smp
         return None

@@ -42,8 +42,10 @@ from worker.reclaim.quantise import (
     NOT_RUNNING,
     RESET,
     SPECIAL,
+    Coder,
     Grid,
     Thresholds,
+    coder,
     representatives,
 )
 
@@ -69,7 +71,7 @@ def millis(t: float) -> int:
     return round(round(t, 3) * 1000)
 
 
-def row_codes(prev: Sample | None, cur: Sample, th: Thresholds) -> tuple[int, int, int, int]:
+def row_codes(prev: Sample | None, cur: Sample, codes: Coder) -> tuple[int, int, int, int]:
     """(cpu, rx, tx, disk) codes of the interval from ``prev`` to ``cur``, with the same
     arithmetic on the same floats as :func:`worker.reclaim.idle.decide` on raw samples.
 
@@ -91,8 +93,7 @@ def row_codes(prev: Sample | None, cur: Sample, th: Thresholds) -> tuple[int, in
     if dc < 0 or dr < 0 or dx < 0 or dd < 0:
         return RESET, 0, 0, 0
     cpu = dc / (dt * max(min(prev.vcpus, cur.vcpus), 1) * 1e7)  # % of the allocated vCPUs
-    return (CPU_GRID.code(cpu, th.cpu_percent), NET_GRID.code(dr / dt, th.rx_bps),
-            NET_GRID.code(dx / dt, th.tx_bps), DISK_GRID.code(dd / dt, th.disk_bps))
+    return codes.codes(cpu, dr / dt, dx / dt, dd / dt)
 
 
 # -- a host's sample times ---------------------------------------------------------------------
@@ -260,7 +261,7 @@ def extend(rec: Record, rows: Iterable[tuple[Sample, int]]) -> Record:
     explicit = list(rec.explicit)
     last, first_seq, last_seq = rec.last, rec.first_seq, rec.last_seq
     n = len(rec)
-    th = rec.thresholds
+    th = coder(rec.thresholds)
     for sample, seq in rows:
         codes = row_codes(last, sample, th)
         disk = codes[3]

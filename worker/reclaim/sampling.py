@@ -54,14 +54,16 @@ _LEGACY_STATES = {"r": "running", "p": "paused", "s": "suspended", "o": "shutoff
                   "u": "unknown"}
 
 
-def collect(hv: Hypervisor, *, now: float) -> list[tuple[str, str, Sample]]:
-    """Every domain of ``hv`` as ``(uuid, name, sample)`` from one ``getAllDomainStats`` call."""
+def collect(hv: Hypervisor, *, now: float, of: list[str] | None = None
+            ) -> list[tuple[str, str, Sample]]:
+    """Every domain of ``hv`` (or only those named in ``of``) as ``(uuid, name, sample)``,
+    from one stats call."""
     return [
         (st.uuid, st.name, Sample(
             t=now, state=str(st.state), cpu_ns=st.cpu_time_ns, vcpus=st.vcpus,
             rx=st.net_rx_bytes, tx=st.net_tx_bytes, rd=st.block_rd_bytes, wr=st.block_wr_bytes,
         ))
-        for st in hv.stats()
+        for st in (hv.stats() if of is None else hv.stats_of(of))
     ]
 
 
@@ -180,7 +182,8 @@ def _store_once(client: redis.Redis, host: str, grouped: dict[str, list[Sample]]
                     log.warning("sample of %s at %.3f dropped: older than the newest stored "
                                 "on %s", uuid, s.t, host)
                     continue
-                rows.append((s._replace(t=t_ms / 1000), seq_of[t_ms]))
+                stored_t = t_ms / 1000  # to the millisecond, as samples were always kept
+                rows.append((s if s.t == stored_t else s._replace(t=stored_t), seq_of[t_ms]))
                 newest_ms = t_ms
             stored += len(rows)
             written[uuid] = activity.drop_before(activity.extend(rec, rows), ticks, oldest_ms)

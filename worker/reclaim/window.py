@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from operator import sub
 
 from worker.reclaim.activity import DISK_ONLY, Record, Sample, Times, row_codes
-from worker.reclaim.quantise import NO_CPU, NOT_RUNNING, Thresholds
+from worker.reclaim.quantise import NO_CPU, NOT_RUNNING, Thresholds, coder
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class Activity:
 
     def extended(self, sample: Sample) -> Activity:
         """With one more sample (a fresh reading, not stored) at its exact time."""
-        cpu, rx, tx, disk = row_codes(self.last, sample, self.thresholds)
+        cpu, rx, tx, disk = row_codes(self.last, sample, coder(self.thresholds))
         return replace(self, times=[*self.times, sample.t], cpu=self.cpu + bytes((cpu,)),
                        rx=self.rx + bytes((rx,)), tx=self.tx + bytes((tx,)),
                        disk=self.disk + bytes((disk,)), last=sample, ticks=None)
