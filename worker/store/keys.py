@@ -151,7 +151,7 @@ FAMILIES = (
     Family("samples", "one window (DORMANT_IDLE_WINDOW), then they expire",
            prefixes=(f"{PREFIX}:activity:", f"{PREFIX}:activity-times:", f"{PREFIX}:sampled:",
                      f"{PREFIX}:samples:", f"{PREFIX}:first-seen:")),
-    Family("journals", "per instance ~1,000 entries and 90 days after its last entry; "
+    Family("journals", "per instance ~100 entries, gone 90 days after its last one; "
            "the fleet journal ~100,000 entries",
            prefixes=(f"{PREFIX}:journal:",), exact=(JOURNAL_ALL,)),
     Family("idempotency records", "DORMANT_RESULT_TTL (7 days) after the request",

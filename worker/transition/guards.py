@@ -35,10 +35,12 @@ from worker.store.connection import translated
 
 log = logging.getLogger("dormant.store")
 
-# Journals are bounded (docs/operations.md "Sizing Redis"): an instance's stream keeps about
-# this many entries (~0.5 KB each: years of nightly suspends and morning resumes) and goes 90
-# days after its last entry (a deleted guest's); the fleet stream keeps the newest 100,000.
-JOURNAL_MAXLEN = 1_000  # entries kept per instance stream (approximate trim)
+# Journals are bounded (docs/operations.md "Sizing Redis"). An instance's stream costs ~4.7 KB
+# for its first entries (Redis preallocates a 4 KB stream node) and ~0.75 KB per entry after:
+# it keeps about the newest 100 (seven weeks of a nightly suspend and a morning resume; ~80 KB)
+# and goes 90 days after its last entry (a deleted guest's). The fleet stream keeps the newest
+# 100,000 (~75 MB).
+JOURNAL_MAXLEN = 100  # entries kept per instance stream (approximate trim)
 JOURNAL_ALL_MAXLEN = 100_000
 JOURNAL_TTL = 90 * 86400  # seconds an instance's journal outlives its last entry
 
