@@ -49,7 +49,8 @@ from bench.fleet_night import (
     suspends,
 )
 from tests.support.services import RedisServer, free_port, new_workdir, wait_until
-from worker.store import keys, usage
+from worker.reclaim import sampling
+from worker.store import usage
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,8 @@ def simulate(hosts: int, per_host: int, *, concurrency: int, idle_seconds: float
         before = Snapshot.take(state, redis_pid, procs.pids())
         sent_at = time.time()
         app.send_task("dormant.sample_fleet", queue="dormant.control")
-        wait_until(lambda: all(state.zrangebyscore(keys.sampled(h), sent_at, "+inf", 0, 1)
-                               for h in fleet.hosts), timeout=600, interval=0.2,
+        wait_until(lambda: all(sampling.sampled(state, h, since=sent_at) for h in fleet.hosts),
+                   timeout=600, interval=0.2,
                    message="every host sampled")
         out["sample_round"] = Snapshot.take(state, redis_pid, procs.pids()).since(before)
 

@@ -10,6 +10,7 @@ import pytest
 
 from tests.integration.test_cli import _ok, dormant
 from tests.support.services import wait_until
+from worker.reclaim import sampling
 from worker.store import keys
 from worker.store import usage as measuring
 
@@ -27,7 +28,7 @@ def test_usage_accounts_for_every_key_a_worker_writes(start_worker, client_app, 
     # What beat sends: the fan-out, then one dormant.sample per host, neither keeping a result.
     client_app.send_task("dormant.sample_fleet", queue="dormant.control").forget()
     state = redis_clean.client(2)
-    wait_until(lambda: state.zcard(keys.sampled(host_name)), timeout=60,
+    wait_until(lambda: sampling.sampled(state, host_name, since=0), timeout=60,
                message="the fan-out's sample stored")
 
     report = json.loads(_ok(dormant(dormant_env, "usage", "--json", "--sample", "0")).stdout)

@@ -95,7 +95,7 @@ def test_store_trims_to_the_window_and_keeps_its_start(fake_redis: fakeredis.Fak
 
 def test_keys_expire_one_window_after_the_last_write(fake_redis: fakeredis.FakeRedis) -> None:
     sampling.store(fake_redis, "h", [("u", "n", sample(T0))], window=WINDOW, now=T0)
-    for key in (keys.activity("u"), keys.activity_times("h"), keys.sampled("h")):
+    for key in (keys.activity("u"), keys.activity_times("h"), keys.activity_guests("h")):
         assert 0 < fake_redis.ttl(key) <= WINDOW, key
 
 

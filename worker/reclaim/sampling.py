@@ -9,7 +9,7 @@ a counter going backwards (restart, restore) is recognised as a reset, not negat
 
 Every write drops what is older than the look-back window and makes the keys expire one
 window after it, so instances that vanish clean up after themselves; the record also keeps
-when the instance was first sampled (the minimum age). A per-host sorted set (uuid -> last
+when the instance was first sampled (the minimum age). A per-host string (uuid -> last
 sample time) lists what a host sampled.
 
 Writing reads the host's times and its instances' records and writes them back in one
@@ -69,10 +69,6 @@ def collect(hv: Hypervisor, *, now: float, of: list[str] | None = None
 
 def _ttl(window: float) -> int:
     return max(1, math.ceil(window))
-
-
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _legacy(client: redis.Redis, uuids: list[str], since: float
@@ -146,13 +142,14 @@ def store(client: redis.Redis, host: str, items: Iterable[tuple[str, str, Sample
 def _store_once(client: redis.Redis, host: str, grouped: dict[str, list[Sample]],
                 th: Thresholds, *, window: float, now: float) -> int:
     uuids = list(grouped)
-    ticks_key = keys.activity_times(host)
+    ticks_key, index_key = keys.activity_times(host), keys.activity_guests(host)
     record_keys = [keys.activity(u) for u in uuids]
     oldest = now - window
     oldest_ms = math.ceil(oldest * 1000)
     with client.pipeline(transaction=True) as pipe:
-        pipe.watch(ticks_key, *record_keys)
-        raw_ticks, *raw = pipe.execute_command("MGET", ticks_key, *record_keys, **RAW)
+        pipe.watch(ticks_key, index_key, *record_keys)
+        raw_ticks, raw_index, *raw = pipe.execute_command("MGET", ticks_key, index_key,
+                                                           *record_keys, **RAW)
         ticks = Times.unpack(raw_ticks)
         records = {u: Record.unpack(b) for u, b in zip(uuids, raw, strict=True) if b}
         adopted = _legacy(client, [u for u in uuids if u not in records], oldest)
@@ -188,20 +185,20 @@ def _store_once(client: redis.Redis, host: str, grouped: dict[str, list[Sample]]
             stored += len(rows)
             written[uuid] = activity.drop_before(activity.extend(rec, rows), ticks, oldest_ms)
         ttl = _ttl(window)
+        seen = activity.unpack_sampled(raw_index)
         pipe.multi()
         pipe.set(ticks_key, ticks.trimmed(oldest_ms).pack(), ex=ttl)
-        index = keys.sampled(host)
         for uuid, rec in written.items():
             if len(rec):
                 pipe.set(keys.activity(uuid), rec.pack(), ex=ttl)
                 assert rec.last is not None
-                pipe.zadd(index, {uuid: rec.last.t})
+                seen[uuid] = activity.millis(rec.last.t)
             else:
                 pipe.delete(keys.activity(uuid))
         if adopted:
             pipe.delete(*(k for u in adopted for k in (keys.samples(u), keys.first_seen(u))))
-        pipe.zremrangebyscore(index, "-inf", f"({oldest!r}")
-        pipe.expire(index, ttl)
+        seen = {u: t for u, t in seen.items() if t >= oldest_ms}
+        pipe.set(index_key, activity.pack_sampled(seen), ex=ttl)
         pipe.execute()
     return stored
 
@@ -266,6 +263,9 @@ def first_seen(client: redis.Redis, uuids: Iterable[str]) -> dict[str, float | N
 
 
 def sampled(client: redis.Redis, host: str, *, since: float) -> list[str]:
-    """UUIDs this host sampled at or after ``since`` (the instances it has evidence about)."""
-    members = cast(list[str | bytes], client.zrangebyscore(keys.sampled(host), since, "+inf"))
-    return [_text(m) for m in members]
+    """UUIDs this host sampled at or after ``since`` (the instances it has evidence about),
+    oldest last sample first."""
+    seen = activity.unpack_sampled(client.execute_command("GET", keys.activity_guests(host),
+                                                          **RAW))
+    since_ms = since * 1000
+    return [u for u, t in sorted(seen.items(), key=lambda kv: kv[1]) if t >= since_ms]

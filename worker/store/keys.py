@@ -78,6 +78,11 @@ def activity_times(host: str) -> str:
     return f"{PREFIX}:activity-times:{host}"
 
 
+def activity_guests(host: str) -> str:
+    """Which guests one host sampled, and when last (binary string, worker/reclaim/activity.py)."""
+    return f"{PREFIX}:activity-guests:{host}"
+
+
 def samples(instance_uuid: str) -> str:
     """Activity samples in the old form (a sorted set of JSON); read once to convert them."""
     return f"{PREFIX}:samples:{instance_uuid}"
@@ -89,7 +94,7 @@ def first_seen(instance_uuid: str) -> str:
 
 
 def sampled(host: str) -> str:
-    """Sorted set: instance uuid -> time of its last sample taken by this host."""
+    """The old form of activity_guests (a sorted set); expires by itself after an upgrade."""
     return f"{PREFIX}:sampled:{host}"
 
 
@@ -149,7 +154,8 @@ class Family:
 QUEUE_PREFIX = "dormant."  # dormant.<host> and dormant.control (worker/core/settings.py)
 FAMILIES = (
     Family("samples", "one window (DORMANT_IDLE_WINDOW), then they expire",
-           prefixes=(f"{PREFIX}:activity:", f"{PREFIX}:activity-times:", f"{PREFIX}:sampled:",
+           prefixes=(f"{PREFIX}:activity:", f"{PREFIX}:activity-times:",
+                     f"{PREFIX}:activity-guests:", f"{PREFIX}:sampled:",
                      f"{PREFIX}:samples:", f"{PREFIX}:first-seen:")),
     Family("journals", "per instance ~100 entries, gone 90 days after its last one; "
            "the fleet journal ~100,000 entries",
