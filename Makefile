@@ -1,4 +1,4 @@
-.PHONY: run test setup lint bench faults deploy-test fresh-test
+.PHONY: run test setup lint bench faults fleet deploy-test fresh-test
 
 run:    ## worker + beat + Flower in the foreground (installs what is missing first)
 	scripts/run.sh
@@ -30,3 +30,7 @@ bench:  ## the benchmarks (see bench/README.md); record results in bench/RESULTS
 faults:  ## the fault suite on real parts, on both brokers (bench/faults.py, table in bench/RESULTS.md); FAULTS_QUICK=1: the reduced CI version
 	scripts/setup.sh --with-rabbitmq
 	FAULTS_QUICK=$(FAULTS_QUICK) .venv/bin/python -m bench.faults
+
+fleet:  ## a fleet on one Redis: 1, 10 and 50 hosts x 1,000 guests, one night each (bench/fleet.py, ~30 min); FLEET_QUICK=1: the reduced CI version
+	scripts/setup.sh
+	FLEET_QUICK=$(FLEET_QUICK) .venv/bin/python -m bench.fleet

@@ -73,7 +73,7 @@ def sample_fleet() -> int:
     hosts = _hosts(s)
     for host in hosts:
         app.send_task(contract.SAMPLE.name, queue=queue_for_host(host),
-                      expires=s.sample_interval)
+                      expires=s.sample_interval, ignore_result=True)  # nobody waits for it
     return len(hosts)
 
 
@@ -90,8 +90,8 @@ def reclaim_fleet() -> list[str]:
     for host in _hosts(s):
         rid = run_store.periodic_id(host, period_start) if s.reclaim_every else \
             run_store.nightly_id(host, day)
-        result = app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},
-                               queue=queue_for_host(host))
+        result = app.send_task(contract.RECLAIM.name, kwargs={"run_id": rid},  # the report
+                               queue=queue_for_host(host), ignore_result=True)  # is its result
         # Known before its worker starts it, so `dormant cancel` can stop it meanwhile.
         run_store.note_queued(context().store.redis, rid, kind="reclaim", host=host,
                          task_id=str(result.id), at=now, ttl=s.reclaim_report_ttl)

@@ -116,7 +116,7 @@ def send_kept(app: Celery, entry: outbox.Entry) -> None:
     ctx = context()
     outbox.keep(ctx.store.redis, entry, check_at=time.time() + settings().resend_after)
     app.send_task(entry.task, args=entry.args, kwargs=entry.kwargs, queue=entry.queue,
-                  task_id=entry.task_id)
+                  task_id=entry.task_id, ignore_result=True)  # answered by its record
 
 
 _resending = threading.Lock()

@@ -1,5 +1,6 @@
 """Sampling real KVM guests through libvirtd into a real Redis, then deciding from the samples:
-a spinning guest is not idle, a halted one is, and a paused one is sampled as paused."""
+a spinning guest is not idle, a halted one is, and a paused one is sampled as paused. And what
+a day of samples costs a real redis-server."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ import pytest
 from tests.support.services import wait_until
 from worker.hypervisor import Hypervisor
 from worker.reclaim import sampling
+from worker.reclaim.activity import Sample
 from worker.reclaim.idle import IdlePolicy, decide
+from worker.store import keys
 
 pytestmark = pytest.mark.integration
 
@@ -57,9 +60,8 @@ def test_sampled_busy_guest_is_not_idle_and_idle_guest_is(guests, redis_clean, h
 
         wait_until(sampled_enough, timeout=60, interval=PACE, message="8 samples after settling")
         now = time.time()
-        loaded = sampling.load(client, [busy.uuid, quiet.uuid], since=settled)
-        assert all(s.state == "running" and s.cpu_ns is not None and s.vcpus == 1
-                   for rows in loaded.values() for s in rows)
+        loaded = sampling.load(client, [busy.uuid, quiet.uuid], since=settled, host=host_name)
+        assert all(all(rows.running()) and rows.has_cpu_time() for rows in loaded.values())
         # A generous max gap: on a crowded machine one getAllDomainStats can wait seconds for
         # libvirtd (other tests' managed saves); gaps are the unit tests' business.
         policy = IdlePolicy(window=now - settled, min_samples=6, max_gap=120.0,
@@ -141,7 +143,26 @@ def test_a_guest_held_by_a_save_does_not_hold_the_hosts_sample(  # type: ignore[
         waiter.join(90)
     assert took < 10, f"dormant.sample took {took:.1f} s beside a held save"
     at = answer["at"]
-    rows = sampling.load(redis_clean.client(2), [held.uuid, *(g.uuid for g in others)], since=at)
-    for guest in others:
-        assert [(s.t, s.state) for s in rows[guest.uuid]] == [(round(at, 3), "running")]
-    assert [s.state for s in rows[held.uuid]] == ["busy"]
+    rows = sampling.load(redis_clean.client(2), [held.uuid, *(g.uuid for g in others)],
+                         since=at, host=host_name)
+    for guest in others:  # sampled at that moment, running
+        assert [round(t, 1) for t in rows[guest.uuid].times] == [round(at, 1)]
+        assert list(rows[guest.uuid].running()) == [True]
+    # the held one is stored as not running (busy): a gap in the evidence, never an idle interval
+    assert list(rows[held.uuid].running()) == [False]
+
+
+def test_a_guest_day_fits_in_one_and_a_half_kib_of_redis(redis_clean):  # type: ignore[no-untyped-def]
+    """288 five-minute samples of 100 guests through the storage path, measured by Redis
+    (MEMORY USAGE): each guest's record plus its share of its host's sample times."""
+    client = redis_clean.client(2)
+    t0 = time.time() - 86400 + 1
+    guests = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(100)]
+    day = [(u, u, Sample(t0 + 300 * k, "running", 10**9 * k + i, 1, 1000 * k, 500 * k,
+                         100 * k, 0)) for k in range(288) for i, u in enumerate(guests)]
+    assert sampling.store(client, "kvm-a", day, window=86400, now=t0 + 300 * 287) == 28800
+    ticks = client.memory_usage(keys.activity_times("kvm-a")) / len(guests)
+    per_guest_day = [client.memory_usage(keys.activity(u)) + ticks for u in guests]
+    assert max(per_guest_day) <= 1536, per_guest_day
+    loaded = sampling.load(client, guests, since=t0, host="kvm-a")
+    assert all(len(a) == 288 for a in loaded.values())

@@ -18,6 +18,7 @@ from worker.hypervisor import Hypervisor
 from worker.store import keys
 
 TTL_INTERVALS = 3
+FORGET_HOST = 7 * 86400  # seconds after its last refresh a host leaves the list of hosts
 
 
 def publish(client: redis.Redis, hv: Hypervisor, host: str, *, interval: int) -> dict[str, int]:
@@ -35,7 +36,9 @@ def publish(client: redis.Redis, hv: Hypervisor, host: str, *, interval: int) ->
         if members:
             pipe.hset(keys.host_instances(host), mapping=dict[Any, Any](members))
         pipe.expire(keys.host_instances(host), ttl)
-        pipe.zadd(keys.HOSTS, {host: time.time()})
+        now = time.time()
+        pipe.zadd(keys.HOSTS, {host: now})
+        pipe.zremrangebyscore(keys.HOSTS, "-inf", now - FORGET_HOST)
         pipe.execute()
     return dict(counts)
 
@@ -94,8 +97,10 @@ def watched(client: redis.Redis, host: str) -> dict[str, str]:
 
 
 def set_watched(client: redis.Redis, host: str, members: dict[str, str]) -> None:
+    """Replace what this host's watcher saw (kept as long as a forgotten host's name)."""
     with client.pipeline(transaction=True) as pipe:
         pipe.delete(keys.watched(host))
         if members:
             pipe.hset(keys.watched(host), mapping=dict[Any, Any](members))
+            pipe.expire(keys.watched(host), FORGET_HOST)
         pipe.execute()

@@ -51,6 +51,11 @@ class Guest:
         self.name: str = domain.name()
         self.cached_epoch = 0  # Hypervisor.observe's cache: the epoch this handle was kept at
 
+    @property
+    def domain(self) -> libvirt.virDomain:
+        """The libvirt handle (for calls that take several domains, in this package only)."""
+        return self._domain
+
     def _call(self, what: str, fn: Callable[[], T], timeout: float | None = None) -> T:
         return self._hypervisor.call(f"{what} {self.name}", fn, line=self._line,
                                      timeout=timeout)

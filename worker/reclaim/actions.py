@@ -40,6 +40,7 @@ from worker.reclaim import (
 )
 from worker.reclaim.launch import Launcher
 from worker.reclaim.outcomes import Precheck, action_of, closing, outcome_of
+from worker.reclaim.quantise import Thresholds
 from worker.transition.table import Action
 
 log = logging.getLogger("dormant.reclaim")
@@ -59,8 +60,9 @@ class Reclaimer(Launcher):
     def sample(self) -> dict[str, Any]:
         """Take one sample of every guest of this host now."""
         now = self.clock()
+        thresholds = Thresholds.of(idle.IdlePolicy.from_settings(self.settings))
         stored = sampling.take(self.ctx.hypervisor, self.client, self.ctx.host,
-                               window=self.settings.idle_window, now=now)
+                               window=self.settings.idle_window, now=now, thresholds=thresholds)
         return {"host": self.ctx.host, "stored": stored, "at": now}
 
     # -- one action -----------------------------------------------------------------------
@@ -128,7 +130,8 @@ class Reclaimer(Launcher):
                     suspended=False)
 
     def _fresh(self, uuid: str) -> sampling.Sample | None:
-        for u, _name, smp in sampling.collect(self.ctx.hypervisor, now=self.clock()):
+        """A sample of this one guest now (its stats alone: not every guest of the host)."""
+        for u, _name, smp in sampling.collect(self.ctx.hypervisor, now=self.clock(), of=[uuid]):
             if u == uuid:
                 return smp
         return None
@@ -168,8 +171,8 @@ class Reclaimer(Launcher):
             self.sleep(s.reclaim_recheck_seconds)  # measuring fresh activity, not a wait
             after = self._fresh(uuid)
         policy = idle.IdlePolicy.from_settings(s)
-        stored = sampling.load(self.client, [uuid],
-                               since=self.clock() - s.idle_window).get(uuid, [])
+        stored = sampling.load(self.client, [uuid], since=self.clock() - s.idle_window,
+                               host=self.ctx.host)[uuid]
         check = selection.recheck(uuid, state=state, exempt=exempt, disabled_reason=disabled,
                            stored=stored, before=before, after=after, policy=policy)
         return Precheck(state, "" if check.ok else check.reason, check.numbers)

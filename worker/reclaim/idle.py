@@ -9,28 +9,27 @@ vCPU for 97 %, rx < 2,000 B/s and tx < 1,000 B/s for 95 %), and there is enough 
 at least ``min_samples`` intervals covering at least ``min_span_fraction`` of the window.
 Doubt always means *not idle*: reclaiming a busy guest is worse than keeping an idle one.
 
-Speed matters (a fleet of 50,000 instances is decided in one pass), so the arithmetic runs in
-C through ``map``/``sorted``/``bisect`` over columns; the per-interval Python loop only runs
-for instances whose samples have something to skip.
+It reads either raw samples or what is stored (:class:`~worker.reclaim.activity.Activity`:
+per-interval rate codes whose bounds sit exactly on the thresholds): the verdict, the counts,
+the span and every number the reasons print are the same for both; the values at the
+quantiles become their bucket's middle (worker/reclaim/quantise.py).
+
+What the window holds, interval by interval, is worked out in worker/reclaim/evidence.py
+(fast: a fleet of 50,000 instances is decided in one pass); this module weighs it.
 """
 
 from __future__ import annotations
 
-import math
-from bisect import bisect_left, bisect_right
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from operator import add, itemgetter, sub, truediv
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from worker.reclaim.sampling import Sample
+from worker.reclaim.activity import Sample
+from worker.reclaim.evidence import Evidence, gather
+from worker.reclaim.window import Activity
 
 if TYPE_CHECKING:
     from worker.core.settings import Settings
-
-RUNNING = "running"
-_EPS = 1e-9  # tolerance when comparing a count with quantile * count (0.55 * 100 != 55.0)
-_FIRST = itemgetter(0)
 
 
 @dataclass(frozen=True)
@@ -96,135 +95,16 @@ class Decision:
                 "numbers": dict(self.numbers)}
 
 
-@dataclass
-class _Evidence:
-    """What the window holds: sorted per-interval rates of the usable intervals, and skips."""
-
-    samples: int = 0
-    span: float = 0.0
-    cpu: list[float] = field(default_factory=list)  # sorted, in units of ``cpu_scale``
-    cpu_scale: float = 1.0  # cpu values / cpu_scale = % of allocated vCPUs
-    rx: list[float] = field(default_factory=list)  # sorted bytes/s
-    tx: list[float] = field(default_factory=list)
-    disk: list[float] = field(default_factory=list)  # sorted (read + written) bytes/s
-    not_running: int = 0
-    gap: int = 0
-    reset: int = 0
-    no_cpu: int = 0
-    same_time: int = 0
-
-
-def _window(samples: Sequence[Sample], start: float, now: float) -> tuple[list[float], tuple]:
-    """Interval lengths and the columns (t, state, cpu, vcpus, rx, tx, rd, wr) of the samples
-    with ``start <= t <= now``, sorted by t."""
-    cols = tuple(zip(*samples, strict=False))
-    ts = cols[0]
-    dts = list(map(sub, ts[1:], ts))
-    if min(dts) < 0:  # not sorted by time: sort once
-        cols = tuple(zip(*sorted(samples, key=_FIRST), strict=False))
-        ts = cols[0]
-        dts = list(map(sub, ts[1:], ts))
-    if ts[0] < start or ts[-1] > now:
-        lo, hi = bisect_left(ts, start), bisect_right(ts, now)
-        cols = tuple(c[lo:hi] for c in cols)
-        dts = dts[lo:max(lo, hi - 1)]
-    return dts, cols
-
-
-def _rates(counter: Sequence[int], dts: Sequence[float]) -> list[float]:
-    """Sorted per-interval rates of a cumulative counter."""
-    return sorted(map(truediv, map(sub, counter[1:], counter), dts))
-
-
-def _sum(a: Sequence[int], b: Sequence[int]) -> list[int]:
-    return list(map(add, a, b))
-
-
-def _evidence(samples: Sequence[Sample], policy: IdlePolicy, now: float) -> _Evidence:
-    start = now - policy.window
-    if len(samples) < 2:
-        return _Evidence(samples=sum(1 for s in samples if start <= s[0] <= now))
-    dts, cols = _window(samples, start, now)
-    _, states, cpu, vcpus, rx, tx, rd, wr = cols
-    m = len(states)
-    if m < 2:
-        return _Evidence(samples=m)
-    if states.count(RUNNING) < 2:  # shut off or suspended all window: every interval skipped
-        return _Evidence(samples=m, not_running=m - 1)
-    # Fast path: always running, one vCPU count, steady sampling, no resets, CPU counters.
-    if (states.count(RUNNING) == m and vcpus.count(vcpus[0]) == m
-            and min(dts) > 0 and max(dts) <= policy.max_gap):
-        try:
-            cpu_r = _rates(cpu, dts)
-        except TypeError:  # a cpu_ns is None
-            cpu_r = [-1.0]
-        if cpu_r[0] >= 0:
-            # Reads and writes are one counter here: a restart resets both together.
-            rx_r, tx_r, disk_r = _rates(rx, dts), _rates(tx, dts), _rates(_sum(rd, wr), dts)
-            if rx_r[0] >= 0 and tx_r[0] >= 0 and disk_r[0] >= 0:
-                return _Evidence(samples=m, span=float(sum(dts)), cpu=cpu_r,
-                                 cpu_scale=max(vcpus[0], 1) * 1e7, rx=rx_r, tx=tx_r,
-                                 disk=disk_r)
-    return _slow_evidence(cols, dts, policy)
-
-
-def _slow_evidence(cols: tuple, dts: list[float], policy: IdlePolicy) -> _Evidence:
-    """Interval by interval, for windows with pauses, gaps, resets or missing counters."""
-    ts, states, cpu, vcpus, rx, tx, rd, wr = cols
-    ev = _Evidence(samples=len(ts))
-    max_gap = policy.max_gap
-    span = 0.0
-    for i, dt in enumerate(dts):
-        j = i + 1
-        if states[i] != RUNNING or states[j] != RUNNING:
-            ev.not_running += 1
-        elif dt <= 0:
-            ev.same_time += 1
-        elif dt > max_gap:
-            ev.gap += 1
-        elif cpu[i] is None or cpu[j] is None:
-            ev.no_cpu += 1
-        else:
-            dc, dr, dx = cpu[j] - cpu[i], rx[j] - rx[i], tx[j] - tx[i]
-            dd = rd[j] + wr[j] - rd[i] - wr[i]  # reads + writes, one counter as on the fast path
-            if dc < 0 or dr < 0 or dx < 0 or dd < 0:
-                ev.reset += 1
-                continue
-            span += dt
-            # % of the vCPUs allocated at both ends (the fewer: never flatter a hot-plug)
-            ev.cpu.append(dc / (dt * max(min(vcpus[i], vcpus[j]), 1) * 1e7))
-            ev.rx.append(dr / dt)
-            ev.tx.append(dx / dt)
-            ev.disk.append(dd / dt)
-    ev.span = span
-    for values in (ev.cpu, ev.rx, ev.tx, ev.disk):
-        values.sort()
-    return ev
-
-
-def _rank(n: int, quantile: float) -> int:
-    """1-based nearest rank of ``quantile`` among ``n`` sorted values."""
-    return min(n, max(1, math.ceil(quantile * n - _EPS)))
-
-
-def _metric(values: list[float], limit: float, quantile: float, scale: float = 1.0
-            ) -> tuple[float, float, bool]:
-    """(value at quantile, fraction strictly under limit, passes) of sorted ``values``."""
-    n = len(values)
-    under = bisect_left(values, limit)  # how many are < limit: at the limit is not under
-    at_quantile = values[_rank(n, quantile) - 1] / scale
-    return at_quantile, under / n, under >= quantile * n - _EPS
-
-
 def _pct(x: float) -> str:
     return f"{x * 100:.1f}%"
 
 
-def decide(instance: str, samples: Sequence[Sample], policy: IdlePolicy, *, now: float
-           ) -> Decision:
-    """Decide whether ``instance`` is idle from its samples (sorted by ``t``) up to ``now``."""
-    ev = _evidence(samples, policy, now)
-    n = len(ev.cpu)
+def decide(instance: str, samples: Sequence[Sample] | Activity, policy: IdlePolicy, *,
+           now: float) -> Decision:
+    """Decide whether ``instance`` is idle from its samples (sorted by ``t``) up to ``now``,
+    raw or as stored."""
+    ev = gather(samples, start=now - policy.window, now=now, max_gap=policy.max_gap)
+    n = ev.intervals
     span = ev.span
     needed_span = policy.min_span_fraction * policy.window
     numbers: dict[str, float | int] = {
@@ -258,7 +138,7 @@ def decide(instance: str, samples: Sequence[Sample], policy: IdlePolicy, *, now:
                     + f" over {n} intervals ({span:.0f} s)", numbers)
 
 
-def _skipped(ev: _Evidence) -> str:
+def _skipped(ev: Evidence) -> str:
     parts = [f"{count} {what}" for count, what in (
         (ev.not_running, "not running"), (ev.gap, "sampling gaps"),
         (ev.reset, "counter resets"), (ev.no_cpu, "without CPU time"),
@@ -270,18 +150,16 @@ def _skipped(ev: _Evidence) -> str:
 _Check = tuple[bool, str, float, float, str, float]  # ok, metric, fraction, limit, unit, q
 
 
-def _measure(ev: _Evidence, policy: IdlePolicy, numbers: dict[str, float | int]
+def _measure(ev: Evidence, policy: IdlePolicy, numbers: dict[str, float | int]
              ) -> list[_Check]:
     """Fill ``numbers`` with each metric's quantile and fraction under; say which pass."""
-    scale = ev.cpu_scale
-    cpu = ev.cpu
-    cpu_q, cpu_f, cpu_ok = _metric(cpu, policy.cpu_percent * scale, policy.cpu_quantile, scale)
-    rx_q, rx_f, rx_ok = _metric(ev.rx, policy.net_rx_bps, policy.net_quantile)
-    tx_q, tx_f, tx_ok = _metric(ev.tx, policy.net_tx_bps, policy.net_quantile)
-    dk_q, dk_f, dk_ok = _metric(ev.disk, policy.disk_bps, policy.disk_quantile)
+    cpu_q, cpu_f, cpu_ok = ev.metric("cpu", policy.cpu_percent, policy.cpu_quantile)
+    rx_q, rx_f, rx_ok = ev.metric("rx", policy.net_rx_bps, policy.net_quantile)
+    tx_q, tx_f, tx_ok = ev.metric("tx", policy.net_tx_bps, policy.net_quantile)
+    dk_q, dk_f, dk_ok = ev.metric("disk", policy.disk_bps, policy.disk_quantile)
     numbers.update(
         cpu_percent_at_quantile=round(cpu_q, 4),
-        cpu_percent_max=round(cpu[-1] / scale, 4),
+        cpu_percent_max=round(ev.highest("cpu"), 4),
         cpu_fraction_under=round(cpu_f, 4),
         rx_bps_at_quantile=round(rx_q, 3),
         rx_fraction_under=round(rx_f, 4),

@@ -214,8 +214,9 @@ class Launcher:
                 if selection.in_scope(n, s.reclaim_scope)]
         uuids = [u for u, _, _ in seen]
         policy = idle.IdlePolicy.from_settings(s)
-        history = sampling.load(self.client, uuids, since=now - s.idle_window)
-        first = sampling.first_seen(self.client, uuids)
+        history = sampling.load(self.client, uuids, since=now - s.idle_window,
+                                host=self.ctx.host)
+        first = {u: a.first_seen for u, a in history.items()}
         exempt = exemptions.members(self.client)
         marked = marks.load(self.client, uuids)
         cannot = unsavable.reasons(self.client, self.ctx.hypervisor,
@@ -223,7 +224,7 @@ class Launcher:
         return [
             selection.Candidate(
                 uuid=u, name=n, state=smp.state,
-                decision=idle.decide(u, history.get(u, []), policy, now=now),
+                decision=idle.decide(u, history[u], policy, now=now),
                 exempt_metadata=smp.state == State.RUNNING and self._metadata_exempt(u),
                 exempt_cli=u in exempt, first_seen=first.get(u), mark=marked.get(u),
                 unsavable=cannot.get(u, ""),

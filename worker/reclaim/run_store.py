@@ -174,7 +174,9 @@ def create(client: redis.Redis, rid: str, meta: dict[str, Any],
         if queue:
             pipe.rpush(keys.run_queue(rid), *queue)
             pipe.expire(keys.run_queue(rid), ttl)
-        pipe.zadd(keys.RUNS, {rid: meta.get("started_at", time.time())})
+        started = meta.get("started_at", time.time())
+        pipe.zadd(keys.RUNS, {rid: started})
+        pipe.zremrangebyscore(keys.RUNS, "-inf", f"({started - ttl!r}")  # their reports are gone
         pipe.execute()
 
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from worker.core.states import State
 from worker.core.validation import MAX_REQUEST_ID
+from worker.reclaim.activity import Sample
 from worker.reclaim.idle import Decision, IdlePolicy, decide
-from worker.reclaim.sampling import Sample
+from worker.reclaim.window import Activity
 
 # dormant's element in a domain's <metadata>:
 #   <dormant:policy xmlns:dormant="https://dormant.dev/xmlns/1" exempt="true"/>
@@ -217,7 +218,7 @@ def activity(before: Sample, after: Sample) -> dict[str, float] | None:
 
 
 def recheck(instance: str, *, state: str, exempt: str, disabled_reason: str,
-            stored: Sequence[Sample], before: Sample | None, after: Sample | None,
+            stored: Sequence[Sample] | Activity, before: Sample | None, after: Sample | None,
             policy: IdlePolicy) -> Recheck:
     """Still running, still not exempt, reclamation still on, still idle over the window
     including the fresh sample, and no activity at or above a threshold right now."""
@@ -244,7 +245,8 @@ def recheck(instance: str, *, state: str, exempt: str, disabled_reason: str,
     if busy:
         return Recheck(False, "not suspended: busy at the re-check (" + "; ".join(busy)
                        + f" over {rates['seconds']:g} s)", numbers)
-    window = sorted([*stored, after], key=lambda s: s.t)
+    window = (stored.extended(after) if isinstance(stored, Activity)
+              else sorted([*stored, after], key=lambda s: s.t))
     d = decide(instance, window, policy, now=after.t)
     numbers.update(d.numbers)
     if not d.idle:

@@ -44,8 +44,14 @@ from worker.store.connection import translated
 
 log = logging.getLogger("dormant.store")
 
-JOURNAL_MAXLEN = 10_000  # entries kept per instance stream (approximate trim)
+# Journals are bounded (docs/operations.md "Sizing Redis"). An instance's stream costs ~4.7 KB
+# for its first entries (Redis preallocates a 4 KB stream node) and ~0.75 KB per entry after:
+# it keeps about the newest 100 (seven weeks of a nightly suspend and a morning resume; ~80 KB)
+# and goes 90 days after its last entry (a deleted guest's). The fleet stream keeps the newest
+# 100,000 (~75 MB).
+JOURNAL_MAXLEN = 100  # entries kept per instance stream (approximate trim)
 JOURNAL_ALL_MAXLEN = 100_000
+JOURNAL_TTL = 90 * 86400  # seconds an instance's journal outlives its last entry
 
 _LUA = Path(__file__).with_name("lua")
 
@@ -284,6 +290,7 @@ class Store:
                 host,
                 self.registry_ttl if journal_instance else 0,  # never for an unknown one
                 "1" if journal_instance else "0",
+                JOURNAL_TTL,
             ],
         ))
         if not ok:
@@ -334,6 +341,7 @@ class Store:
             if instance:
                 pipe.xadd(keys.journal(instance), {"entry": body}, maxlen=JOURNAL_MAXLEN,
                           approximate=True)
+                pipe.expire(keys.journal(instance), JOURNAL_TTL)
             pipe.xadd(keys.JOURNAL_ALL, {"entry": body}, maxlen=JOURNAL_ALL_MAXLEN,
                       approximate=True)
             pipe.execute()
@@ -378,5 +386,5 @@ class Store:
                       keys.JOURNAL_ALL, keys.DEADLINES, keys.deadline(instance)],
                 args=[seen.fence, seen.entries[0][0] if seen.entries else "",
                       json.dumps(entry, sort_keys=True), "1" if clear_deadline else "0",
-                      instance, JOURNAL_MAXLEN, JOURNAL_ALL_MAXLEN],
+                      instance, JOURNAL_MAXLEN, JOURNAL_ALL_MAXLEN, JOURNAL_TTL],
             ))

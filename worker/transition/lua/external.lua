@@ -13,6 +13,7 @@
 --       instance         the uuid (member of the deadlines zset)
 --       maxlen           approximate length kept of the instance's journal
 --       maxlen_all       approximate length kept of the fleet journal
+--       journal_ttl      seconds the instance's journal outlives its last entry
 --
 -- Returns 'journaled', or 'locked' (a transition holds the instance: the change is its own)
 -- or 'moved' (a transition took the lock or something was journaled since the caller read
@@ -26,12 +27,14 @@ local clear_deadline = ARGV[4] == '1'
 local instance = ARGV[5]
 local maxlen = ARGV[6]
 local maxlen_all = ARGV[7]
+local journal_ttl = ARGV[8]
 
 if redis.call('EXISTS', lock_key) == 1 then return 'locked' end
 if (redis.call('GET', fence_key) or '') ~= fence_seen then return 'moved' end
 local newest = redis.call('XREVRANGE', journal_key, '+', '-', 'COUNT', 1)[1]
 if (newest and newest[1] or '') ~= last_id_seen then return 'moved' end
 redis.call('XADD', journal_key, 'MAXLEN', '~', maxlen, '*', 'entry', entry)
+redis.call('EXPIRE', journal_key, journal_ttl)
 redis.call('XADD', journal_all_key, 'MAXLEN', '~', maxlen_all, '*', 'entry', entry)
 if clear_deadline then
   redis.call('ZREM', deadlines_key, instance)

@@ -20,6 +20,7 @@
 --       host              this worker's host
 --       registry_ttl      seconds for where_key; '0' leaves the registry alone
 --       journal_instance  '1': also append to the instance's journal (a known instance)
+--       journal_ttl       seconds the instance's journal outlives its last entry
 --
 -- Returns 1, or 0 when must_own and the lock was lost (nothing written).
 local lock_key, request_key, journal_key, fleet_journal_key = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -37,6 +38,7 @@ local request_id = ARGV[10]
 local host = ARGV[11]
 local registry_ttl = ARGV[12]
 local journal_instance = ARGV[13] == '1'
+local journal_ttl = ARGV[14]
 
 local owned = lock_value ~= '' and redis.call('GET', lock_key) == lock_value
 if must_own and not owned then
@@ -57,6 +59,7 @@ end
 
 if journal_instance then
   redis.call('XADD', journal_key, 'MAXLEN', '~', journal_maxlen, '*', 'entry', entry)
+  redis.call('EXPIRE', journal_key, journal_ttl)
 end
 redis.call('XADD', fleet_journal_key, 'MAXLEN', '~', fleet_maxlen, '*', 'entry', entry)
 
