@@ -19,6 +19,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from tasks.delivery import hold_deliveries_while_full
 from tasks.timers import (
     expire_deadlines_in_background,
     in_background,
@@ -171,6 +172,7 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
     from worker.store import connection
 
     _keep_running_messages_on_reconnect()
+    hold_deliveries_while_full()
     s = settings_mod.get()
     consumed = set(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
     if s.host_queue not in consumed:
