@@ -16,6 +16,7 @@ from worker.core import metrics, validation
 from worker.core.errors import (
     DormantError,
     InvalidInput,
+    PermanentError,
     StaleLock,
     TransientError,
     TransitionNotReached,
@@ -250,7 +251,7 @@ class _Transition:
             try:
                 self.guest.run(step)
             except DormantError as exc:
-                if step is Step.SAVE and getattr(exc, "outstanding", None) is None:
+                if step is Step.SAVE and isinstance(exc, PermanentError):  # libvirt said no
                     assert self.before is not None
                     raise failed_save.settle(exc, self.guest, self.before, self.ctx.room,
                                              str(self.req.action)) from None
