@@ -27,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -638,6 +639,177 @@ def call_overhead(suite: Suite, calls: int) -> Row:
                f"connection's thread (+{through - direct:.0f} µs per call)")
 
 
+# -- a host that fills up (issue 19) ----------------------------------------------------------
+MiB = 2**20
+IMAGE_DONE, IMAGE_PARTIAL = b"LibvirtQemudSave", b"LibvirtQemudPart"  # libvirt's image magic
+
+
+def _image(path: Path) -> str:
+    """What a save image on disk is: complete, partial (libvirt's magic says so) or absent."""
+    try:
+        magic = path.read_bytes()[:16] if path.stat().st_size else b""
+    except OSError:
+        return "absent"
+    return {IMAGE_DONE: "complete", IMAGE_PARTIAL: "partial"}.get(magic, "unknown")
+
+
+def save_dir_fills(suite: Suite, count: int) -> Row:
+    """A drain of real Linux guests (48 MiB of incompressible memory each) into a save
+    directory with room for about half of them, a guest writing its disk on that same
+    filesystem all along: dormant saves what fits with the reserve kept free, stops, and
+    reports it; nobody is paused, nothing half-written."""
+    from tests.support.linux_guest import LinuxGuestFactory
+    from tests.support.save_dir import SaveDirectory, remove_leftovers
+    from worker.reclaim import run_store
+
+    remove_leftovers()
+    host = unique("faults-sd-")
+    token = uuid.uuid4().hex[:6]
+    prefix = f"dormant-test-{token}-"
+    directory = SaveDirectory(count * 100).open()
+    factory = LinuxGuestFactory(suite.conn)
+    lowest = [directory.free()]
+    watching = threading.Event()
+
+    def watch_free() -> None:
+        while not watching.wait(0.05):
+            lowest[0] = min(lowest[0], directory.free())
+
+    try:
+        fleet = [factory.create(fill_mib=48, name=f"{prefix}g{i}-p{os.getpid()}")
+                 for i in range(count)]
+        for guest in fleet:
+            directory.route(guest.name)
+        # A bystander outside the drain's scope whose disk lies on the same filesystem.
+        bystander = suite.guests.create("writer", disk_dir=directory.path, disk_mib=16)
+        for guest in fleet:
+            guest.wait_filled(timeout=600)
+        suite.worker(host, concurrency=8, env={
+            "DORMANT_SAVE_DIR": str(directory.path), "DORMANT_SAVE_RESERVE_MIB": "16",
+            "DORMANT_RECLAIM_SCOPE": prefix + "*"})
+        fs = os.statvfs(directory.path)  # dormant's reserve: 10 % of the filesystem, >= 16 MiB
+        reserve = max(int(fs.f_blocks * fs.f_frsize * 0.10), 16 * MiB)
+        watcher = threading.Thread(target=watch_free, daemon=True)
+        watcher.start()
+        app = suite.client()
+        started = time.monotonic()
+        rid = app.send_task("dormant.drain", queue=f"dormant.{host}").get(timeout=120)["run_id"]
+        state = suite.state()
+
+        def finished() -> dict[str, Any] | None:
+            report = run_store.load(state, rid)
+            return report if report and report["status"] == "done" else None
+
+        report = wait_until(finished, timeout=900, interval=0.2, message="the drain finished")
+        took = time.monotonic() - started
+        watching.set()
+        outcomes = Counter(e["outcome"] for e in report["entries"])
+        states = {g.name: suite.state_of(g) for g in fleet}  # type: ignore[arg-type]
+        images = {g.name: _image(directory.image_of(g.name)) for g in fleet}
+        half_done = sum(1 for g in fleet if (states[g.name], images[g.name]) not in
+                        {("suspended", "complete"), ("running", "absent")})
+        left_paused = sum(st.startswith("paused") for st in states.values())
+        bystander_state = suite.state_of(bystander)
+        promised = state.hlen(keys.reserved(host, "disk"))
+        stopped = report.get("stopped") or {}
+        restored = app.send_task("dormant.restore", args=[rid],
+                                 queue=f"dormant.{host}").get(timeout=120)["run_id"]
+        back = wait_until(lambda: (r := run_store.load(state, restored)) and
+                          r["status"] == "done" and r, timeout=600, interval=0.2,
+                          message="the restore finished")
+        resumed = Counter(e["outcome"] for e in back["entries"])
+        running = sum(suite.state_of(g) == "running" for g in fleet)  # type: ignore[arg-type]
+        app.close()
+    finally:
+        watching.set()
+        suite.stop_workers()
+        factory.cleanup()
+        directory.close(suite.conn)
+    ok = (bool(stopped) and outcomes.get("suspended", 0) > 0 and left_paused == 0
+          and half_done == 0 and promised == 0 and bystander_state == "running"
+          and lowest[0] >= reserve - 4 * MiB and running == count)
+    return Row("save directory fills mid-drain", count, ok,
+               f"{count} guests (208 MiB each, 48 MiB filled) into {directory.size_mib} MiB: "
+               f"{dict(outcomes)} in {took:.0f} s, stopped: "
+               f"{stopped.get('reason', 'no')} ({stopped.get('free_bytes', 0) // MiB} MiB free, "
+               f"{stopped.get('needed_bytes', 0) // MiB} MiB needed + "
+               f"{stopped.get('reserve_bytes', 0) // MiB} MiB reserve); lowest free "
+               f"{lowest[0] // MiB} MiB (reserve {reserve // MiB}); guests left paused "
+               f"{left_paused}, bystander on the same filesystem {bystander_state}, other "
+               f"guests paused by I/O errors {int(bystander_state == 'paused(5)')}; half-done "
+               f"{half_done} (every guest suspended with a complete image or running with "
+               f"none), promises left {promised}; restored {dict(resumed)}")
+
+
+def redis_full(suite: Suite, count: int, hold: float = 5.0) -> Row:
+    """The one Redis of a deployment (broker, results, state) at maxmemory (noeviction) for
+    ``hold`` seconds in the middle of a wave of transitions, twice: ``count`` pauses, then
+    ``count`` unpauses. Every request is answered once Redis accepts writes again, none twice,
+    the worker lives through it, and every guest ends running."""
+    host = unique("faults-rf-")
+    worker = suite.worker(host, concurrency=8)
+    fleet = [suite.new_guest("idle") for _ in range(6)]
+    app = suite.client()
+    redis_ = suite.redis.client(0)
+    redis_.config_set("maxmemory-policy", "noeviction")
+    sent: dict[str, str] = {}  # task id -> request id
+    full_for = []
+
+    def wave(target: str) -> None:
+        ids = []
+        for i in range(count):
+            guest = fleet[i % len(fleet)]
+            rid = f"rf-{target}-{i}-{uuid.uuid4().hex[:6]}"
+            task = app.send_task("dormant.ensure", args=[guest.uuid, target],
+                                 kwargs={"request_id": rid}, queue=f"dormant.{host}")
+            sent[task.id] = rid
+            ids.append(task.id)
+        wait_until(lambda: len(suite.results(ids)) >= count // 4, timeout=120, interval=0.02,
+                   message="a quarter answered")
+        redis_.config_set("maxmemory", 1)
+        began = time.monotonic()
+        time.sleep(hold)  # the outage
+        redis_.config_set("maxmemory", 0)
+        full_for.append(time.monotonic() - began)
+
+    started = time.monotonic()
+    wave("paused")
+    got = suite.wait_results(list(sent), timeout=300)
+    wave("running")
+    got = suite.wait_results(list(sent), timeout=300)
+    took = time.monotonic() - started
+    app.close()
+    lost = len(sent) - len(got)
+    failed = sum(1 for m in got.values() if m["status"] != "SUCCESS")
+    by_rid: Counter[str] = Counter()
+    for guest in fleet:
+        for entry in suite.journal(guest.uuid):
+            if entry["outcome"] in {"changed", "already"}:
+                by_rid[entry["request_id"]] += 1
+    doubled = sum(1 for n in by_rid.values() if n > 1)
+    states = Counter(suite.state_of(g) for g in fleet)
+    state = suite.state()
+    pending = sum(1 for rid in sent.values()
+                  if json.loads(state.get(keys.request(rid)) or "{}").get("status") == "pending")
+    locks = sum(1 for g in fleet if state.exists(keys.lock(g.uuid)))
+    broker = suite.redis.client(0)
+    unacked, queued = broker.hlen("unacked"), broker.llen(f"dormant.{host}")
+    log = worker.log()
+    crashed = "Unrecoverable error" in log
+    refusals = log.count("state store full: Redis refuses") + log.count("broker full: Redis")
+    suite.stop_workers()
+    ok = (lost == 0 and failed == 0 and doubled == 0 and not crashed and pending == 0
+          and locks == 0 and unacked == 0 and queued == 0 and states == {"running": len(fleet)})
+    return Row("Redis at maxmemory", len(sent), ok,
+               f"the one Redis full for {' and '.join(f'{t:.0f} s' for t in full_for)} during "
+               f"{count} pauses then {count} unpauses of {len(fleet)} guests: {len(got)}/"
+               f"{len(sent)} answered, {lost} lost, {doubled} executed twice, {failed} failed; "
+               f"worker {'stopped' if crashed else 'alive'} ({refusals} refusals logged); "
+               f"guests left paused {len(fleet) - states.get('running', 0)}; half-done: "
+               f"{pending} pending records, {locks} locks, {unacked} unacked, {queued} queued; "
+               f"{took:.1f} s in all")
+
+
 # name -> (run it, once per broker?)
 SCENARIOS: dict[str, tuple[Callable[[Suite, bool], Row], bool]] = {
     "overhead": (lambda s, q: call_overhead(s, 200 if q else 2000), False),
@@ -650,6 +822,8 @@ SCENARIOS: dict[str, tuple[Callable[[Suite, bool], Row], bool]] = {
     "duplicates": (lambda s, q: duplicate_sends(s, 100 if q else 1000), True),
     "fuzz": (lambda s, q: fuzzed_calls(s, 60 if q else 600), True),
     "pickle": (lambda s, q: pickled_message(s), True),
+    "save-dir-full": (lambda s, q: save_dir_fills(s, 3 if q else 6), False),
+    "redis-full": (lambda s, q: redis_full(s, 40 if q else 200), False),
 }
 
 

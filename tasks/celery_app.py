@@ -19,6 +19,7 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from tasks.delivery import hold_deliveries_while_full
 from tasks.timers import (
     expire_deadlines_in_background,
     in_background,
@@ -175,6 +176,7 @@ def _on_worker_init(sender: object = None, **_: object) -> None:
 
     current = broker.current()
     current.prepare_worker()
+    hold_deliveries_while_full()  # a Redis broker at maxmemory (tasks/delivery.py)
     s = settings_mod.get()
     consumed = set(getattr(app.amqp.queues, "consume_from", None) or app.amqp.queues)
     if s.host_queue not in consumed:

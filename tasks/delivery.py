@@ -19,20 +19,34 @@ nothing on RabbitMQ, which requeued it when the channel closed).
 
 On RabbitMQ a retry is sent back to the queue its message came from, through native delayed
 delivery (the countdown waits in the broker, not in the worker).
+
+``hold_deliveries_while_full`` (installed at worker start): a Redis broker at ``maxmemory``
+(``noeviction``) refuses every command of a MULTI transaction, and kombu records each delivery
+(``BRPOP``, then the message into its unacked index), each acknowledgement and each requeue in
+one. Celery takes the error for unrecoverable and stops the whole worker, and a delivery
+taken off its queue but never recorded is lost. With it, kombu tries again until Redis
+accepts: the worker's event loop waits meanwhile (a worker can do nothing useful with a full
+broker) and the message stays in hand. A result the backend refuses is stored again like one
+refused by a Redis outage (``result_backend_always_retry``): otherwise Celery never finishes
+that request, and its message is neither acknowledged nor restored.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
+import redis
 from celery.exceptions import Reject
 from celery.worker.request import Request as CeleryRequest
 
 from worker.fleet import broker
 
 log = logging.getLogger("dormant.delivery")
+
+BROKER_FULL = (redis.exceptions.OutOfMemoryError,)  # what a Redis at maxmemory refuses with
 
 # How long a task keeps trying to publish its retry while the broker is unreachable, and the
 # longest pause between two tries (seconds).
@@ -70,6 +84,43 @@ class KeepsMessageOnRetry:
                             self.name, self.request.id, exc.reason, pause)  # type: ignore[attr-defined]
                 time.sleep(pause)
                 pause = min(pause * 2, RETRY_PUBLISH_PAUSE_MAX)
+
+
+def hold_deliveries_while_full() -> None:
+    """Make kombu's Redis QoS (deliveries, acks, requeues) and Celery's Redis result backend
+    try again while Redis is at maxmemory (see the module docstring)."""
+    from celery.backends import redis as results_redis
+    from kombu.transport import redis as kombu_redis
+
+    safe = results_redis.RedisBackend.exception_safe_to_retry
+    if not getattr(safe, "holds_while_full", False):
+        def exception_safe_to_retry(self: Any, exc: Exception) -> bool:
+            return isinstance(exc, BROKER_FULL) or bool(safe(self, exc))
+
+        exception_safe_to_retry.holds_while_full = True  # type: ignore[attr-defined]
+        results_redis.RedisBackend.exception_safe_to_retry = (  # type: ignore[method-assign]
+            exception_safe_to_retry)
+    for name in ("append", "ack", "restore_by_tag"):
+        original = getattr(kombu_redis.QoS, name)
+        if not getattr(original, "holds_while_full", False):
+            setattr(kombu_redis.QoS, name, _patiently(original, name))
+
+
+def _patiently(call: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """``call``, tried again while the broker refuses it for want of memory."""
+    def patient(*args: Any, **kwargs: Any) -> Any:
+        pause = 0.1
+        while True:
+            try:
+                return call(*args, **kwargs)
+            except BROKER_FULL as exc:
+                log.error("broker full: Redis refuses to record a message's %s at maxmemory "
+                          "(%s); holding it and trying again in %.1fs", what, exc, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, RETRY_PUBLISH_PAUSE_MAX)
+
+    patient.holds_while_full = True  # type: ignore[attr-defined]
+    return patient
 
 
 class Request(CeleryRequest):

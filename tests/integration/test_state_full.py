@@ -99,3 +99,35 @@ def test_a_save_finished_while_the_state_store_was_full_is_recorded_once_it_acce
     entries = [e for e in journal(state_redis, guest.uuid) if e["outcome"] != "retrying"]
     assert [(e["outcome"], e["state_before"]) for e in entries] == [("changed", "running")]
     assert (record(state_redis, rid) or {})["status"] == "done"
+
+
+def test_one_redis_for_broker_and_state_at_maxmemory_loses_nothing_and_the_worker_lives(
+        redis_clean, guests, start_worker, client_app, host_name):  # type: ignore[no-untyped-def]
+    """The deployment's layout: broker, results and state in one Redis, full while messages
+    wait in the queue. kombu cannot record the delivery it takes, nor an ack: Celery would
+    stop the worker and the message taken would be lost. The worker holds it until Redis
+    accepts writes; then everything is answered once and nothing stays unacknowledged.
+    (Callers cannot enqueue while it is full: their send fails, which they see.)"""
+    worker = start_worker(pool="threads", concurrency=2, env={"DORMANT_EVENTS": "false"})
+    fleet = [guests.create("idle") for _ in range(3)]
+    server = redis_clean.client(0)
+    server.config_set("maxmemory-policy", "noeviction")
+    sent = [client_app.send_task(
+        "dormant.ensure", args=[fleet[i % 3].uuid, ("paused", "running")[i // 3 % 2]],
+        kwargs={"request_id": f"one-{i}-{uuid.uuid4().hex[:6]}"}, queue=f"dormant.{host_name}")
+        for i in range(30)]
+    wait_until(lambda: sum(r.ready() for r in sent) >= 3, timeout=60, interval=0.01,
+               message="the first answers")
+    server.config_set("maxmemory", 1)
+    queued = server.llen(f"dormant.{host_name}")
+    wait_until(lambda: "broker full: Redis refuses" in worker.log(), timeout=30,
+               message="a delivery held")
+    server.config_set("maxmemory", 0)
+    answers = [r.get(timeout=120) for r in sent]
+    assert queued > 0  # messages were waiting when Redis filled
+    assert {a["outcome"] for a in answers} <= {"changed", "already"}
+    assert "Unrecoverable error" not in worker.log() and worker.alive()
+    assert server.hlen("unacked") == 0 and server.llen(f"dormant.{host_name}") == 0
+    done = [e["request_id"] for g in fleet for e in journal(redis_clean, g.uuid)
+            if e["outcome"] in {"changed", "already"}]
+    assert sorted(done) == sorted(a["request_id"] for a in answers)  # each exactly once

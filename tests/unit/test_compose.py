@@ -165,6 +165,10 @@ def test_redis_persists_and_requires_the_password_the_clients_use():
     assert "--appendonly yes" in command
     assert "exec redis-server" in command  # redis-server is the container's process 1
     assert '--requirepass "$REDIS_PASSWORD"' in command
+    # A limit, so noeviction means "refuse writes" (dormant retries) rather than grow until
+    # the machine's OOM killer takes Redis.
+    assert '--maxmemory "$REDIS_MAXMEMORY"' in command and "noeviction" in command
+    assert env_of(redis_service)["REDIS_MAXMEMORY"]
     assert env_of(redis_service)["REDIS_PASSWORD"] == OPERATOR_ENV["REDIS_PASSWORD"]
     assert any(v.endswith(":/data") for v in redis_service["volumes"])
     assert "redis-cli ping" in " ".join(redis_service["healthcheck"]["test"])
@@ -194,6 +198,10 @@ def test_one_threads_worker_per_hypervisor_host_on_its_libvirt_socket():
         assert env["DORMANT_LIBVIRT_URI"] == "qemu:///system"
         volumes = [interpolate(v) for v in service["volumes"]]
         assert "/var/run/libvirt/libvirt-sock:/var/run/libvirt/libvirt-sock" in volumes
+        # It reads the save directory's free space before every save (read-only is enough).
+        save_dir = settings_mod.load({k: v for k, v in env.items()
+                                      if k.startswith("DORMANT_")}).save_dir
+        assert f"{save_dir}:{save_dir}:ro" in volumes
         assert "ports" not in service  # Prometheus scrapes it on the compose network
         assert params["hostname"] == f"dormant@{env['DORMANT_HOST']}"
         # The health check asks libvirtd and pings this very worker (dormant health).

@@ -122,9 +122,13 @@ class Guest:
         """After a failed managed save: running again if it ran before, and no image left.
 
         libvirt resumes the guest itself (``running(save_canceled)``) but cannot promise it,
-        and deletes an image it created, not one that was there before. Returns what was done.
+        and deletes an image it created, not one that was there before. A guest some other
+        job holds (an operator's own save) is left alone: its image may be that job's.
+        Returns what was done.
         """
-        done = []
+        done: list[str] = []
+        if self.job_running():
+            return ["left alone: another libvirt job holds it"]
         state, reason = self._call("read state of", self._domain.state)
         if was_running and state == libvirt.VIR_DOMAIN_PAUSED \
                 and states.left_paused_by_failed_save(reason):

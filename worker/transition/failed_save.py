@@ -1,10 +1,13 @@
 """After libvirt failed a managed save: the guest as it was, and the error that says why.
 
-libvirt resumes the guest after a failed save (``running(save_canceled)``) but cannot promise
-it, and deletes a partial image only when it created the file. So the worker checks: a guest
-that ran before runs again (unpaused if libvirt left it paused), and an active guest keeps no
-image (:meth:`worker.hypervisor.Guest.settle_failed_save`). Then the cause, which libvirt's
-error does not name by code (its I/O helper reports ENOSPC as a plain "operation failed"):
+Only for a save libvirt refused or failed (a permanent error): a transient one (a lost
+connection, another job's lock) says nothing about the guest, and an abandoned call may
+still be writing. libvirt resumes the guest after a failed save (``running(save_canceled)``)
+but cannot promise it, and deletes a partial image only when it created the file. So the
+worker checks: a guest that ran before runs again (unpaused if libvirt left it paused), and
+an active guest keeps no image (:meth:`worker.hypervisor.Guest.settle_failed_save`). Then
+the cause, which libvirt's error does not name by code (its I/O helper reports ENOSPC as a
+plain "operation failed"):
 
 * the save directory has no room for the guest now (someone filled it since the check) ->
   :class:`SaveDirectoryFull`, as if refused up front: a run stops starting saves;

@@ -17,6 +17,7 @@ from worker.core import metrics, validation
 from worker.core.errors import (
     DormantError,
     InvalidInput,
+    PermanentError,
     StaleLock,
     StateStoreUnavailable,
     TransientError,
@@ -289,7 +290,7 @@ class _Transition:
             try:
                 self.guest.run(step)
             except DormantError as exc:
-                if step is Step.SAVE and getattr(exc, "outstanding", None) is None:
+                if step is Step.SAVE and isinstance(exc, PermanentError):  # libvirt said no
                     assert self.before is not None
                     raise failed_save.settle(exc, self.guest, self.before, self.ctx.room,
                                              str(self.req.action)) from None

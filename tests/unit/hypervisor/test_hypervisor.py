@@ -287,3 +287,13 @@ def test_stats_never_wait_for_a_job_and_report_a_held_guest_busy(
     assert stats[held.UUIDString()].state is State.BUSY  # a gap, never evidence of idleness
     assert stats[free.UUIDString()].state is State.RUNNING
     assert stats[free.UUIDString()].block_rd_bytes == 3
+
+
+def test_after_a_failed_save_a_guest_another_job_holds_is_left_alone(
+        hypervisor: Hypervisor) -> None:
+    """An operator's own save running beside ours: its image must not be removed."""
+    running = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_SAVE_CANCELED)
+    guest = hv_module.Guest(_FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_JOB),  # type: ignore[arg-type]
+                            hypervisor)
+    assert guest.settle_failed_save(was_running=True) == [
+        "left alone: another libvirt job holds it"]

@@ -13,10 +13,19 @@ import pytest
 
 from tests.unit.conftest import DomainFactory
 from worker.core import metrics
-from worker.core.errors import HostMemoryShort, RoomReserved, SaveDirectoryFull
+from worker.core.errors import (
+    DormantError,
+    HostMemoryShort,
+    HypervisorRefused,
+    InvalidTransition,
+    RoomReserved,
+    SaveDirectoryFull,
+)
+from worker.core.states import Observed, State
 from worker.hypervisor import Hypervisor
 from worker.hypervisor.resources import Disk, Memory, local, mem_available
 from worker.store import keys
+from worker.transition import failed_save
 from worker.transition.context import Context, Request
 from worker.transition.guards import Store
 from worker.transition.room import Fit, Reserve, Room, judge
@@ -191,3 +200,46 @@ def test_unchecked_resources_are_not_refused(
     for i, action in enumerate((Action.SUSPEND, Action.RESUME)):
         assert run(ctx, Request(action=action, instance=dom.UUIDString(),
                                 request_id=f"u-{i}"))["outcome"] == "changed"
+
+
+class _SettledGuest:
+    """What failed_save.settle asks of a guest after libvirt failed its save."""
+
+    name, uuid = "web-1", "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
+
+    def __init__(self, after: str, memory_mib: int = 64) -> None:
+        self.after, self.memory = after, memory_mib * MiB
+
+    def settle_failed_save(self, *, was_running: bool) -> list[str]:
+        return ["partial image removed"] if was_running else []
+
+    def observe(self) -> Observed:
+        return Observed(State(self.after))
+
+    def memory_bytes(self) -> int:
+        return self.memory
+
+
+@pytest.mark.parametrize(("error", "after", "free_mib", "expected"), [
+    # libvirt's helper failed (ENOSPC says no more) and the directory has no room now.
+    (HypervisorRefused("operation failed: ... No space left on device"), "running", 20,
+     "SaveDirectoryFull"),
+    # The same failure with room enough now (someone freed it since): libvirt's own error.
+    (HypervisorRefused("operation failed: ..."), "running", 500, "HypervisorRefused"),
+    # "Operation invalid" for a guest still running: libvirt will never save this one.
+    (InvalidTransition("cannot migrate domain: ... 'ivshmem'"), "running", 500, "Unsavable"),
+    # "Operation invalid" because it stopped meanwhile: not the guest's definition.
+    (InvalidTransition("domain is not running"), "shutoff", 500, "InvalidTransition"),
+])
+def test_a_failed_save_is_named_by_what_the_host_and_the_guest_say_after_it(
+        room: Room, readings: Readings, error: DormantError, after: str, free_mib: int,
+        expected: str) -> None:
+    readings.disk = Disk("/save", total=1000 * MiB, free=free_mib * MiB)
+    named = failed_save.settle(error, _SettledGuest(after),  # type: ignore[arg-type]
+                               Observed(State.RUNNING), room, "suspend")
+    assert type(named).__name__ == expected
+    assert named.details["settled"] == ["partial image removed"]
+    assert named.details["state_after"] == after
+    if expected == "SaveDirectoryFull":
+        assert str(named).startswith("the save failed: save directory full")
+        assert named.details["libvirt_error"] == str(error)
