@@ -4,6 +4,8 @@ Real parts: a private redis-server (append-only file, so a kill -9 loses nothing
 ``celery -A tasks worker`` processes with default settings (only the URLs and the host name
 set), tiny KVM guests on the local libvirtd (``qemu:///system``), which two scenarios kill or
 stop — those take ``/tmp/dormant-libvirtd.lock`` themselves (do not wrap this in ``flock``).
+The ``failover-*`` scenarios (bench/failover.py) bring their own replicated Redis: a master,
+a replica and three ``redis-sentinel`` processes, whose master they SIGKILL.
 
 Run: ``make faults`` (full) or ``make faults FAULTS_QUICK=1`` (the reduced CI version), or
 ``.venv/bin/python -m bench.faults [--quick] [--only NAME ...]``. Exit 1 when a scenario's
@@ -35,6 +37,7 @@ import libvirt
 import redis
 from celery import Celery
 
+from bench import failover
 from tests.support.guests import GuestFactory, TestGuest, remove_leftovers
 from tests.support.journal import (
     libvirtd_pid,
@@ -579,6 +582,11 @@ SCENARIOS: dict[str, Callable[[Suite, bool], Row]] = {
     "duplicates": lambda s, q: duplicate_sends(s, 100 if q else 1000),
     "fuzz": lambda s, q: fuzzed_calls(s, 60 if q else 600),
     "pickle": lambda s, q: pickled_message(s),
+    # Redis behind Sentinel, its master killed (bench/failover.py, issue 18).
+    "failover-mid-run": lambda s, q: Row(*failover.mid_run(s, 40 if q else 200)),
+    "failover-fenced": lambda s, q: Row(*failover.fenced(s)),
+    "failover-unreplicated": lambda s, q: Row(*failover.fenced_unreplicated(s)),
+    "failover-return": lambda s, q: Row(*failover.old_master_returns(s, 2 if q else 6)),
 }
 
 
