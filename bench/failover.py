@@ -92,9 +92,14 @@ class GuestWatch:
         self.claims = {u: {} for u in self.uuids}
         self.effects = {u: [] for u in self.uuids}
         self._stop = threading.Event()
+        self._dirty: set[str] = set()
+        self._wake = threading.Event()
         self._events = libvirt.open(URI)
-        self._callback = self._events.domainEventRegisterAny(
-            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None)
+        self._callbacks = [
+            self._events.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_event, None),
+            self._events.domainEventRegisterAny(
+                None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, self._on_metadata, None)]
         self._poller = threading.Thread(target=self._poll, name="faults-fences", daemon=True)
         self._poller.start()
 
@@ -103,13 +108,27 @@ class GuestWatch:
         if uuid_ in self.effects and (event, detail) in _EFFECTS:
             self.effects[uuid_].append(time.time())
 
+    def _on_metadata(self, _conn: Any, dom: Any, _kind: int, uri: str, _opaque: Any) -> None:
+        """A claim was just written: read that guest next (never call libvirt from here)."""
+        uuid_ = dom.UUIDString()
+        if uuid_ in self.claims and uri == fencing.NAMESPACE:
+            self._dirty.add(uuid_)
+            self._wake.set()
+
     def _poll(self) -> None:
+        """Read each guest whose element changed as soon as libvirt says so, and all of them
+        twice a second in case an event was missed."""
         conn = libvirt.open(URI)
         domains = {u: conn.lookupByUUIDString(u) for u in self.uuids}
+        sweep = 0.0
         while not self._stop.is_set():
-            for uuid_, dom in domains.items():
-                self._read(uuid_, dom)
-            self._stop.wait(0.05)
+            self._wake.wait(0.5)
+            self._wake.clear()
+            changed, self._dirty = self._dirty, set()
+            if time.monotonic() >= sweep:
+                changed, sweep = set(domains), time.monotonic() + 0.5
+            for uuid_ in changed:
+                self._read(uuid_, domains[uuid_])
         conn.close()
 
     def _read(self, uuid_: str, dom: Any) -> None:
@@ -136,7 +155,8 @@ class GuestWatch:
             self._read(uuid_, conn.lookupByUUIDString(uuid_))
             conn.close()
         try:
-            self._events.domainEventDeregisterAny(self._callback)
+            for callback in self._callbacks:
+                self._events.domainEventDeregisterAny(callback)
             self._events.close()
         except libvirt.libvirtError:
             pass
