@@ -9,6 +9,8 @@ libvirtd (``qemu:///system``), which two scenarios kill or stop — those take
 Scenarios about delivery (a killed worker, a killed broker, duplicates, malformed or pickled
 messages) run once per broker: Redis, then RabbitMQ with quorum queues. The state store and
 the result backend are the Redis in both. Scenarios about libvirt run once, on Redis.
+The ``failover-*`` scenarios (bench/failover.py) bring their own replicated Redis: a master,
+a replica and three ``redis-sentinel`` processes, whose master they SIGKILL.
 
 Run: ``make faults`` (full) or ``make faults FAULTS_QUICK=1`` (the reduced CI version), or
 ``.venv/bin/python -m bench.faults [--quick] [--only NAME ...] [--brokers redis rabbitmq]``.
@@ -42,6 +44,7 @@ import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
 
+from bench import failover
 from tests.support.guests import GuestFactory, TestGuest, remove_leftovers
 from tests.support.journal import (
     libvirtd_pid,
@@ -824,6 +827,11 @@ SCENARIOS: dict[str, tuple[Callable[[Suite, bool], Row], bool]] = {
     "pickle": (lambda s, q: pickled_message(s), True),
     "save-dir-full": (lambda s, q: save_dir_fills(s, 3 if q else 6), False),
     "redis-full": (lambda s, q: redis_full(s, 40 if q else 200), False),
+    # Redis behind Sentinel, its master killed (bench/failover.py, issue 18).
+    "failover-mid-run": (lambda s, q: Row(*failover.mid_run(s, 40 if q else 200)), False),
+    "failover-fenced": (lambda s, q: Row(*failover.fenced(s)), False),
+    "failover-unreplicated": (lambda s, q: Row(*failover.fenced_unreplicated(s)), False),
+    "failover-return": (lambda s, q: Row(*failover.old_master_returns(s, 2 if q else 6)), False),
 }
 
 

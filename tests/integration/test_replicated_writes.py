@@ -100,8 +100,37 @@ def test_a_replica_that_does_not_acknowledge_is_a_transient_error(pair) -> None:
     with frozen(replica), pytest.raises(StateStoreUnavailable) as unreplicated:
         store.finish(held, instance=instance, request_id=rid, entry={"outcome": "changed"},
                      record={"status": "done"})
-    assert unreplicated.value.details == {"replicated": 0}
+    assert "acknowledged by 0 of 1" in unreplicated.value.details["replicated"]
     assert '"done"' in (master.client(2).get(keys.request(rid)) or "")  # on the master
+
+
+def test_a_master_left_without_replicas_goes_on_until_one_returns(pair) -> None:  # type: ignore[no-untyped-def]
+    """After a failover the promoted master may have no replica at all: nothing could be
+    promoted without its writes, so it goes on (and waits for the replica once it is back)."""
+    master, replica = pair
+    store = _store(master, wait_timeout=0.5)
+    replica.stop()
+    wait_until(lambda: master.client().info("replication")["connected_slaves"] == 0,
+               timeout=30, message="the master has lost its replica")
+    try:
+        for n in range(3):
+            started = time.monotonic()
+            held = store.begin(f"alone-{n}", str(uuid.uuid4()), "token")
+            assert isinstance(held, Held)
+            if n:  # only the first write found out, by waiting once
+                assert time.monotonic() - started < 0.4
+    finally:
+        replica.start()
+        wait_until(lambda: replica.client().info("replication")["master_link_status"] == "up",
+                   timeout=30, message="replica in sync again")
+    instance = str(uuid.uuid4())
+    for _ in range(2):  # the first write learns the replica is back, the second waits for it
+        held = store.begin(f"back-{uuid.uuid4().hex[:6]}", instance, uuid.uuid4().hex)
+        assert isinstance(held, Held)
+        store.finish(held, instance=instance, request_id="x", entry={}, record=None)
+    held = store.begin("back-last", instance, "token-z")
+    assert isinstance(held, Held)
+    assert replica.client(2).get(keys.lock(instance)) == held.value
 
 
 class FreezesBeforeFinish(Store):

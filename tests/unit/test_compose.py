@@ -263,3 +263,39 @@ def test_images_build_from_the_base_that_base_images_sh_provides(name):
     assert stages and {image for image, _ in stages} == {base}, stages
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1] not in {"root", "0"}
+
+
+# -- the replicated deployment (docker-compose.sentinel.yml, over docker-compose.yml) ----------
+OVERRIDE: dict[str, dict[str, Any]] = yaml.safe_load(
+    (ROOT / "docker-compose.sentinel.yml").read_text())["services"]
+
+
+def test_with_the_sentinel_override_every_dormant_process_follows_the_sentinels():
+    from worker.store.sentinel import parse
+
+    sentinels = tuple((f"sentinel-{n}", 26379) for n in (1, 2, 3))
+    for name, service in SERVICES.items():
+        if dockerfile_of(service) != "Dockerfile":
+            continue
+        env = {**env_of(service), **env_of(OVERRIDE[name])}  # compose merges environment
+        loaded = settings_mod.load({k: v for k, v in env.items() if k.startswith("DORMANT_")})
+        for url in (loaded.broker_url, loaded.result_backend, loaded.state_url):
+            found = parse(url)
+            assert found.sentinels == sentinels and found.password == OPERATOR_ENV["REDIS_PASSWORD"]
+        assert [parse(u).db for u in (loaded.broker_url, loaded.result_backend,
+                                      loaded.state_url)] == [0, 1, 2]
+        assert (loaded.sentinel_master, loaded.state_wait_replicas) == ("dormant", 1)
+
+
+def test_the_sentinel_override_runs_a_replica_and_three_sentinels_on_the_master():
+    replica = " ".join(command_of(OVERRIDE["redis-replica"]))
+    assert "--replicaof redis 6379" in replica and '--masterauth "$REDIS_PASSWORD"' in replica
+    # The first master may be a replica after a failover: it authenticates to the new one.
+    assert '--masterauth "$REDIS_PASSWORD"' in " ".join(command_of(OVERRIDE["redis"]))
+    for n in (1, 2, 3):
+        command = " ".join(command_of(OVERRIDE[f"sentinel-{n}"]))
+        assert "exec redis-server /data/sentinel.conf --sentinel" in command
+        assert '"sentinel monitor dormant redis 6379 2"' in command  # quorum 2 of 3
+        assert '"sentinel down-after-milliseconds dormant 5000"' in command
+        assert '"sentinel auth-pass dormant $REDIS_PASSWORD"' in command
+        assert any(v.endswith(":/data") for v in OVERRIDE[f"sentinel-{n}"]["volumes"])

@@ -19,7 +19,10 @@ lose, the lock and fence that ``begin`` takes and the result that ``finish`` rec
 followed by ``WAIT`` on the same connection (a pipeline: WAIT counts the writes of its own
 connection). Replication is asynchronous; without it a promoted replica may hand out a fence
 number that already reached a guest, or forget a finished request. Fewer replicas than asked
-acknowledging in time is ``StateStoreUnavailable``: retried like any outage.
+(or than are connected, when fewer are) acknowledging in time is ``StateStoreUnavailable``:
+retried like any outage. A master with no replica left (the other died and was replaced)
+goes on alone: nothing could be promoted without its writes, and the replica that returns
+synchronises from it.
 """
 
 from __future__ import annotations
@@ -157,6 +160,7 @@ class Store:
         self.result_ttl = result_ttl
         self.wait_replicas = wait_replicas
         self.wait_timeout_ms = max(1, int(wait_timeout * 1000))  # WAIT 0 would block for ever
+        self._connected = wait_replicas  # replicas the master had at the last write (ROLE)
         self._begin = client.register_script(_BEGIN)
         self._intent = client.register_script(_INTENT)
         self._finish = client.register_script(_FINISH)
@@ -172,7 +176,7 @@ class Store:
         ``fence_floor``: the guest carries this fence; hand out a greater one."""
         record = "" if not fingerprint else json.dumps(
             {"status": "pending", **(pending or {}), "fingerprint": fingerprint}, sort_keys=True)
-        reply, acked = self._replicated(lambda client: self._begin(
+        reply, short = self._replicated(lambda client: self._begin(
             keys=[keys.request(request_id), keys.lock(instance), keys.fence(instance)],
             args=[token, self.lock_ttl_ms, fingerprint, record, self.result_ttl, fence_floor],
             client=client))
@@ -184,29 +188,50 @@ class Store:
         if status == "busy":
             return ("busy", int(reply[2]))
         previous = json.loads(reply[2]) if reply[2] else None
-        if acked < self.wait_replicas:
+        if short:
             with suppress(StateStoreUnavailable):  # let it lapse now: the retry takes another
                 self.renew(keys.lock(instance), reply[1], ttl_ms=1)
-            raise self._unreplicated(f"the lock and fence on {instance}", acked)
+            raise self._unreplicated(f"the lock and fence on {instance}", short)
         _keeper.add(self, keys.lock(instance), reply[1])
         return Held(instance=instance, value=reply[1], previous=previous)
 
-    def _replicated(self, script: Callable[[Any], Any]) -> tuple[Any, int]:
-        """Run one script and, with ``wait_replicas``, WAIT on the same connection: (the
-        script's reply, replicas that acknowledged); without, the count is 0."""
+    def _replicated(self, script: Callable[[Any], Any]) -> tuple[Any, str]:
+        """Run one script and, with ``wait_replicas``, WAIT on the same connection for as
+        many replicas as asked, or as are connected if fewer (ROLE says: a master left alone
+        by a failover goes on, it has no replica that could be promoted without the write).
+        Returns the script's reply and "" or what fell short."""
         if not self.wait_replicas:
             with translated():
-                return script(self.redis), 0
+                return script(self.redis), ""
+        wanted = min(self.wait_replicas, self._connected)
         with translated(), self.redis.pipeline(transaction=False) as pipe:
             script(pipe)
-            pipe.execute_command("WAIT", self.wait_replicas, self.wait_timeout_ms)
-            reply, acked = pipe.execute()
-        return reply, int(acked)
+            if wanted:
+                pipe.execute_command("WAIT", wanted, self.wait_timeout_ms)
+            pipe.execute_command("ROLE")
+            replies = pipe.execute()
+        acked = int(replies[1]) if wanted else 0
+        role = replies[-1]
+        self._replicas(len(role[2]) if role and role[0] == "master" else 0)
+        needed = min(wanted, self._connected)  # one that just (dis)appeared is not waited for
+        if acked >= needed:
+            return replies[0], ""
+        return replies[0], f"acknowledged by {acked} of {needed} replica(s)"
 
-    def _unreplicated(self, what: str, acked: int) -> StateStoreUnavailable:
+    def _replicas(self, connected: int) -> None:
+        """Note how many replicas the master has; say so when it falls below the setting."""
+        before, self._connected = self._connected, connected
+        if connected < self.wait_replicas <= before:
+            log.warning("the state store's master has %d replica(s), fewer than the %d "
+                        "DORMANT_STATE_WAIT_REPLICAS asks for: writes are acknowledged by those "
+                        "there are until they return", connected, self.wait_replicas)
+        elif before < self.wait_replicas <= connected:
+            log.warning("the state store's master has %d replica(s) again", connected)
+
+    def _unreplicated(self, what: str, short: str) -> StateStoreUnavailable:
         return StateStoreUnavailable(
-            f"state store: {what} acknowledged by {acked} of {self.wait_replicas} replica(s) "
-            f"within {self.wait_timeout_ms} ms; a failover could lose it", replicated=acked)
+            f"state store: {what} {short} within {self.wait_timeout_ms} ms; a failover could "
+            "lose it", replicated=short)
 
     def acquire(self, request_id: str, instance: str, *, wait: float, fingerprint: str = "",
                 pending: dict[str, Any] | None = None,
@@ -237,7 +262,8 @@ class Store:
                 args=[held.value, json.dumps({"status": "pending", **pending}), self.result_ttl],
             )
         if not ok:
-            raise StaleLock(f"lost the lock on {held.instance} before calling libvirt")
+            raise StaleLock(f"lost the lock on {held.instance} before calling libvirt; "
+                            "nothing was done", before_acting=True)
 
     def finish(
         self,
@@ -265,7 +291,7 @@ class Store:
         if held is not None:  # whatever happens next, this process stops renewing the lock
             _keeper.remove(self, keys.lock(instance))
         run = self._replicated if must_own else self._alone  # a result must be replicated
-        ok, acked = run(lambda client: self._finish(
+        ok, short = run(lambda client: self._finish(
             client=client,
             keys=[
                 keys.lock(instance),
@@ -298,13 +324,13 @@ class Store:
                 f"the lock on {instance} expired while held (fence {held.fence if held else '?'}); "
                 "a newer transition owns the instance, so this result was not recorded"
             )
-        if must_own and acked < self.wait_replicas:  # recorded, but only on the master
-            raise self._unreplicated(f"the result of {request_id}", acked)
+        if short:  # recorded, but only on the master
+            raise self._unreplicated(f"the result of {request_id}", short)
 
-    def _alone(self, script: Callable[[Any], Any]) -> tuple[Any, int]:
+    def _alone(self, script: Callable[[Any], Any]) -> tuple[Any, str]:
         """Run one script with no WAIT (a failure or a release: a redelivery redoes it)."""
         with translated():
-            return script(self.redis), self.wait_replicas
+            return script(self.redis), ""
 
     def holds(self, held: Held) -> bool:
         """Whether the lock still carries this holder's fence (checked on slow paths only)."""

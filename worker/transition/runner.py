@@ -13,7 +13,7 @@ from contextlib import suppress
 from typing import Any, NoReturn
 
 from worker.api.contract import Fingerprint, reused
-from worker.core import metrics, validation
+from worker.core import faultpoints, metrics, validation
 from worker.core.errors import (
     DormantError,
     InvalidInput,
@@ -126,15 +126,18 @@ class _Transition:
             for _try in range(FENCE_TRIES):
                 if (answer := self._acquire(key, floor)) is not None:
                     return answer
+                faultpoints.reached("fenced", key)  # the fault suite's kill point (tests only)
                 try:
                     with fencing.exclusive(key, self.ctx.lock_wait):
                         return self._locked(key)
                 except StaleLock as exc:
-                    if "guest_fence" not in exc.details:
+                    if "guest_fence" not in exc.details and "before_acting" not in exc.details:
                         raise
-                    floor = self._outdated(exc)  # the guest refused this fence: take a newer
-            raise StaleLock(f"{FENCE_TRIES} fences in a row were not newer than the one "
-                            f"{self.instance} carries; giving up")
+                    # The guest refused this fence, or the lock was lost before anything was
+                    # done: a newer holder owns the guest; wait for it and take a newer fence.
+                    floor = self._outdated(exc)
+            raise StaleLock(f"{FENCE_TRIES} fences in a row were stale before acting on "
+                            f"{self.instance}; giving up")
         except Exception as exc:  # not only DormantError: a held lock must never outlive us
             if not self.refused and not self.recorded:
                 self._fail(key, exc)
@@ -162,20 +165,20 @@ class _Transition:
         return None
 
     def _outdated(self, exc: StaleLock) -> int:
-        """The guest carries a fence at least as new as ours: journal the refusal, let the
-        lock go, and return the guest's fence (the next one taken is above it)."""
+        """This holder is stale and did nothing: journal it, let the lock go (if still ours)
+        and return the fence the next one must be above (the guest's, when it refused)."""
         held, self.held = self.held, None
         assert held is not None
         entry = {**self.base, "instance": held.instance, "outcome": "stale",
                  "name": self.guest.name if self.guest else None, "fence": held.fence,
-                 "guest_fence": exc.details["guest_fence"],
+                 "guest_fence": exc.details.get("guest_fence"),
                  **_error(exc, self.base["started_at"], self.ctx)}
         self.ctx.store.finish(held, instance=held.instance, request_id=self.request_id,
                               entry=entry, record=None)
         metrics.transition_retried(str(self.req.action), type(exc).__name__)
         log.warning("%s %s: %s", self.req.action, held.instance, exc,
                     extra={"dormant": log_fields(entry)})
-        return int(exc.details["guest_fence"])
+        return int(exc.details.get("guest_fence") or 0)
 
     def _recorded(self, recorded: dict[str, Any]) -> dict[str, Any] | None:
         """For a request by name: the duplicate answer, a refusal, or None to go on."""
@@ -256,6 +259,7 @@ class _Transition:
                 # The guest judges the fence before anything is recorded or done (fencing.py).
                 fencing.claim(self.guest, fence=self.held.fence, request_id=self.request_id,
                               host=self.ctx.host, now=self.ctx.clock())
+                faultpoints.reached("claimed", uuid)
                 self.ctx.store.record_intent(
                     self.held, self.request_id,
                     {"state_before": str(observed.state), "reason_before": observed.reason,
