@@ -687,22 +687,27 @@ def main(argv: list[str] | None = None) -> int:
     brokers = tuple(opts.brokers)
     suite = Suite(workdir, brokers)
     rows: list[Row] = []
+    spent: dict[str, float] = {}  # seconds of scenarios per broker
     started = time.time()
     try:
         for name in opts.only or list(SCENARIOS):
             for broker in brokers if SCENARIOS[name][1] else brokers[:1]:
                 suite.broker = broker
                 print(f"-- {name} ({BROKER_NAMES[broker]}) ...", file=sys.stderr, flush=True)
+                began = time.monotonic()
                 row = _run(suite, name, opts.quick)
-                print(f"   {'ok' if row.ok else 'FAILED'}: {row.figures}", file=sys.stderr,
-                      flush=True)
+                spent[broker] = spent.get(broker, 0.0) + time.monotonic() - began
+                print(f"   {'ok' if row.ok else 'FAILED'} ({time.monotonic() - began:.0f} s): "
+                      f"{row.figures}", file=sys.stderr, flush=True)
                 rows.append(row)
     finally:
         suite.close()
     load = os.getloadavg()
     print(f"\nFaults ({'quick' if opts.quick else 'full'}), "
           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, "
-          f"{(time.time() - started) / 60:.1f} min, load {load[0]:.1f}; worker logs in {workdir}")
+          f"{(time.time() - started) / 60:.1f} min ("
+          + ", ".join(f"{BROKER_NAMES[b]} scenarios {s / 60:.1f}" for b, s in spent.items())
+          + f"), load {load[0]:.1f}; worker logs in {workdir}")
     print("\n| scenario | broker | runs | verdict | figures |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.scenario} | {row.broker} | {row.runs} | "
