@@ -362,8 +362,9 @@ def broker_kill(suite: Suite, count: int) -> Row:
                 by_rid[entry["request_id"]] += 1
             retried += entry["outcome"] == "retrying"
     doubled = sum(1 for n in by_rid.values() if n > 1)
-    duplicates = sum(1 for m in got.values()
-                     if m["status"] == "SUCCESS" and m["result"]["outcome"] == "duplicate")
+    # Deliveries answered from their request's record: redeliveries of transitions that had
+    # run (Celery keeps the first SUCCESS in the backend, so only the worker's log shows them).
+    duplicates = sum(w.log().count("'outcome': 'duplicate'") for w in suite.workers)
     suite.stop_workers()
     ok = lost == 0 and doubled == 0 and failed == 0
     if suite.broker == "rabbitmq":
@@ -379,7 +380,8 @@ def broker_kill(suite: Suite, count: int) -> Row:
                f"{len(got)}/{count} results, {lost} lost, {doubled} executed twice, "
                f"{failed} failed; {done_at_kill} done at the kill; {resend}"
                f"{'' if not unanswered or suite.broker == 'redis' else f' {dict(where)}'}; "
-               f"{retried} retried attempts, {duplicates} answered as duplicate; broker down "
+               f"{retried} retried attempts, {duplicates} delivered again and answered from their "
+               f"record (duplicate); broker down "
                f"{back - killed:.1f} s, all answered {recovered:.1f} s after it was back; "
                f"{took:.1f} s in all",
                details={"unanswered": unanswered, "recovered_s": recovered})
@@ -869,22 +871,27 @@ def main(argv: list[str] | None = None) -> int:
     brokers = tuple(opts.brokers)
     suite = Suite(workdir, brokers)
     rows: list[Row] = []
+    spent: dict[str, float] = {}  # seconds of scenarios per broker
     started = time.time()
     try:
         for name in opts.only or list(SCENARIOS):
             for broker in brokers if SCENARIOS[name][1] else brokers[:1]:
                 suite.broker = broker
                 print(f"-- {name} ({BROKER_NAMES[broker]}) ...", file=sys.stderr, flush=True)
+                began = time.monotonic()
                 row = _run(suite, name, opts.quick)
-                print(f"   {'ok' if row.ok else 'FAILED'}: {row.figures}", file=sys.stderr,
-                      flush=True)
+                spent[broker] = spent.get(broker, 0.0) + time.monotonic() - began
+                print(f"   {'ok' if row.ok else 'FAILED'} ({time.monotonic() - began:.0f} s): "
+                      f"{row.figures}", file=sys.stderr, flush=True)
                 rows.append(row)
     finally:
         suite.close()
     load = os.getloadavg()
     print(f"\nFaults ({'quick' if opts.quick else 'full'}), "
           f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, "
-          f"{(time.time() - started) / 60:.1f} min, load {load[0]:.1f}; worker logs in {workdir}")
+          f"{(time.time() - started) / 60:.1f} min ("
+          + ", ".join(f"{BROKER_NAMES[b]} scenarios {s / 60:.1f}" for b, s in spent.items())
+          + f"), load {load[0]:.1f}; worker logs in {workdir}")
     print("\n| scenario | broker | runs | verdict | figures |\n|---|---|---|---|---|")
     for row in rows:
         print(f"| {row.scenario} | {row.broker} | {row.runs} | "

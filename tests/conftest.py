@@ -106,7 +106,7 @@ def rabbit_server() -> Iterator[RabbitServer]:
 def rabbit_clean(rabbit_server: RabbitServer) -> RabbitServer:
     """The private RabbitMQ node, running (a test may have killed it). Queues are not
     emptied: every test has a queue of its own (its host name)."""
-    if not rabbit_server._answers():
+    if not rabbit_server.answers():
         rabbit_server.start()
     return rabbit_server
 

@@ -69,7 +69,7 @@ class RabbitServer:
         self.process = subprocess.Popen(
             [SERVER], env=self.env, cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, **self._as_owner())
-        wait_until(self._answers, timeout=STARTUP_TIMEOUT, interval=0.2,
+        wait_until(self._started, timeout=STARTUP_TIMEOUT, interval=0.2,
                    message=f"rabbitmq-server {self.nodename} on port {self.port} (log in "
                            f"{self.workdir / 'log'})")
 
@@ -120,10 +120,16 @@ class RabbitServer:
             return {}
         return {"user": owner.pw_uid, "group": owner.pw_gid, "extra_groups": []}
 
-    def _answers(self) -> bool:
+    def _started(self) -> bool:
         if self.process is not None and self.process.poll() is not None:
             raise RuntimeError(f"rabbitmq-server exited ({self.process.returncode}): "
                                f"{self.log()[-3000:]}")
+        return self.answers()
+
+    def answers(self) -> bool:
+        """The node accepts dormant's user on its virtual host."""
+        if not self.alive():
+            return False
         from kombu import Connection
 
         try:

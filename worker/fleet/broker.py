@@ -38,7 +38,6 @@ with ``default_queue_type = quorum`` (docs/production.md "RabbitMQ").
 
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -50,8 +49,6 @@ if TYPE_CHECKING:
     from celery import Celery
 
     from worker.core.settings import Settings
-
-log = logging.getLogger("dormant.broker")
 
 TOPIC_EXCHANGE = "dormant"  # RabbitMQ: every dormant queue is bound to it by its own name
 # A message that came back through native delayed delivery carries its delay in front of its
