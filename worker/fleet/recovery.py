@@ -124,6 +124,9 @@ def wait_alone(presence: Presence, *, poll: float = 0.25) -> dict[str, float]:
     return {**alive, **pending}
 
 
+UNACKED_BATCH = 100  # deliveries read per HMGET
+
+
 def restore_unacked(connection: Any, queue: str, *, delivered_before: float,
                     keep: frozenset[str] = frozenset()) -> list[str]:
     """Put back every unacked message routed to ``queue`` delivered before the given time,
@@ -135,21 +138,28 @@ def restore_unacked(connection: Any, queue: str, *, delivered_before: float,
     qos = channel.qos
     client = channel.client
     restored = []
-    for tag, raw in client.hscan_iter(channel.unacked_key):
-        try:
-            payload, _exchange, routing_key = json.loads(raw)
-        except (TypeError, ValueError):
-            continue
-        if routing_key != queue:
-            continue
-        if payload.get("headers", {}).get("id") in keep:
-            continue
-        delivered = client.zscore(channel.unacked_index_key, tag)
-        if delivered is not None and delivered >= delivered_before:
-            continue  # delivered since this worker started: a live worker's
-        qos.restore_by_tag(tag, client=client, leftmost=True)
-        restored.append(str(payload.get("headers", {}).get("id") or tag))
+    # The unacked hash holds every host's deliveries: read only those delivered before the
+    # time (kombu indexes them by delivery time, in the same transaction), never the whole
+    # hash -- a sweep by every worker of everything would grow with the square of the hosts.
+    tags = client.zrangebyscore(channel.unacked_index_key, "-inf", f"({delivered_before!r}")
+    for start in range(0, len(tags), UNACKED_BATCH):
+        batch = tags[start:start + UNACKED_BATCH]
+        for tag, raw in zip(batch, client.hmget(channel.unacked_key, batch), strict=True):
+            if raw is None or f'"{queue}"]'.encode() not in _bytes(raw):
+                continue  # acknowledged meanwhile, or another queue's (decoded only if ours)
+            try:
+                payload, _exchange, routing_key = json.loads(raw)
+            except (TypeError, ValueError):
+                continue
+            if routing_key != queue or payload.get("headers", {}).get("id") in keep:
+                continue
+            qos.restore_by_tag(tag, client=client, leftmost=True)
+            restored.append(str(payload.get("headers", {}).get("id") or tag))
     return restored
+
+
+def _bytes(raw: str | bytes) -> bytes:
+    return raw if isinstance(raw, bytes) else raw.encode()
 
 
 def recover(app: Any, client: redis.Redis, *, host: str, queue: str, node: str,
