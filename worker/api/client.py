@@ -43,6 +43,7 @@ from worker.transition.guards import Store
 PUBLISH_RETRY_POLICY = {"max_retries": 2, "interval_start": 0, "interval_step": 0.2,
                         "interval_max": 0.5}
 SOCKET_TIMEOUT = 5.0  # seconds for any one broker/backend socket operation
+KEPT_SENDS = 10_000  # sends kept for wait() to resend (the oldest dropped past this)
 
 
 def celery_client(settings: Settings) -> Celery:
@@ -168,6 +169,8 @@ class Client:
 
         first = self.app.send_task(name, args=listed, kwargs=named, queue=queue,
                                    task_id=task_id)
+        if len(self._outgoing) >= KEPT_SENDS:  # a caller that never waits: forget the oldest
+            del self._outgoing[next(iter(self._outgoing))]
         self._outgoing[first.id] = resend.Outgoing(send=copy, copies=[first])
         return first
 
