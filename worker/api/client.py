@@ -52,6 +52,7 @@ SOCKET_TIMEOUT = 5.0  # seconds for any one broker/backend socket operation
 WORKER_CHECK_EVERY = 2.0
 WAIT_NOTICE_AFTER = 3.0
 CLOSED = frozenset({"done", "disabled", "dry_run", "cancelled"})  # a run's final statuses
+KEPT_SENDS = 10_000  # sends kept for wait() to resend (the oldest dropped past this)
 
 
 def celery_client(settings: Settings) -> Celery:
@@ -144,6 +145,8 @@ class Client(Routing):
 
         first = self.app.send_task(name, args=listed, kwargs=named, queue=queue,
                                    task_id=task_id, **options)
+        if len(self._outgoing) >= KEPT_SENDS:  # a caller that never waits: forget the oldest
+            del self._outgoing[next(iter(self._outgoing))]
         self._outgoing[first.id] = resend.Outgoing(send=copy, copies=[first])
         return first
 
@@ -361,7 +364,7 @@ class Client(Routing):
 
     def recorded(self, uuids: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
         """The newest journal entries of each instance (newest first), in one round trip:
-        what :func:`worker.drift.watcher.last_known` reads the last recorded state from."""
+        what :func:`worker.drift.policy.last_known` reads the last recorded state from."""
         uuids = list(uuids)
         with self.state.pipeline(transaction=False) as pipe:
             for uuid in uuids:
