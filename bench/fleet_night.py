@@ -32,13 +32,13 @@ TICK = os.sysconf("SC_CLK_TCK")
 FINISHED = {"done", "disabled", "dry_run", "duplicate"}
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process so far (0 once it is gone)."""
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process so far (0 once it is gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+        return 0.0, 0.0
+    return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Snapshot:
     at: float
     redis_cpu: float
     commands: int
-    cpu: dict[str, float]
+    cpu: dict[str, tuple[float, float]]  # process -> (user, system) seconds
     by_command: dict[str, int]  # calls of each Redis command
 
     @classmethod
@@ -56,17 +56,22 @@ class Snapshot:
         stats = client.info("stats")
         calls = {name.removeprefix("cmdstat_"): int(v["calls"])
                  for name, v in client.info("commandstats").items()}
-        return cls(time.monotonic(), cpu_seconds(redis_pid),
+        return cls(time.monotonic(), sum(cpu_seconds(redis_pid)),
                    int(stats["total_commands_processed"]),
                    {name: cpu_seconds(pid) for name, pid in pids.items()}, calls)
 
     def since(self, before: Snapshot) -> dict[str, Any]:
-        workers = sum(v - before.cpu.get(k, v) for k, v in self.cpu.items()
-                      if k.startswith("worker:"))
+        def used(name: str, part: int) -> float:
+            return self.cpu[name][part] - before.cpu.get(name, self.cpu[name])[part]
+
+        workers = [k for k in self.cpu if k.startswith("worker:")]
+        user, system = (sum(used(k, part) for k in workers) for part in (0, 1))
         calls = {k: v - before.by_command.get(k, 0) for k, v in self.by_command.items()}
         return {"seconds": self.at - before.at, "redis_cpu": self.redis_cpu - before.redis_cpu,
-                "commands": self.commands - before.commands, "workers_cpu": workers,
-                "flower_cpu": self.cpu.get("flower", 0.0) - before.cpu.get("flower", 0.0),
+                "commands": self.commands - before.commands, "workers_cpu": user + system,
+                "workers_system_cpu": system,
+                "flower_cpu": sum(used("flower", p) for p in (0, 1)) if "flower" in self.cpu
+                else 0.0,
                 "by_command": dict(sorted(((k, v) for k, v in calls.items() if v),
                                           key=lambda kv: -kv[1]))}
 
