@@ -20,8 +20,9 @@ import pytest
 
 from tests.conftest import wait_for_worker
 from tests.integration.test_cli import dormant
+from tests.support import services
 from tests.support.journal import journal, real_state, record, saving
-from tests.support.services import ROOT, wait_until
+from tests.support.services import ROOT, free_port, wait_until
 from worker.store import keys
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -166,3 +167,15 @@ def test_dormant_queues_counts_what_waits_on_either_broker(
     wait_for_worker(again, redis_clean, broker=dormant_env["DORMANT_BROKER_URL"])
     wait_until(lambda: depth()["empty"], timeout=60, interval=0.5, message="queue drained")
     assert real_state(guest.domain) == "paused(user)"
+
+
+def test_the_cli_says_a_rabbitmq_broker_is_down_quickly(redis_clean, host_name):
+    """Nothing listens on the amqp:// URL: exit 3 (unavailable) within seconds, as on Redis."""
+    env = services.test_env(redis_clean, host_name,
+                            DORMANT_BROKER_URL=f"amqp://dormant:x@127.0.0.1:{free_port()}/dormant")
+    started = time.monotonic()
+    proc = dormant(env, "pause", "vm1", "--wait")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.startswith("error: BrokerUnavailable: "), proc.stderr
+    assert elapsed < 10, f"took {elapsed:.1f}s to notice the broker is down"
