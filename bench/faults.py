@@ -106,17 +106,21 @@ class Suite:
         self.broker = brokers[0]
         self.redis = RedisServer(port=free_port(), workdir=new_workdir("dormant-faults-"),
                                  persist=True)
-        self.redis.start()
         self.rabbit: RabbitServer | None = None
-        if "rabbitmq" in brokers:
-            self.rabbit = RabbitServer(port=free_port(),
-                                       workdir=new_workdir("dormant-faults-rabbit-"))
-            self.rabbit.start()
-        libvirt.registerErrorHandler(lambda _c, _e: None, None)
-        self.conn = libvirt.open(URI)
-        remove_leftovers(self.conn)
-        self.guests = GuestFactory(self.conn)
         self.workers: list[WorkerProcess] = []
+        try:
+            self.redis.start()
+            if "rabbitmq" in brokers:
+                self.rabbit = RabbitServer(port=free_port(),
+                                           workdir=new_workdir("dormant-faults-rabbit-"))
+                self.rabbit.start()
+            libvirt.registerErrorHandler(lambda _c, _e: None, None)
+            self.conn = libvirt.open(URI)
+            remove_leftovers(self.conn)  # fails when someone restarts libvirtd just then
+            self.guests = GuestFactory(self.conn)
+        except BaseException:
+            self._stop_servers()
+            raise
 
     def broker_url(self) -> str:
         if self.broker == "rabbitmq":
@@ -206,6 +210,9 @@ class Suite:
         self.stop_workers()
         revive(self.conn)
         self.guests.cleanup()
+        self._stop_servers()
+
+    def _stop_servers(self) -> None:
         self.redis.stop()
         if self.rabbit is not None:
             self.rabbit.stop()
