@@ -31,6 +31,6 @@ faults:  ## the fault suite on real parts, on both brokers (bench/faults.py, tab
 	scripts/setup.sh --with-rabbitmq
 	FAULTS_QUICK=$(FAULTS_QUICK) .venv/bin/python -m bench.faults
 
-fleet:  ## a fleet on one Redis: 1, 10 and 50 hosts x 1,000 guests, one night each (bench/fleet.py, ~30 min); FLEET_QUICK=1: the reduced CI version
+fleet:  ## a fleet on one Redis: 1, 10 and 50 hosts x 1,000 guests, one night each (bench/fleet.py, ~45 min); FLEET_QUICK=1: the reduced CI version
 	scripts/setup.sh
 	FLEET_QUICK=$(FLEET_QUICK) .venv/bin/python -m bench.fleet

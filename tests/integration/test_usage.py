@@ -64,3 +64,23 @@ def test_a_sampled_family_is_estimated_from_a_few_keys(redis_clean):  # type: ig
     assert estimate[records].keys == exact[records].keys == 3000
     assert estimate[records].measured == 300 and exact[records].measured == 3000
     assert estimate[records].bytes == pytest.approx(exact[records].bytes, rel=0.05)
+
+
+def test_a_family_of_small_keys_and_a_few_large_ones_is_estimated_by_kind(redis_clean):  # type: ignore[no-untyped-def]
+    """The registry: a key per guest (~100 B) and a hash per host (~60 KB). A sample of the
+    family as a whole would mostly miss the hashes or, hitting one, multiply it by thousands."""
+    client = redis_clean.client(2)
+    with client.pipeline(transaction=False) as pipe:
+        for i in range(5000):
+            pipe.set(keys.where(f"{i:08x}-0000-4000-8000-{i:012x}"), f"h{i % 5}")
+        for h in range(5):
+            pipe.hset(keys.host_instances(f"h{h}"),
+                      mapping={f"{i:08x}-0000-4000-8000-{i:012x}": f"guest-{i}"
+                               for i in range(1000)})
+        pipe.execute()
+    exact = {f.family: f for f in measuring.scan(client, "state", sample=0)}["registry"]
+    for seed in range(5):
+        estimate = {f.family: f for f in measuring.scan(client, "state", sample=100,
+                                                         rng=random.Random(seed))}["registry"]
+        assert estimate.measured == 105  # 100 of the small kind, all 5 of the large
+        assert estimate.bytes == pytest.approx(exact.bytes, rel=0.05)

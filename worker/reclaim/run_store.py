@@ -37,7 +37,6 @@ from redis.commands.core import Script
 
 from worker.core.errors import InvalidInput
 from worker.core.validation import quote
-from worker.reclaim import order
 from worker.store import keys
 
 ENTRY = "i:"
@@ -45,13 +44,22 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9_.:@+=-]{1,100}$")
 
 # Finish one entry (see the header of worker/lua/run_record.lua); registered once per client.
 _RECORD = (Path(__file__).parent / "lua" / "run_record.lua").read_text()
+_TAKE = (Path(__file__).parent / "lua" / "run_take.lua").read_text()
 _scripts: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
+_takes: weakref.WeakKeyDictionary[redis.Redis, Script] = weakref.WeakKeyDictionary()
 
 
 def _record_script(client: redis.Redis) -> Script:
     script = _scripts.get(client)
     if script is None:
         script = _scripts[client] = client.register_script(_RECORD)
+    return script
+
+
+def _take_script(client: redis.Redis) -> Script:
+    script = _takes.get(client)
+    if script is None:
+        script = _takes[client] = client.register_script(_TAKE)
     return script
 
 
@@ -218,27 +226,11 @@ def next_item(client: redis.Redis, rid: str) -> str | None:
 
 def take(client: redis.Redis, rid: str, count: int) -> list[str]:
     """Up to ``count`` instances from the queue, never one of a later wave before the waves
-    ahead of it finished (order.room decides; checked and popped in one transaction)."""
+    ahead of it finished (``order.room``'s rule, in one Lua step: lua/run_take.lua)."""
     if count <= 0:
         return []
-    run, queue = keys.run(rid), keys.run_queue(rid)
-    with client.pipeline(transaction=True) as pipe:
-        while True:
-            try:
-                pipe.watch(run)
-                done, taken, waves = pipe.hmget(run, "done", "taken", "waves")
-                n = order.room(json.loads(waves or "[]"), done=int(done or 0),
-                               taken=int(taken or 0), want=count)
-                if n <= 0:
-                    pipe.unwatch()
-                    return []
-                pipe.multi()
-                pipe.lpop(queue, n)
-                pipe.hincrby(run, "taken", n)
-                items, _ = pipe.execute()
-                return cast(list[str], items or [])
-            except redis.WatchError:  # an action finished meanwhile: decide again
-                continue
+    items = _take_script(client)(keys=[keys.run(rid), keys.run_queue(rid)], args=[count])
+    return [i.decode() if isinstance(i, bytes) else str(i) for i in items or []]
 
 
 def stop(client: redis.Redis, rid: str, stopped: dict[str, Any]) -> list[str]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from worker.reclaim.order import bounds, metadata_priority, room, waves
 
@@ -96,3 +98,27 @@ def test_a_run_without_waves_takes_up_to_the_cap(fake_redis) -> None:
     run_store.create(fake_redis, "r2", {"run_id": "r2"}, [], queue=["a", "b", "c"], ttl=600)
     assert len(run_store.take(fake_redis, "r2", 2)) == 2
     assert len(run_store.take(fake_redis, "r2", 5)) == 1
+
+
+@settings(max_examples=200, deadline=None)
+@given(ends=st.lists(st.integers(1, 12), max_size=4).map(lambda e: sorted(set(e))),
+       done=st.integers(0, 12), taken=st.integers(0, 12), want=st.integers(0, 10),
+       queued=st.integers(0, 12))
+def test_taking_from_a_run_in_redis_follows_room(ends: list[int], done: int, taken: int,
+                                                 want: int, queued: int) -> None:
+    """run_store.take (one Lua step, lua/run_take.lua) starts exactly what ``room`` allows."""
+    import json
+
+    import fakeredis
+
+    from worker.reclaim import run_store
+    from worker.store import keys
+
+    client = fakeredis.FakeRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    client.hset(keys.run("r"), mapping={"done": done, "taken": taken,
+                                        "waves": json.dumps(ends)})
+    if queued:
+        client.rpush(keys.run_queue("r"), *[f"g{i}" for i in range(queued)])
+    allowed = room(ends, done=done, taken=taken, want=want)
+    assert run_store.take(client, "r", want) == [f"g{i}" for i in range(min(allowed, queued))]
+    assert int(client.hget(keys.run("r"), "taken") or 0) == taken + (allowed if want else 0)

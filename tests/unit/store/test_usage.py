@@ -18,7 +18,7 @@ from worker.fleet import registry
 from worker.hypervisor import Hypervisor
 from worker.reclaim import run_store
 from worker.store import keys
-from worker.store.usage import human
+from worker.store.usage import human, stratum
 from worker.transition.guards import JOURNAL_MAXLEN, JOURNAL_TTL, Held, Store
 
 BUILDERS = {name: fn for name, fn in vars(keys).items()
@@ -140,3 +140,15 @@ def test_what_dormant_sends_itself_keeps_no_celery_result(
     assert names.count("dormant.sample") == 2 and names.count("dormant.reclaim") == 2
     assert names.count("dormant.run_item") == 1 and names.count("dormant.unpause") == 1
     assert all(kw.get("ignore_result") is True for _, kw in sent), sent
+
+
+@pytest.mark.parametrize(("key", "kind"), [
+    (keys.where("4dea22b3-1d52-d8f3-2516-782e98ab3fa0"), ("dormant:where:", 0, "")),
+    (keys.host_instances("kvm-7"), ("dormant:host:", 1, "instances")),
+    (keys.host_workers("kvm-7"), ("dormant:host:", 1, "workers")),
+    (keys.run("kvm-7:2026-12-06"), ("dormant:run:", 1, "")),
+    (keys.run_queue("kvm-7:2026-12-06"), ("dormant:run:", 2, "queue")),
+    (keys.HOSTS, ("", 1, "hosts")),  # exact names: a kind of their own
+])
+def test_keys_of_one_family_are_sampled_by_kind(key: str, kind: tuple[str, int, str]) -> None:
+    assert stratum(keys.family(key), key) == kind
