@@ -156,7 +156,7 @@ def test_a_guest_day_fits_in_one_and_a_half_kib_of_redis(redis_clean):  # type: 
     """288 five-minute samples of 100 guests through the storage path, measured by Redis
     (MEMORY USAGE): each guest's record plus its share of its host's sample times."""
     client = redis_clean.client(2)
-    t0 = time.time() - 86400 + 1
+    t0 = round(time.time()) - 86400 + 1  # whole seconds: times are kept to the millisecond
     guests = [f"{i:08x}-0000-4000-8000-{i:012x}" for i in range(100)]
     day = [(u, u, Sample(t0 + 300 * k, "running", 10**9 * k + i, 1, 1000 * k, 500 * k,
                          100 * k, 0)) for k in range(288) for i, u in enumerate(guests)]

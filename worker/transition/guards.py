@@ -132,10 +132,10 @@ class _Keeper:
 
     def _run(self) -> None:
         while True:
-            with self._mutex:
+            with self._mutex:  # with the snapshot, so add() compares against this sleep
                 held = list(self._held.items())
-            interval = min((s.lock_ttl_ms for _, (s, _v) in held), default=30_000) / 3000
-            self._interval = max(interval, 0.05)
+                interval = min((s.lock_ttl_ms for _, (s, _v) in held), default=30_000) / 3000
+                self._interval = max(interval, 0.05)
             for (_, key), (store, value) in held:
                 try:
                     store.renew(key, value)

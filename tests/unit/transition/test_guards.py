@@ -214,11 +214,11 @@ def test_two_claimers_split_the_due_deadlines(fake_redis: fakeredis.FakeRedis) -
 
 def test_keeper_renews_a_held_lock(fake_redis: fakeredis.FakeRedis) -> None:
     """A holder keeps its lock past the TTL while alive (a long managedSave)."""
-    short = Store(fake_redis, lock_ttl=0.3, result_ttl=60)
+    short = Store(fake_redis, lock_ttl=1.0, result_ttl=60)
     held = short.acquire("r1", INSTANCE, wait=0)
     assert isinstance(held, Held)
     # Watch it for more than three TTLs: it must never lapse.
-    watch_until = time.monotonic() + 1.0
+    watch_until = time.monotonic() + 3.5
     wait_until(lambda: fake_redis.get(keys.lock(INSTANCE)) != held.value
                or time.monotonic() >= watch_until, timeout=5, message="lock watch")
     assert fake_redis.get(keys.lock(INSTANCE)) == held.value

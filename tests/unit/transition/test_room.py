@@ -33,7 +33,6 @@ from worker.transition.runner import run
 from worker.transition.table import Action, Step
 
 MiB = 2**20
-NOW = time.time()  # promises expire in Redis time: a clock near it
 
 
 @pytest.mark.parametrize(("need", "free", "reserve", "in_flight", "fit"), [
@@ -80,7 +79,7 @@ def _room(store: Store, hypervisor: Hypervisor, readings: Readings, **kw: Any) -
     return Room(store.redis, hypervisor, "hv1", save_dir="/save",
                 disk_reserve=Reserve(0.10, 10 * MiB), memory_reserve=Reserve(0.0, 100 * MiB),
                 read_disk=lambda _d: readings.disk, read_memory=lambda _hv: readings.memory,
-                clock=lambda: NOW, **kw)
+                clock=time.time, **kw)
 
 
 @pytest.fixture
@@ -91,7 +90,7 @@ def room(store: Store, hypervisor: Hypervisor, readings: Readings) -> Room:
 @pytest.fixture
 def ctx(hypervisor: Hypervisor, store: Store, room: Room) -> Context:
     return Context(hypervisor=hypervisor, store=store, host="hv1", lock_wait=0.2,
-                   verify_timeout=2.0, clock=lambda: NOW, room=room)
+                   verify_timeout=2.0, clock=time.time, room=room)
 
 
 def _promised(store: Store, resource: str) -> dict[Any, Any]:
@@ -153,7 +152,7 @@ def test_a_promise_whose_worker_died_lapses_past_its_deadline(
     later = Room(store.redis, hypervisor, "hv1", save_dir="/save",
                  disk_reserve=Reserve(0.10, 10 * MiB), memory_reserve=Reserve(0.0, 0),
                  read_disk=lambda _d: readings.disk, read_memory=lambda _hv: None,
-                 clock=lambda: NOW + deadline + 1)
+                 clock=lambda: time.time() + deadline + 1)
     assert later.promise(Step.SAVE, hypervisor.guest(second.UUIDString()), "suspend")
     assert _promised(store, "disk").keys() == {second.UUIDString()}  # the dead one dropped
 
@@ -194,7 +193,7 @@ def test_unchecked_resources_are_not_refused(
     readings.disk = Disk("/save", total=1000 * MiB, free=0)
     readings.memory = None
     ctx = Context(hypervisor=hypervisor, store=store, host="hv1", lock_wait=0.2,
-                  verify_timeout=2.0, clock=lambda: NOW,
+                  verify_timeout=2.0, clock=time.time,
                   room=_room(store, hypervisor, readings, check_disk=False))
     dom = make_domain()
     for i, action in enumerate((Action.SUSPEND, Action.RESUME)):
