@@ -11,6 +11,9 @@ messages) run once per broker: Redis, then RabbitMQ with quorum queues. The stat
 the result backend are the Redis in both. Scenarios about libvirt run once, on Redis.
 The ``failover-*`` scenarios (bench/failover.py) bring their own replicated Redis: a master,
 a replica and three ``redis-sentinel`` processes, whose master they SIGKILL.
+"save directory fills mid-drain" also boots real Linux guests and loop-mounts a small ext4
+that their save images are routed to (tests/support/save_dir.py; root, always unmounted) and
+sets only the save directory, a 16 MiB reserve floor and the drain's scope besides.
 
 Run: ``make faults`` (full) or ``make faults FAULTS_QUICK=1`` (the reduced CI version), or
 ``.venv/bin/python -m bench.faults [--quick] [--only NAME ...] [--brokers redis rabbitmq]``.

@@ -409,7 +409,7 @@ def test_a_guest_libvirt_cannot_save_is_remembered_and_not_tried_again_until_red
         libvirt_conn.defineXML(xml[:xml.index("<shmem")] + xml[xml.index("</shmem>") + 8:])
         stuck.domain.destroy()
         stuck.domain.create()
-        wait_until(lambda: settled(stuck.domain), timeout=30, message="restarted and halts")
+        wait_until(lambda: settled(stuck.domain), timeout=90, message="restarted and halts")
         scene.sample_for(5)
         third = scene.finished(scene.send("dormant.reclaim", run_id=f"{host_name}:n3")["run_id"])
         assert by_instance(third)[stuck.uuid]["outcome"] == "suspended"
