@@ -6,6 +6,13 @@ With it, libvirt leaves out of that guest's record what needs the job (block sta
 from QEMU's monitor), while its CPU time, read from the host, may stand still: so every
 running guest's control state is read too (``controlInfo``, answered without waiting), and a
 guest a job holds is reported ``busy`` -- a gap in its activity, never evidence of idleness.
+A record that lacks its block counters is ``busy`` as well: another caller's query held the
+guest for that instant (two stats calls at once), and a missing counter must not be stored
+as zero, which would read as a reset.
+
+Some guests' stats (:meth:`Hypervisor.stats_of`: the re-check just before a suspend) wait
+for those guests' own jobs instead: the reading is about to decide whether to save one, and
+two such readings of different guests no longer cut into each other's records.
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ def collect(hypervisor: Hypervisor) -> Iterator[DomainStats]:
             except UnknownInstance:
                 continue
         observed = states.from_libvirt(state, reason, has_image, job_running=job)
-        if job and observed.state is not State.BUSY:
+        if (job or _partial(record)) and observed.state is not State.BUSY:
             observed = Observed(State.BUSY, "job")
         yield DomainStats(
             uuid=domain.UUIDString(),
@@ -84,6 +91,13 @@ def collect(hypervisor: Hypervisor) -> Iterator[DomainStats]:
             block_rd_bytes=_sum(record, "block", "rd.bytes"),
             block_wr_bytes=_sum(record, "block", "wr.bytes"),
         )
+
+
+def _partial(record: dict[str, Any]) -> bool:
+    """Whether libvirt left a disk's counters out of ``record`` (a job held the guest)."""
+    count = int(record.get("block.count", 0))
+    return any(f"block.{i}.rd.bytes" not in record or f"block.{i}.wr.bytes" not in record
+               for i in range(count))
 
 
 def _sum(record: dict[str, Any], group: str, field: str) -> int:

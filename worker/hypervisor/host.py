@@ -294,6 +294,8 @@ class _SomeDomains:
         self._domains = domains
 
     def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> list[tuple[object, object]]:
+        # Waiting for these guests' own jobs: the reading decides whether to save one of them.
+        flags &= ~libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
         found: list[tuple[object, object]] = self._conn.domainListGetStats(self._domains, stats,
                                                                            flags)
         return found

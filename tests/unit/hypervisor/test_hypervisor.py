@@ -275,16 +275,21 @@ def test_stats_never_wait_for_a_job_and_report_a_held_guest_busy(
     running = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
     held = _FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_JOB, str(uuid.uuid4()))
     free = _FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_OK, str(uuid.uuid4()))
+    queried = _FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_OK, str(uuid.uuid4()))
     conn = _FakeStatsConnection([
         (held, {"state.state": running[0], "state.reason": running[1], "cpu.time": 5,
                 "block.count": 1}),  # no block.0.rd.bytes: that needs the job
         (free, {"state.state": running[0], "state.reason": running[1], "cpu.time": 7,
                 "block.count": 1, "block.0.rd.bytes": 3, "block.0.wr.bytes": 4}),
+        # Another caller's query held it for that instant: its disk counters left out.
+        (queried, {"state.state": running[0], "state.reason": running[1], "cpu.time": 9,
+                   "block.count": 1, "block.0.name": 0}),
     ])
     monkeypatch.setattr(hypervisor, "connection", lambda: conn)
     stats = {s.uuid: s for s in hypervisor.stats()}
     assert conn.flags & libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
     assert stats[held.UUIDString()].state is State.BUSY  # a gap, never evidence of idleness
+    assert stats[queried.UUIDString()].state is State.BUSY  # not counters read as zero
     assert stats[free.UUIDString()].state is State.RUNNING
     assert stats[free.UUIDString()].block_rd_bytes == 3
 
