@@ -27,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,26 +177,37 @@ def expect_state(guest: TestGuest, wanted: tuple[Any, ...], what: str) -> None:
     expect(actual[:len(wanted)] == wanted, f"{guest.name} after {what}: libvirt says {actual}")
 
 
-def caller(*args: str, password: str | None = REDIS_PASSWORD) -> tuple[int, Any, str]:
-    """tests/deploy/client.py in a process of its own: Celery and the password, no dormant."""
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_PASSWORD"}
+Caller = Callable[..., tuple[int, Any, str]]
+
+
+def run_client(args: tuple[str, ...], *, secret: str, password: str | None,
+               ports: list[str]) -> tuple[int, Any, str]:
+    """tests/deploy/client.py in a process of its own: Celery and the broker's password (in
+    the environment variable ``secret``; none when ``password`` is None), no dormant."""
+    env = {k: v for k, v in os.environ.items() if k != secret}
     if password is not None:
-        env["REDIS_PASSWORD"] = password
-    done = subprocess.run([sys.executable, "-I", client.__file__,
-                           "--port", os.environ["REDIS_PORT"], *args],
+        env[secret] = password
+    done = subprocess.run([sys.executable, "-I", client.__file__, *ports, *args],
                           env=env, capture_output=True, text=True, timeout=300)
     out = json.loads(done.stdout) if done.returncode == 0 else None
     return done.returncode, out, done.stderr.strip()
 
 
-def call(*args: str) -> dict[str, Any]:
-    code, out, err = caller(*args)
+def caller(*args: str, password: str | None = REDIS_PASSWORD) -> tuple[int, Any, str]:
+    return run_client(args, secret="REDIS_PASSWORD", password=password,
+                      ports=["--port", os.environ["REDIS_PORT"]])
+
+
+def call(*args: str, via: Caller = caller) -> dict[str, Any]:
+    code, out, err = via(*args)
     expect(code == 0, f"client {' '.join(args)}: exit {code}: {err}")
     return out
 
 
-def transition(task: str, guest: TestGuest, wanted: tuple[Any, ...]) -> None:
-    result = call("send", task, guest.uuid, "--queue", QUEUE, "--wait", "120")["result"]
+def transition(task: str, guest: TestGuest, wanted: tuple[Any, ...], *,
+               via: Caller = caller) -> None:
+    result = call("send", task, guest.uuid, "--queue", QUEUE, "--wait", "120",
+                  via=via)["result"]
     expect(result["outcome"] == "changed" and result["instance"] == guest.uuid,
            f"{task} {guest.name}: {result}")
     expect_state(guest, wanted, task)
@@ -372,19 +383,29 @@ def main() -> int:
             expect(any(r.get("logger") == "dormant.transition" for r in records),
                    "no JSON transition record in the worker's log")
     finally:
-        guests.cleanup()
-        conn.close()
-        with step("compose down -v leaves no container, network or volume"):
-            compose("down", "-v", "--remove-orphans", "--timeout", "120")
-            left = {k: v for k, v in project_objects().items() if v}
-            expect(not left, f"left behind: {left}")
-    print("timings:", ", ".join(f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
+        tear_down(guests, conn)
     return 0
 
 
-if __name__ == "__main__":
+def tear_down(guests: GuestFactory, conn: libvirt.virConnect) -> None:
+    """The test guests, then the stack: ``down -v`` must leave nothing behind."""
+    guests.cleanup()
+    conn.close()
+    with step("compose down -v leaves no container, network or volume"):
+        compose("down", "-v", "--remove-orphans", "--timeout", "120")
+        left = {k: v for k, v in project_objects().items() if v}
+        expect(not left, f"left behind: {left}")
+    print("timings:", ", ".join(f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
+
+
+def entry(check_main: Callable[[], int]) -> None:
+    """Run a check as a script: exit 1 with one line when a property is broken."""
     try:
-        sys.exit(main())
+        sys.exit(check_main())
     except (CheckFailed, TimeoutError) as exc:
         print(f"FAILED: {exc}", file=sys.stderr)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    entry(main)

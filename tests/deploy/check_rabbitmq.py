@@ -18,8 +18,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -27,7 +25,7 @@ from typing import Any
 
 import libvirt
 
-from tests.deploy import check, client
+from tests.deploy import check
 from tests.deploy.check import (
     PAUSED,
     QUEUE,
@@ -35,7 +33,6 @@ from tests.deploy.check import (
     SAVED,
     TIMINGS,
     WORKER,
-    CheckFailed,
     compose,
     container,
     docker,
@@ -54,29 +51,18 @@ SERVICES = ["rabbitmq", "redis", WORKER, "beat", "flower"]
 
 
 def caller(*args: str, password: str | None = RABBITMQ_PASSWORD) -> tuple[int, Any, str]:
-    """tests/deploy/client.py on the stack's RabbitMQ: Celery and the passwords, no dormant."""
-    env = {k: v for k, v in os.environ.items() if k != "RABBITMQ_PASSWORD"}
-    if password is not None:
-        env["RABBITMQ_PASSWORD"] = password
-    done = subprocess.run([sys.executable, "-I", client.__file__,
-                           "--port", os.environ["REDIS_PORT"],
-                           "--amqp-port", os.environ["RABBITMQ_PORT"], *args],
-                          env=env, capture_output=True, text=True, timeout=300)
-    out = json.loads(done.stdout) if done.returncode == 0 else None
-    return done.returncode, out, done.stderr.strip()
+    """The client on the stack's RabbitMQ (its results on the stack's Redis)."""
+    return check.run_client(args, secret="RABBITMQ_PASSWORD", password=password,
+                            ports=["--port", os.environ["REDIS_PORT"],
+                                   "--amqp-port", os.environ["RABBITMQ_PORT"]])
 
 
 def call(*args: str) -> dict[str, Any]:
-    code, out, err = caller(*args)
-    expect(code == 0, f"client {' '.join(args)}: exit {code}: {err}")
-    return out
+    return check.call(*args, via=caller)
 
 
 def transition(task: str, guest: TestGuest, wanted: tuple[Any, ...]) -> None:
-    result = call("send", task, guest.uuid, "--queue", QUEUE, "--wait", "120")["result"]
-    expect(result["outcome"] == "changed" and result["instance"] == guest.uuid,
-           f"{task} {guest.name}: {result}")
-    expect_state(guest, wanted, task)
+    check.transition(task, guest, wanted, via=caller)
 
 
 def ready(queue: str) -> int:
@@ -188,19 +174,9 @@ def main() -> int:
                 for name, secret in secrets.items():
                     expect(secret not in text, f"{name} in the log of {cid}")
     finally:
-        guests.cleanup()
-        conn.close()
-        with step("compose down -v leaves no container, network or volume"):
-            compose("down", "-v", "--remove-orphans", "--timeout", "120")
-            left = {k: v for k, v in project_objects().items() if v}
-            expect(not left, f"left behind: {left}")
-    print("timings:", ", ".join(f"{k} {v:.1f}s" for k, v in TIMINGS.items()))
+        check.tear_down(guests, conn)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (CheckFailed, TimeoutError) as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
-        sys.exit(1)
+    check.entry(main)
