@@ -11,8 +11,9 @@ arguments) keep a transition to two or three round trips:
 * ``finish`` — if (and only if) the lock still carries our fence, store the result, append the
   journal entry, update the auto-unpause deadline and release the lock.
 
-A lock's value is ``<fence>:<token>``; a process-wide keeper thread renews every lock this
-process holds, so a long managedSave keeps it while a dead worker's lock lapses by its TTL.
+A lock's value is ``<fence>:<token>``; a process-wide keeper thread (:mod:`.keeper`) renews
+every lock this process holds, so a long managedSave keeps it while a dead worker's lock
+lapses by its TTL.
 
 With ``wait_replicas`` (``DORMANT_STATE_WAIT_REPLICAS``) the two writes a failover must not
 lose, the lock and fence that ``begin`` takes and the result that ``finish`` records, are
@@ -29,8 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +43,7 @@ import redis
 from worker.core.errors import InstanceBusy, StaleLock, StateStoreUnavailable
 from worker.store import keys
 from worker.store.connection import translated
+from worker.transition.keeper import keeper
 
 log = logging.getLogger("dormant.store")
 
@@ -104,50 +104,6 @@ class Reused:
     record: dict[str, Any]
 
 
-class _Keeper:
-    """One daemon thread per process renewing every lock the process holds."""
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[int, str], tuple[Store, str]] = {}
-        self._mutex = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._pid = 0
-        self._interval = 0.0  # seconds the keeper sleeps now; a shorter-lived lock wakes it
-        self._wake = threading.Event()
-
-    def add(self, store: Store, key: str, value: str) -> None:
-        with self._mutex:
-            self._held[(id(store), key)] = (store, value)
-            if self._thread is None or self._pid != os.getpid() or not self._thread.is_alive():
-                self._pid = os.getpid()
-                self._thread = threading.Thread(target=self._run, name="dormant-lock-keeper",
-                                                daemon=True)
-                self._thread.start()
-            elif store.lock_ttl_ms / 3000 < self._interval:
-                self._wake.set()  # asleep for longer than this lock lives: renew sooner
-
-    def remove(self, store: Store, key: str) -> None:
-        with self._mutex:
-            self._held.pop((id(store), key), None)
-
-    def _run(self) -> None:
-        while True:
-            with self._mutex:  # with the snapshot, so add() compares against this sleep
-                held = list(self._held.items())
-                interval = min((s.lock_ttl_ms for _, (s, _v) in held), default=30_000) / 3000
-                self._interval = max(interval, 0.05)
-            for (_, key), (store, value) in held:
-                try:
-                    store.renew(key, value)
-                except (redis.RedisError, StateStoreUnavailable) as exc:
-                    log.warning("could not renew %s: %s", key, exc)
-            self._wake.wait(self._interval)
-            self._wake.clear()
-
-
-_keeper = _Keeper()
-
-
 class Store:
     """Idempotency records, per-instance locks and the journal, in the state Redis."""
 
@@ -192,7 +148,7 @@ class Store:
             with suppress(StateStoreUnavailable):  # let it lapse now: the retry takes another
                 self.renew(keys.lock(instance), reply[1], ttl_ms=1)
             raise self._unreplicated(f"the lock and fence on {instance}", short)
-        _keeper.add(self, keys.lock(instance), reply[1])
+        keeper.add(self, keys.lock(instance), reply[1])
         return Held(instance=instance, value=reply[1], previous=previous)
 
     def _replicated(self, script: Callable[[Any], Any]) -> tuple[Any, str]:
@@ -289,7 +245,7 @@ class Store:
         deadline_arg = "" if deadline is None else str(deadline)
         must_own = held is not None and record is not None
         if held is not None:  # whatever happens next, this process stops renewing the lock
-            _keeper.remove(self, keys.lock(instance))
+            keeper.remove(self, keys.lock(instance))
         run = self._replicated if must_own else self._alone  # a result must be replicated
         ok, short = run(lambda client: self._finish(
             client=client,
