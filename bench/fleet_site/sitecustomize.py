@@ -46,10 +46,10 @@ if _GUESTS:
 
     _collect = domain_stats.collect
 
-    def _with_cpu(hypervisor):  # type: ignore[no-untyped-def]
+    def _with_cpu(hypervisor, *, activity=True):  # type: ignore[no-untyped-def]
         now = time.time()
-        for st in _collect(hypervisor):
-            if st.cpu_time_ns is None:
+        for st in _collect(hypervisor, activity=activity):
+            if activity and st.cpu_time_ns is None:
                 cpu, rx, tx, disk = counters(kind_of(st.name), now, live=True)
                 st = dataclasses.replace(st, cpu_time_ns=cpu, net_rx_bytes=rx,
                                          net_tx_bytes=tx, block_rd_bytes=disk)

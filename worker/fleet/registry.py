@@ -27,7 +27,7 @@ def publish(client: redis.Redis, hv: Hypervisor, host: str, *, interval: int) ->
     counts: Counter[str] = Counter()
     members: dict[str, str] = {}
     with client.pipeline(transaction=False) as pipe:
-        for stat in hv.stats():
+        for stat in hv.stats(activity=False):  # states only: never holds up a sample
             counts[str(stat.state)] += 1
             members[stat.uuid] = stat.name
             pipe.set(keys.where(stat.uuid), host, ex=ttl)

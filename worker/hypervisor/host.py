@@ -253,9 +253,10 @@ class Hypervisor:
             return False
         return True
 
-    def stats(self) -> Iterator[DomainStats]:
-        """One ``getAllDomainStats`` call for every domain (see :mod:`.domain_stats`)."""
-        return collect(self)
+    def stats(self, *, activity: bool = True) -> Iterator[DomainStats]:
+        """One ``getAllDomainStats`` call for every domain (see :mod:`.domain_stats`); only
+        their states (no job on any guest) with ``activity=False``."""
+        return collect(self, activity=activity)
 
     def stats_of(self, instances: list[str]) -> list[DomainStats]:
         """The same statistics for some domains only (``virDomainListGetStats``): what a

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import uuid
 
+import fakeredis
 import libvirt
 import pytest
 
@@ -263,11 +264,31 @@ class _FakeStatsConnection:
     guest's job holds it: its record lacks what needs the job, its CPU time stands still."""
 
     def __init__(self, records: list[tuple[_FakeDomain, dict[str, int]]]) -> None:
-        self.records, self.flags = records, -1
+        self.records, self.stats, self.flags = records, -1, -1
 
     def getAllDomainStats(self, stats: int, flags: int) -> list[tuple[_FakeDomain, dict[str, int]]]:
-        self.flags = flags
+        self.stats, self.flags = stats, flags
         return self.records
+
+
+def test_the_registry_asks_for_states_only_so_it_never_holds_up_a_sample(
+        hypervisor: Hypervisor, fake_redis: fakeredis.FakeRedis,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Block statistics need a job on each guest (QEMU's monitor); a sample taken at the same
+    moment with NOWAIT would find those guests held and store them busy (CI saw it: the
+    registry refreshes every 5 s in the integration tests)."""
+    from worker.fleet import registry
+
+    running = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_RUNNING_BOOTED)
+    guest = _FakeDomain(running, libvirt.VIR_DOMAIN_CONTROL_OK, str(uuid.uuid4()))
+    conn = _FakeStatsConnection([(guest, {"state.state": running[0],
+                                          "state.reason": running[1]})])
+    monkeypatch.setattr(hypervisor, "connection", lambda: conn)
+    assert registry.publish(fake_redis, hypervisor, "h1", interval=60) == {"running": 1}
+    assert conn.stats == libvirt.VIR_DOMAIN_STATS_STATE
+    assert fake_redis.get(f"dormant:where:{guest.UUIDString()}") == "h1"
+    list(hypervisor.stats())  # a sample asks for the activity counters
+    assert conn.stats & libvirt.VIR_DOMAIN_STATS_BLOCK
 
 
 def test_stats_never_wait_for_a_job_and_report_a_held_guest_busy(

@@ -181,7 +181,7 @@ def test_collect_reads_every_domain_once(hypervisor: Hypervisor, make_domain,  #
     running, stopped = make_domain(), make_domain(start=False)
     calls = []
     original = hypervisor.stats
-    monkeypatch.setattr(hypervisor, "stats", lambda: calls.append(1) or original())
+    monkeypatch.setattr(hypervisor, "stats", lambda **kw: calls.append(1) or original(**kw))
     items = sampling.collect(hypervisor, now=T0)
     assert calls == [1]
     by_uuid = {uuid: (name, s) for uuid, name, s in items}
@@ -230,7 +230,7 @@ def test_collect_of_some_guests_reads_only_theirs(hypervisor: Hypervisor, make_d
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The re-check before a suspend reads one guest's stats, whatever the host holds."""
     wanted, other = make_domain(), make_domain()
-    monkeypatch.setattr(hypervisor, "stats", lambda: pytest.fail("every domain was read"))
+    monkeypatch.setattr(hypervisor, "stats", lambda **kw: pytest.fail("every domain was read"))
     items = sampling.collect(hypervisor, now=T0, of=[wanted.UUIDString(), "no-such-guest"])
     assert [(u, n) for u, n, _s in items] == [(wanted.UUIDString(), wanted.name())]
     assert items[0][2].state == "running"
