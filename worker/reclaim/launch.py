@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from worker.core.errors import (
+    DormantError,
     InvalidInput,
     UnknownInstance,
 )
@@ -208,9 +209,21 @@ class Launcher:
             log.warning("instance %s: %s; treated as exempt", uuid, exc)
             return True
 
+    def _state(self, uuid: str, sampled: str) -> str:
+        """A guest read busy may only have been held for an instant by another query (its
+        counters left out: a gap in its evidence, right for a sample). Whether it is busy
+        now comes from its own state and control info, which need no job."""
+        if sampled != State.BUSY:
+            return sampled
+        try:
+            return str(self.ctx.hypervisor.guest(uuid).observe().state)
+        except DormantError:
+            return sampled
+
     def _candidates(self, now: float) -> list[selection.Candidate]:
         s = self.settings
-        seen = [(u, n, smp) for u, n, smp in sampling.collect(self.ctx.hypervisor, now=now)
+        seen = [(u, n, smp._replace(state=self._state(u, smp.state)))
+                for u, n, smp in sampling.collect(self.ctx.hypervisor, now=now)
                 if selection.in_scope(n, s.reclaim_scope)]
         uuids = [u for u, _, _ in seen]
         policy = idle.IdlePolicy.from_settings(s)

@@ -15,9 +15,10 @@ import pytest
 from tests.unit.conftest import DomainFactory
 from worker.core.errors import HypervisorUnavailable, InvalidInput, SaveDirectoryFull, Unsavable
 from worker.core.settings import Settings
+from worker.core.states import State
 from worker.hypervisor import Hypervisor
 from worker.hypervisor.resources import Disk
-from worker.reclaim import exemptions, killswitch, run_store, selection, unsavable
+from worker.reclaim import exemptions, killswitch, run_store, sampling, selection, unsavable
 from worker.reclaim.actions import Reclaimer
 from worker.reclaim.outcomes import Precheck, closing, outcome_of, run_status
 from worker.store import keys
@@ -210,6 +211,23 @@ def test_reclaim_with_the_kill_switch_on_suspends_nothing(
     assert scene.sent == [] and report["todo"] == 0
     dry = scene.reclaimer.reclaim(dry_run=True)
     assert dry["status"] == "dry_run" and dry["dry_run"] and dry["run_id"].endswith(":dry")
+
+
+def test_a_guest_read_busy_only_for_an_instant_is_judged_by_its_own_state(
+        scene: Scene, make_domain: DomainFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another query held the guest as the run read it (its counters left out, so the reading
+    says busy): no job holds it, libvirt says running, so it is not "not running"."""
+    dom = make_domain(prefix=scene.prefix)
+    real = sampling.collect
+
+    def held(hv: Hypervisor, *, now: float, of: list[str] | None = None) -> list[Any]:
+        return [(u, n, smp._replace(state=str(State.BUSY))) for u, n, smp in real(hv, now=now,
+                                                                                 of=of)]
+
+    monkeypatch.setattr(sampling, "collect", held)
+    report = scene.reclaimer.reclaim(dry_run=True)
+    [entry] = [e for e in report["entries"] if e["instance"] == dom.UUIDString()]
+    assert entry["verdict"] != "not_running", entry
 
 
 def test_reclaim_precheck_stops_at_an_exemption(scene: Scene,
