@@ -46,9 +46,9 @@ if _GUESTS:
 
     _collect = domain_stats.collect
 
-    def _with_cpu(hypervisor, *, activity=True):  # type: ignore[no-untyped-def]
+    def _with_cpu(hypervisor, *, activity=True, **kw):  # type: ignore[no-untyped-def]
         now = time.time()
-        for st in _collect(hypervisor, activity=activity):
+        for st in _collect(hypervisor, activity=activity, **kw):
             if activity and st.cpu_time_ns is None:
                 cpu, rx, tx, disk = counters(kind_of(st.name), now, live=True)
                 st = dataclasses.replace(st, cpu_time_ns=cpu, net_rx_bytes=rx,

@@ -56,18 +56,20 @@ ACTIVITY = (
 )
 
 
-def collect(hypervisor: Hypervisor, *, activity: bool = True) -> Iterator[DomainStats]:
+def collect(hypervisor: Hypervisor, *, activity: bool = True,
+            wait_for_jobs: bool = False) -> Iterator[DomainStats]:
     """State, cpu, vcpu, net and block of every domain, from one ``getAllDomainStats`` call.
 
     ``activity=False`` asks for the state alone (the registry): libvirt answers that without
     a job on any guest, so it never cuts into a sample taken at the same moment, which would
     then find its guests held (busy, a gap in their evidence). The counters are then 0.
+    ``wait_for_jobs``: the re-check of some guests (:meth:`Hypervisor.stats_of`).
     """
     hv = hypervisor
     conn, line = hv.connection(), hv.line()
     wanted = ACTIVITY if activity else libvirt.VIR_DOMAIN_STATS_STATE
-    nowait = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-    records = hv.call("read domain stats", lambda: conn.getAllDomainStats(wanted, nowait),
+    flags = 0 if wait_for_jobs else libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    records = hv.call("read domain stats", lambda: conn.getAllDomainStats(wanted, flags),
                       line=line)
     for domain, record in records:
         has_image = False

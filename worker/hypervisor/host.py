@@ -270,7 +270,8 @@ class Hypervisor:
                 continue
         if not domains:
             return []
-        return list(collect(cast(Hypervisor, _Some(self, domains))))
+        # Waiting for these guests' own jobs: the reading decides whether to save one.
+        return list(collect(cast(Hypervisor, _Some(self, domains)), wait_for_jobs=True))
 
 
 class _Some:
@@ -295,8 +296,6 @@ class _SomeDomains:
         self._domains = domains
 
     def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> list[tuple[object, object]]:
-        # Waiting for these guests' own jobs: the reading decides whether to save one of them.
-        flags &= ~libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
         found: list[tuple[object, object]] = self._conn.domainListGetStats(self._domains, stats,
                                                                            flags)
         return found
